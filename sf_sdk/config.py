@@ -1,0 +1,323 @@
+"""Typed configuration for every model and for streaming.
+
+Every default lives here, once. Configs are frozen dataclasses validated in ``__post_init__``;
+presets are built with :func:`dataclasses.replace` and looked up by name. YAML / Hydra / CLI
+layers only override fields of these classes (see :func:`from_dict`, which rejects unknown keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+__all__ = [
+    "DiTConfig",
+    "StreamingConfig",
+    "VAEConfig",
+    "TextEncoderConfig",
+    "DIT_PRESETS",
+    "VAE_PRESETS",
+    "TEXT_PRESETS",
+    "STREAMING_PRESETS",
+    "WAN_LATENTS_MEAN",
+    "WAN_LATENTS_STD",
+    "from_dict",
+    "to_dict",
+]
+
+T = TypeVar("T")
+
+
+def _positive(name: str, value: int | float) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# DiT
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """The Wan2.1 diffusion transformer. Field names follow the official constructor."""
+
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    in_dim: int = 16
+    out_dim: int = 16
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "freq_dim",
+                     "text_dim", "text_len"):
+            _positive(name, getattr(self, name))
+        if len(self.patch_size) != 3 or min(self.patch_size) <= 0:
+            raise ValueError(f"patch_size must be three positive ints (t, h, w), got {self.patch_size}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = dim / num_heads must be even for RoPE, got {self.head_dim}")
+        if self.head_dim < 6:
+            raise ValueError(f"head_dim must be at least 6 for the 3-axis RoPE, got {self.head_dim}")
+        if self.freq_dim % 2:
+            raise ValueError(f"freq_dim must be even, got {self.freq_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_axis_dims(self) -> tuple[int, int, int]:
+        """Head-dim channels given to the (frame, height, width) rotary axes."""
+        d = self.head_dim
+        return (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
+
+    @property
+    def patch_volume(self) -> int:
+        return math.prod(self.patch_size)
+
+
+DIT_PRESETS: dict[str, DiTConfig] = {
+    "wan2.1-t2v-1.3b": DiTConfig(),
+    # Same shape as the official-implementation reference tensors in ../shared/golden.
+    "tiny": DiTConfig(dim=96, ffn_dim=192, num_heads=4, num_layers=2, freq_dim=32, text_dim=32,
+                      text_len=16),
+    # Mid-size shapes for CPU benchmarks: the real width and heads, few layers.
+    "mid": DiTConfig(num_layers=2),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming
+# --------------------------------------------------------------------------------------------
+
+PositionMode = Literal["absolute", "cache_relative"]
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    """How a causal DiT is streamed: chunking, denoising schedule and the KV cache window.
+
+    ``local_attn_size`` is the attention window in latent frames *including* the chunk being
+    denoised and the sink frames (the official meaning); ``-1`` means global attention over
+    every generated frame, which needs a known stream length (the cache capacity).
+    """
+
+    num_frame_per_block: int = 3
+    denoising_step_list: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
+    warp_denoising_step: bool = True
+    timestep_shift: float = 5.0
+    num_train_timesteps: int = 1000
+    local_attn_size: int = -1
+    sink_size: int = 0
+    context_noise: float = 0.0
+    position_mode: PositionMode = "absolute"
+    # Latent geometry of the stream (pixels = latent * VAE stride).
+    latent_height: int = 60
+    latent_width: int = 104
+    # Cache capacity in latent frames for global attention (local_attn_size == -1) when the
+    # stream length is not given; the official code fixes 21 frames.
+    global_cache_frames: int = 21
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "denoising_step_list",
+                           tuple(float(t) for t in self.denoising_step_list))
+        _positive("num_frame_per_block", self.num_frame_per_block)
+        _positive("num_train_timesteps", self.num_train_timesteps)
+        _positive("timestep_shift", self.timestep_shift)
+        _positive("latent_height", self.latent_height)
+        _positive("latent_width", self.latent_width)
+        _positive("global_cache_frames", self.global_cache_frames)
+        if not self.denoising_step_list:
+            raise ValueError("denoising_step_list must hold at least one timestep")
+        steps = self.denoising_step_list
+        if any(not 0 < t <= self.num_train_timesteps for t in steps):
+            raise ValueError(f"denoising_step_list values must lie in (0, {self.num_train_timesteps}], "
+                             f"got {steps}")
+        if any(a <= b for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"denoising_step_list must be strictly decreasing, got {steps}")
+        if not 0 <= self.context_noise < self.num_train_timesteps:
+            raise ValueError(f"context_noise must lie in [0, {self.num_train_timesteps}), "
+                             f"got {self.context_noise}")
+        if self.sink_size < 0:
+            raise ValueError(f"sink_size must be >= 0, got {self.sink_size}")
+        if self.position_mode not in ("absolute", "cache_relative"):
+            raise ValueError(f"position_mode must be 'absolute' or 'cache_relative', "
+                             f"got {self.position_mode!r}")
+        if self.local_attn_size == -1:
+            if self.sink_size:
+                raise ValueError("sink_size needs a rolling window: set local_attn_size (frames) too")
+        else:
+            if self.local_attn_size <= 0:
+                raise ValueError(f"local_attn_size must be -1 (global) or a positive number of "
+                                 f"latent frames, got {self.local_attn_size}")
+            ring = self.local_attn_size - self.sink_size
+            if ring < self.num_frame_per_block:
+                raise ValueError(
+                    f"local_attn_size ({self.local_attn_size}) minus sink_size ({self.sink_size}) "
+                    f"leaves {ring} rolling frames, fewer than one chunk "
+                    f"({self.num_frame_per_block} frames): raise local_attn_size or lower sink_size")
+
+    @property
+    def rolling(self) -> bool:
+        return self.local_attn_size != -1
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.denoising_step_list)
+
+
+STREAMING_PRESETS: dict[str, StreamingConfig] = {
+    "chunkwise": StreamingConfig(),
+    "framewise": StreamingConfig(num_frame_per_block=1),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# VAE
+# --------------------------------------------------------------------------------------------
+
+# The published Wan2.1 latent statistics (per latent channel).
+WAN_LATENTS_MEAN: tuple[float, ...] = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)
+WAN_LATENTS_STD: tuple[float, ...] = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The Wan2.1 causal video VAE. Field names follow the official constructor
+    (``temperal_downsample`` keeps the official spelling)."""
+
+    dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple[float, ...] = ()
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+    dropout: float = 0.0
+    latents_mean: tuple[float, ...] = WAN_LATENTS_MEAN
+    latents_std: tuple[float, ...] = WAN_LATENTS_STD
+
+    def __post_init__(self) -> None:
+        for name in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        _positive("dim", self.dim)
+        _positive("z_dim", self.z_dim)
+        _positive("num_res_blocks", self.num_res_blocks)
+        if len(self.temperal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(f"temperal_downsample needs len(dim_mult) - 1 = {len(self.dim_mult) - 1} "
+                             f"entries, got {len(self.temperal_downsample)}")
+        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
+            raise ValueError(f"latents_mean and latents_std need z_dim = {self.z_dim} values each, got "
+                             f"{len(self.latents_mean)} and {len(self.latents_std)}")
+        if min(self.latents_std) <= 0:
+            raise ValueError("latents_std values must be positive")
+
+    @property
+    def spatial_stride(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def temporal_stride(self) -> int:
+        return 2 ** sum(bool(t) for t in self.temperal_downsample)
+
+
+VAE_PRESETS: dict[str, VAEConfig] = {
+    "wan2.1": VAEConfig(),
+    "tiny": VAEConfig(dim=8),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Text encoder
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """The umT5 encoder in Wan's checkpoint layout.
+
+    ``num_buckets`` relative-position buckets are split between keys before and after the
+    query (bidirectional); half of each side is exact distances, the rest log-spaced up to
+    ``max_distance`` (T5's ``relative_attention_max_distance``, 128 in every released T5).
+    ``shared_pos=False`` (umT5) gives every layer its own bucket table.
+    """
+
+    vocab: int = 256384
+    dim: int = 4096
+    dim_attn: int = 4096
+    dim_ffn: int = 10240
+    num_heads: int = 64
+    num_layers: int = 24
+    num_buckets: int = 32
+    shared_pos: bool = False
+    dropout: float = 0.0
+    text_len: int = 512
+    eps: float = 1e-6
+    max_distance: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("vocab", "dim", "dim_attn", "dim_ffn", "num_heads", "num_layers", "num_buckets",
+                     "text_len", "eps"):
+            _positive(name, getattr(self, name))
+        if self.dim_attn % self.num_heads:
+            raise ValueError(f"dim_attn ({self.dim_attn}) must be divisible by num_heads "
+                             f"({self.num_heads})")
+        if self.num_buckets < 4:
+            raise ValueError(f"num_buckets must be at least 4 (two directions, each with exact and "
+                             f"log-spaced buckets), got {self.num_buckets}")
+        if self.max_distance <= self.num_buckets // 4:
+            raise ValueError(f"max_distance ({self.max_distance}) must exceed the exact-bucket range "
+                             f"num_buckets // 4 = {self.num_buckets // 4}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+
+
+TEXT_PRESETS: dict[str, TextEncoderConfig] = {
+    "umt5-xxl": TextEncoderConfig(),
+    "tiny": TextEncoderConfig(vocab=101, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2,
+                              text_len=16),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Dict round trip (for JSON / YAML / Hydra overrides)
+# --------------------------------------------------------------------------------------------
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    out = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, base: T | None = None) -> T:
+    """Build ``cls`` from ``data``, starting from ``base`` (or the defaults).
+
+    Unknown keys are an error, never silently dropped.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys are {sorted(names)}")
+    start = base if base is not None else cls()
+    return dataclasses.replace(start, **data)  # type: ignore[type-var]
+

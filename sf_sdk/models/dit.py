@@ -1,0 +1,487 @@
+"""The Wan2.1 diffusion transformer (DiT), made causal for streaming.
+
+One set of weights, three ways to run it:
+
+* :meth:`WanDiT.forward` with ``frame_mask=None`` — bidirectional over the whole clip (the
+  teacher / critic of Self Forcing, and the original Wan2.1 model);
+* :meth:`WanDiT.forward` with a ``frame_mask`` from :func:`block_causal_mask` — the whole
+  sequence at once under the block-causal (optionally windowed, with sinks) mask, which training
+  uses; it computes what streaming computes;
+* :meth:`WanDiT.forward_chunk` — one chunk of latent frames against the KV cache
+  (:mod:`sf_sdk.cache`) and the prompt's cross-attention cache.
+
+Parameter names are those of the official modules (``patch_embedding``, ``blocks.N.self_attn.q``,
+``head.modulation``, ...), so released checkpoints load without renaming. Latents are frame-major
+``[B, F, C, H, W]``; every frame carries its own timestep (``[B, F]``), which modulates the
+frame's tokens (adaLN with 6 vectors per block, 2 for the head).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from sf_sdk.attention import attention, cache_attention
+from sf_sdk.cache import ChunkPlan, KVCache, frame_visibility
+from sf_sdk.config import DiTConfig, StreamingConfig
+
+__all__ = [
+    "WanDiT",
+    "CrossAttnCache",
+    "StepAttention",
+    "RotaryEmbedding",
+    "block_causal_mask",
+    "sinusoidal_embedding",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Small pieces
+# --------------------------------------------------------------------------------------------
+
+
+def sinusoidal_embedding(dim: int, position: Tensor) -> Tensor:
+    """[N] timesteps -> [N, dim] (cos half, then sin half), computed in float64."""
+    half = dim // 2
+    pos = position.to(torch.float64)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=pos.device) / half)
+    angles = torch.outer(pos, freqs)  # [N, half]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim, computed in float32 or wider."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 or wider (affine or not)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        return F.layer_norm(xf, self.normalized_shape, self.weight, self.bias, self.eps).type_as(x)
+
+
+class RotaryEmbedding:
+    """Wan's 3-axis rotary embedding (frame, height, width), computed from exact positions.
+
+    The head dim is split into ``cfg.rope_axis_dims`` channels; channel pairs (2i, 2i+1) rotate by
+    ``position * theta^(-2i / axis_dim)``. Angles are formed in float64 from integer positions, so
+    any frame index works (the official 1024-entry table does not exist here).
+    """
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        self.axis_dims = cfg.rope_axis_dims
+        self.theta = cfg.rope_theta
+        self._hw_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def _inv_freq(self, axis: int, device: torch.device) -> Tensor:
+        d = self.axis_dims[axis]
+        return self.theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)  # [d/2]
+
+    def _hw_angles(self, grid_hw: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (grid_hw, str(device))
+        if key not in self._hw_cache:
+            h, w = grid_hw
+            ah = torch.outer(torch.arange(h, dtype=torch.float64, device=device), self._inv_freq(1, device))
+            aw = torch.outer(torch.arange(w, dtype=torch.float64, device=device), self._inv_freq(2, device))
+            self._hw_cache[key] = (ah, aw)  # [h, dh/2], [w, dw/2]
+        return self._hw_cache[key]
+
+    def table(self, frame_positions: Tensor, grid_hw: tuple[int, int], dtype: torch.dtype
+              ) -> tuple[Tensor, Tensor]:
+        """cos, sin [F*h*w, head_dim/2] for frames at ``frame_positions`` [F] and the full grid."""
+        device = frame_positions.device
+        h, w = grid_hw
+        af = torch.outer(frame_positions.to(torch.float64), self._inv_freq(0, device))  # [F, df/2]
+        ah, aw = self._hw_angles(grid_hw, device)
+        nf = af.shape[0]
+        angles = torch.cat([
+            af.view(nf, 1, 1, -1).expand(nf, h, w, -1),
+            ah.view(1, h, 1, -1).expand(nf, h, w, -1),
+            aw.view(1, 1, w, -1).expand(nf, h, w, -1),
+        ], dim=-1).reshape(nf * h * w, -1)  # [F*h*w, head_dim/2]
+        return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate channel pairs of x [B, L, H, D] by angles whose cos/sin are [L, D/2]."""
+    b, n, h, d = x.shape
+    xp = x.reshape(b, n, h, d // 2, 2)  # [B, L, H, D/2, 2]
+    x0, x1 = xp.unbind(-1)
+    c, s = cos.view(1, n, 1, -1), sin.view(1, n, 1, -1)
+    out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)  # [B, L, H, D/2, 2]
+    return out.reshape(b, n, h, d)
+
+
+def block_causal_mask(num_frames: int, tokens_per_frame: int, stream: StreamingConfig,
+                      device: torch.device | None = None) -> Tensor:
+    """[F*T, F*T] bool token mask of the streaming cache rules (chunks, window, sinks)."""
+    if num_frames % stream.num_frame_per_block:
+        raise ValueError(f"{num_frames} latent frames do not split into chunks of "
+                         f"{stream.num_frame_per_block} frames")
+    ring = stream.local_attn_size - stream.sink_size if stream.rolling else None
+    vis = frame_visibility(num_frames, stream.num_frame_per_block, stream.sink_size, ring, device)
+    return vis.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention strategies: how a block's self-attention sees keys
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SequenceAttention:
+    """Whole-sequence self-attention with an optional token mask."""
+
+    cos: Tensor  # [L, D/2]
+    sin: Tensor  # [L, D/2]
+    mask: Tensor | None  # [L, L] bool, True = attend
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        q = apply_rotary(q, self.cos, self.sin)
+        k = apply_rotary(k, self.cos, self.sin)
+        return attention(q, k, v, self.mask)
+
+
+@dataclass
+class StepAttention:
+    """One chunk's self-attention through the KV cache buffers (explicit tensors: export-ready).
+
+    The chunk's keys/values are written into ``write_slots`` of layer ``layer``'s buffers, then
+    its queries attend over the valid prefix ``[0, kv_len)``. The cache never carries gradients:
+    with autograd on, the chunk attends to a copy of the cache holding its own (differentiable)
+    keys, while the buffer receives detached ones.
+    """
+
+    k_cache: Tensor  # [L, B, cap, H, D]
+    v_cache: Tensor  # [L, B, cap, H, D]
+    write_slots: Tensor  # [F*T] int64
+    kv_len: int | Tensor  # int (eager) or 0-dim int64 tensor (exported graphs)
+    cos_q: Tensor  # [F*T, D/2]
+    sin_q: Tensor
+    cos_k: Tensor | None = None  # [kv_len, D/2] (cache_relative: keys rotated at attention time)
+    sin_k: Tensor | None = None
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        relative = self.cos_k is not None
+        q = apply_rotary(q, self.cos_q, self.sin_q)
+        if not relative:
+            k = apply_rotary(k, self.cos_q, self.sin_q)
+        kc, vc = self.k_cache[layer], self.v_cache[layer]  # [B, cap, H, D]
+        kc.index_copy_(1, self.write_slots, k.detach().to(kc.dtype))
+        vc.index_copy_(1, self.write_slots, v.detach().to(vc.dtype))
+        keys, values = kc, vc
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            keys = kc.index_copy(1, self.write_slots, k)
+            values = vc.index_copy(1, self.write_slots, v)
+        if relative:
+            n = self.cos_k.shape[0]
+            keys = apply_rotary(keys[:, :n], self.cos_k, self.sin_k)
+            values = values[:, :n]
+        return cache_attention(q, keys, values, self.kv_len)
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.k = nn.Linear(cfg.dim, cfg.dim)
+        self.v = nn.Linear(cfg.dim, cfg.dim)
+        self.o = nn.Linear(cfg.dim, cfg.dim)
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x: Tensor, attend: SequenceAttention | StepAttention, layer: int) -> Tensor:
+        b, n, _ = x.shape
+        q = self.norm_q(self.q(x)).view(b, n, self.num_heads, self.head_dim)  # [B, L, H, D]
+        k = self.norm_k(self.k(x)).view(b, n, self.num_heads, self.head_dim)  # [B, L, H, D]
+        v = self.v(x).view(b, n, self.num_heads, self.head_dim)  # [B, L, H, D]
+        out = attend(layer, q, k, v)  # [B, L, H, D]
+        return self.o(out.flatten(2))  # [B, L, dim]
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.k = nn.Linear(cfg.dim, cfg.dim)
+        self.v = nn.Linear(cfg.dim, cfg.dim)
+        self.o = nn.Linear(cfg.dim, cfg.dim)
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def project_context(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Embedded prompt [B, Lc, dim] -> keys, values [B, Lc, H, D] (cached per prompt)."""
+        b, n, _ = context.shape
+        k = self.norm_k(self.k(context)).view(b, n, self.num_heads, self.head_dim)  # [B, Lc, H, D]
+        v = self.v(context).view(b, n, self.num_heads, self.head_dim)  # [B, Lc, H, D]
+        return k, v
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q = self.norm_q(self.q(x)).view(b, n, self.num_heads, self.head_dim)  # [B, L, H, D]
+        return self.o(attention(q, k, v).flatten(2))  # [B, L, dim]
+
+
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor, frames: int) -> Tensor:
+    """adaLN per frame: x [B, F*T, dim], shift/scale [B, F, 1, dim] -> [B, F*T, dim]."""
+    b, n, d = x.shape
+    xf = x.view(b, frames, n // frames, d)  # [B, F, T, dim]
+    return (xf * (1 + scale) + shift).view(b, n, d)
+
+
+def _gate(y: Tensor, gate: Tensor, frames: int) -> Tensor:
+    b, n, d = y.shape
+    return (y.view(b, frames, n // frames, d) * gate).view(b, n, d)  # [B, F*T, dim]
+
+
+class Block(nn.Module):
+    """Self-attention, cross-attention to the prompt, FFN; adaLN-modulated per frame."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = (LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm
+                      else nn.Identity())
+        self.cross_attn = CrossAttention(cfg)
+        self.norm2 = LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: Tensor, e: Tensor, cross_k: Tensor, cross_v: Tensor,
+                attend: SequenceAttention | StepAttention, layer: int) -> Tensor:
+        # e: [B, F, 6, dim] time projection of each frame
+        frames = e.shape[1]
+        mod = (self.modulation.unsqueeze(1) + e).to(x.dtype).chunk(6, dim=2)  # 6 x [B, F, 1, dim]
+        y = self.self_attn(_modulate(self.norm1(x), mod[0], mod[1], frames), attend, layer)
+        x = x + _gate(y, mod[2], frames)
+        x = x + self.cross_attn(self.norm3(x), cross_k, cross_v)
+        y = self.ffn(_modulate(self.norm2(x), mod[3], mod[4], frames))
+        return x + _gate(y, mod[5], frames)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * cfg.patch_volume)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        # e: [B, F, dim] time embedding of each frame
+        frames = e.shape[1]
+        mod = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).to(x.dtype).chunk(2, dim=2)  # 2 x [B,F,1,dim]
+        return self.head(_modulate(self.norm(x), mod[0], mod[1], frames))  # [B, F*T, out*p]
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CrossAttnCache:
+    """The prompt's cross-attention keys/values for every layer, computed once per prompt."""
+
+    k: Tensor  # [L, B, text_len, H, D]
+    v: Tensor  # [L, B, text_len, H, D]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+
+class WanDiT(nn.Module):
+    """Wan2.1 DiT with per-frame timesteps, bidirectional, block-causal or streaming."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        if cfg.patch_size[0] != 1:
+            raise ValueError(f"per-frame timesteps need a temporal patch size of 1, got {cfg.patch_size}")
+        self.config = cfg
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size,
+                                         stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim * 6))
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
+        self.head = Head(cfg)
+        self.rope = RotaryEmbedding(cfg)
+        self.gradient_checkpointing = False
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        _, ph, pw = self.config.patch_size
+        return height // ph, width // pw
+
+    def _check_latents(self, x: Tensor, timestep: Tensor) -> Tensor:
+        cfg = self.config
+        if x.dim() != 5:
+            raise ValueError(f"latents must be [B, F, C, H, W], got shape {tuple(x.shape)}")
+        b, f, c, h, w = x.shape
+        if c != cfg.in_dim:
+            raise ValueError(f"latents have {c} channels, the model expects in_dim={cfg.in_dim} "
+                             f"(layout [B, F, C, H, W])")
+        _, ph, pw = cfg.patch_size
+        if h % ph or w % pw:
+            raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {ph}x{pw}")
+        if not x.is_floating_point():
+            raise ValueError(f"latents must be a floating tensor, got {x.dtype}")
+        if x.dtype != self.dtype:
+            raise ValueError(f"latents are {x.dtype} but the model weights are {self.dtype}: "
+                             f"cast one to the other")
+        if timestep.dim() == 1 and timestep.shape[0] == b:
+            timestep = timestep.unsqueeze(1).expand(b, f)
+        if tuple(timestep.shape) != (b, f):
+            raise ValueError(f"timestep must be [B] or [B, F] = [{b}] or [{b}, {f}], got "
+                             f"{tuple(timestep.shape)}")
+        return timestep
+
+    def embed_time(self, timestep: Tensor) -> tuple[Tensor, Tensor]:
+        """[B, F] timesteps -> (e [B, F, dim], e0 [B, F, 6, dim]) in the model dtype."""
+        b, f = timestep.shape
+        sin = sinusoidal_embedding(self.config.freq_dim, timestep.reshape(-1)).to(self.dtype)  # [B*F, fd]
+        e = self.time_embedding(sin)  # [B*F, dim]
+        e0 = self.time_projection(e).view(b, f, 6, self.config.dim)  # [B, F, 6, dim]
+        return e.view(b, f, self.config.dim), e0
+
+    def encode_context(self, context: Tensor) -> CrossAttnCache:
+        """Prompt embeddings [B, Lc <= text_len, text_dim] -> per-layer cross-attention K/V.
+
+        Rows beyond Lc are zero-padded up to ``text_len`` and attended, unmasked (official).
+        """
+        cfg = self.config
+        if context.dim() != 3 or context.shape[2] != cfg.text_dim:
+            raise ValueError(f"prompt embeddings must be [B, L, text_dim={cfg.text_dim}], got "
+                             f"{tuple(context.shape)}")
+        if context.shape[1] > cfg.text_len:
+            raise ValueError(f"prompt embeddings have {context.shape[1]} rows, more than text_len="
+                             f"{cfg.text_len}")
+        context = F.pad(context.to(self.dtype), (0, 0, 0, cfg.text_len - context.shape[1]))  # [B, Lt, td]
+        ctx = self.text_embedding(context)  # [B, text_len, dim]
+        kv = [blk.cross_attn.project_context(ctx) for blk in self.blocks]
+        return CrossAttnCache(torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv]))
+
+    def _patchify(self, x: Tensor) -> Tensor:
+        x = self.patch_embedding(x.permute(0, 2, 1, 3, 4))  # [B, dim, F, h, w]
+        return x.flatten(2).transpose(1, 2)  # [B, F*h*w, dim]
+
+    def _unpatchify(self, tokens: Tensor, frames: int, grid_hw: tuple[int, int]) -> Tensor:
+        cfg = self.config
+        b = tokens.shape[0]
+        h, w = grid_hw
+        _, ph, pw = cfg.patch_size
+        x = tokens.view(b, frames, h, w, ph, pw, cfg.out_dim)  # [B, F, h, w, ph, pw, C]
+        x = x.permute(0, 1, 6, 2, 4, 3, 5)  # [B, F, C, h, ph, w, pw]
+        return x.reshape(b, frames, cfg.out_dim, h * ph, w * pw)  # [B, F, C, H, W]
+
+    def _run_blocks(self, x: Tensor, timestep: Tensor, cross: CrossAttnCache,
+                    attend: SequenceAttention | StepAttention, grid_hw: tuple[int, int]) -> Tensor:
+        frames = timestep.shape[1]
+        e, e0 = self.embed_time(timestep)
+        tokens = self._patchify(x)  # [B, F*T, dim]
+        for i, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, e0, cross.k[i], cross.v[i], attend, i,
+                                    use_reentrant=False)
+            else:
+                tokens = block(tokens, e0, cross.k[i], cross.v[i], attend, i)
+        return self._unpatchify(self.head(tokens, e), frames, grid_hw)
+
+    # ------------------------------------------------------------------ modes
+    def forward(self, x: Tensor, timestep: Tensor, context: Tensor | CrossAttnCache, *,
+                mask: Tensor | None = None, start_frame: int = 0) -> Tensor:
+        """Whole-sequence prediction of the flow ``noise - x0``.
+
+        x [B, F, C, H, W]; timestep [B] or [B, F]; context: prompt embeddings
+        [B, L, text_dim] or a :class:`CrossAttnCache`; mask [F*T, F*T] bool (None:
+        bidirectional; see :func:`block_causal_mask`). Returns [B, F, C, H, W].
+        """
+        timestep = self._check_latents(x, timestep)
+        cross = context if isinstance(context, CrossAttnCache) else self.encode_context(context)
+        if cross.batch_size != x.shape[0]:
+            raise ValueError(f"prompt batch {cross.batch_size} != latent batch {x.shape[0]}")
+        b, f, _, h, w = x.shape
+        grid_hw = self.grid(h, w)
+        positions = torch.arange(start_frame, start_frame + f, device=x.device)
+        cos, sin = self.rope.table(positions, grid_hw, x.dtype)
+        n = f * grid_hw[0] * grid_hw[1]
+        if mask is not None and tuple(mask.shape) != (n, n):
+            raise ValueError(f"mask must be [{n}, {n}] for {f} frames of {n // f} tokens, got "
+                             f"{tuple(mask.shape)}")
+        return self._run_blocks(x, timestep, cross, SequenceAttention(cos, sin, mask), grid_hw)
+
+    def step_attention(self, cache: KVCache, plan: ChunkPlan) -> StepAttention:
+        """The attention strategy of one chunk (its rotary tables, slots, valid length)."""
+        grid_hw = cache.layout.grid_hw
+        cos_q, sin_q = self.rope.table(plan.query_positions, grid_hw, cache.dtype)
+        cos_k = sin_k = None
+        if plan.key_positions is not None:
+            cos_k, sin_k = self.rope.table(plan.key_positions, grid_hw, cache.dtype)
+        return StepAttention(cache.k, cache.v, plan.write_slots, plan.kv_len, cos_q, sin_q, cos_k, sin_k)
+
+    def forward_chunk(self, x: Tensor, timestep: Tensor, cross: CrossAttnCache, cache: KVCache,
+                      start_frame: int, attend: StepAttention | None = None) -> Tensor:
+        """Predict the flow of one chunk of frames starting at latent frame ``start_frame``.
+
+        The chunk's keys/values are written into the cache (overwriting the slots of the same
+        chunk if it was called before). Pass ``attend`` (from :meth:`step_attention`) to reuse
+        the chunk's rotary tables across its denoising steps.
+        """
+        timestep = self._check_latents(x, timestep)
+        b, f, _, h, w = x.shape
+        cfg = self.config
+        cache.check_compatible(b, cfg.num_layers, cfg.num_heads, cfg.head_dim, self.grid(h, w), x.dtype)
+        if cross.batch_size != b:
+            raise ValueError(f"prompt batch {cross.batch_size} != latent batch {b}")
+        plan = cache.plan_chunk(start_frame, f)
+        if attend is None or attend.write_slots is not plan.write_slots:
+            attend = self.step_attention(cache, plan)
+        return self._run_blocks(x, timestep, cross, attend, cache.layout.grid_hw)
+
+    def new_cache(self, stream: StreamingConfig, batch_size: int, num_frames: int | None = None
+                  ) -> KVCache:
+        """An empty KV cache sized for this model and ``stream``."""
+        return KVCache.for_model(self.config, stream, batch_size, num_frames=num_frames,
+                                 dtype=self.dtype, device=self.patch_embedding.weight.device)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, kv_tokens: int) -> float:
+        """Approximate forward FLOPs per query token with ``kv_tokens`` keys (matmuls only)."""
+        c = self.config
+        per_layer = 2 * (4 * c.dim * c.dim + 2 * c.dim * c.ffn_dim + 2 * c.dim * c.dim)
+        per_layer += 4 * c.dim * (kv_tokens + c.text_len)
+        return c.num_layers * per_layer + 2 * c.dim * c.out_dim * math.prod(c.patch_size)
