@@ -33,6 +33,7 @@ from sf_sdk.config import DiTConfig, StreamingConfig
 
 __all__ = [
     "WanDiT",
+    "ChunkStep",
     "CrossAttnCache",
     "StepAttention",
     "RotaryEmbedding",
@@ -177,6 +178,11 @@ class StepAttention:
     sin_q: Tensor
     cos_k: Tensor | None = None  # [kv_len, D/2] (cache_relative: keys rotated at attention time)
     sin_k: Tensor | None = None
+    # functional=True (ONNX / TensorRT graphs): the buffers are not written in place; the updated
+    # per-layer caches are collected in new_k / new_v instead.
+    functional: bool = False
+    new_k: list[Tensor] | None = None
+    new_v: list[Tensor] | None = None
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         relative = self.cos_k is not None
@@ -184,10 +190,16 @@ class StepAttention:
         if not relative:
             k = apply_rotary(k, self.cos_q, self.sin_q)
         kc, vc = self.k_cache[layer], self.v_cache[layer]  # [B, cap, H, D]
-        kc.index_copy_(1, self.write_slots, k.detach().to(kc.dtype))
-        vc.index_copy_(1, self.write_slots, v.detach().to(vc.dtype))
+        if self.functional:
+            kc = kc.index_copy(1, self.write_slots, k.to(kc.dtype))
+            vc = vc.index_copy(1, self.write_slots, v.to(vc.dtype))
+            self.new_k = (self.new_k or []) + [kc]
+            self.new_v = (self.new_v or []) + [vc]
+        else:
+            kc.index_copy_(1, self.write_slots, k.detach().to(kc.dtype))
+            vc.index_copy_(1, self.write_slots, v.detach().to(vc.dtype))
         keys, values = kc, vc
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+        if not self.functional and torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             keys = kc.index_copy(1, self.write_slots, k)
             values = vc.index_copy(1, self.write_slots, v)
         if relative:
@@ -485,3 +497,32 @@ class WanDiT(nn.Module):
         per_layer = 2 * (4 * c.dim * c.dim + 2 * c.dim * c.ffn_dim + 2 * c.dim * c.dim)
         per_layer += 4 * c.dim * (kv_tokens + c.text_len)
         return c.num_layers * per_layer + 2 * c.dim * c.out_dim * math.prod(c.patch_size)
+
+
+class ChunkStep(nn.Module):
+    """The per-chunk DiT call with all of its state as explicit tensors.
+
+    This is the graph that export backends capture (torch.export, ONNX, TensorRT): static shapes
+    for a given resolution and chunk size, no Python-side state, no data-dependent control flow.
+    Inputs: latents x [B, F, C, H, W], timestep [B, F], the prompt's cross K/V [L, B, Lt, H, D],
+    the cache buffers [L, B, cap, H, D], the chunk's token slots [F*T] (int64), the valid length
+    ``kv_len`` (0-dim int64 tensor) and the chunk's rotary tables [F*T, D/2].
+
+    ``functional=False``: the cache buffers are updated in place and only the flow is returned.
+    ``functional=True``: returns ``(flow, new_k_cache, new_v_cache)`` and leaves inputs untouched.
+    """
+
+    def __init__(self, model: WanDiT, functional: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.functional = functional
+
+    def forward(self, x: Tensor, timestep: Tensor, cross_k: Tensor, cross_v: Tensor, k_cache: Tensor,
+                v_cache: Tensor, write_slots: Tensor, kv_len: Tensor, cos_q: Tensor, sin_q: Tensor):
+        attend = StepAttention(k_cache, v_cache, write_slots, kv_len, cos_q, sin_q,
+                               functional=self.functional)
+        grid_hw = self.model.grid(x.shape[3], x.shape[4])
+        flow = self.model._run_blocks(x, timestep, CrossAttnCache(cross_k, cross_v), attend, grid_hw)
+        if self.functional:
+            return flow, torch.stack(attend.new_k), torch.stack(attend.new_v)
+        return flow
