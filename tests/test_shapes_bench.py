@@ -1,0 +1,225 @@
+"""The shapes evaluator: calibration on real clips, noise and blank videos, failure modes,
+robustness to a generative model's blur and colour drift, the benchmark loop and the CLI."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.data.shapes import COLOURS, ShapesConfig, all_captions, make_clip, parse_caption
+from training.eval.shapes_bench import (
+    CHECKS,
+    BenchConfig,
+    _label_components,
+    contact_sheet,
+    main,
+    run_benchmark,
+    score_video,
+)
+
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def _blur(frames: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of [T, H, W, 3] (float out)."""
+    radius = int(np.ceil(3 * sigma))
+    taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma ** 2))
+    taps /= taps.sum()
+    out = frames.astype(np.float64)
+    for axis in (1, 2):
+        pad = [(0, 0)] * 4
+        pad[axis] = (radius, radius)
+        padded = np.pad(out, pad)
+        out = sum(w * np.take(padded, np.arange(i, i + out.shape[axis]), axis=axis) for i, w in enumerate(taps))
+    return out
+
+
+def _model_like(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """What an imperfect generator might produce: blur, colour crosstalk, a dim noisy background."""
+    crosstalk = np.array([[0.85, 0.12, 0.08], [0.1, 0.8, 0.12], [0.1, 0.1, 0.85]])
+    out = _blur(frames, 1.0) @ crosstalk.T * 0.9 + 8 + rng.normal(0, 6, frames.shape)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _flood_fill_labels(mask: np.ndarray) -> np.ndarray:
+    """Reference 8-connected labelling: -1 off the mask, else the component's smallest flat index."""
+    labels = -np.ones(mask.shape, dtype=np.int64)
+    for start in zip(*np.nonzero(mask)):
+        if labels[start] >= 0:
+            continue
+        root = int(np.ravel_multi_index(start, mask.shape))
+        labels[start], stack = root, [start]
+        while stack:
+            t, y, x = stack.pop()
+            for yy in range(max(y - 1, 0), min(y + 2, mask.shape[1])):
+                for xx in range(max(x - 1, 0), min(x + 2, mask.shape[2])):
+                    if mask[t, yy, xx] and labels[t, yy, xx] < 0:
+                        labels[t, yy, xx] = root
+                        stack.append((t, yy, xx))
+    return labels
+
+
+@pytest.mark.parametrize("density", [0.1, 0.45, 0.8])
+def test_connected_components_match_a_flood_fill(density: float) -> None:
+    mask = np.random.default_rng(3).random((3, 20, 24)) < density
+    np.testing.assert_array_equal(_label_components(mask), _flood_fill_labels(mask))
+
+
+@pytest.fixture(scope="module")
+def real_clips() -> list[tuple[str, np.ndarray]]:
+    return [(caption, make_clip(0, i, caption=caption).frames) for i, caption in enumerate(all_captions())]
+
+
+def test_real_clips_score_high(real_clips: list[tuple[str, np.ndarray]]) -> None:
+    results = [score_video(frames, caption) for caption, frames in real_clips]
+    scores = np.array([r.score for r in results])
+    assert scores.mean() >= 0.95
+    assert scores.min() >= 0.8
+    assert set(results[0].checks) == set(CHECKS)
+    for r, (caption, _) in zip(results, real_clips):
+        prompt = parse_caption(caption)
+        assert (r.details["colour"], r.details["shape"]) == (prompt.colour, prompt.shape)
+
+
+def test_noise_and_blank_score_low() -> None:
+    rng = np.random.default_rng(0)
+    shape = (33, 64, 64, 3)
+    for caption in all_captions()[::9]:
+        noise = rng.integers(0, 256, shape, dtype=np.uint8)
+        assert score_video(noise, caption).score <= 0.1
+        assert score_video(np.zeros(shape, np.uint8), caption).score <= 0.1
+        dim_noise = rng.integers(0, 80, shape, dtype=np.uint8)
+        assert score_video(dim_noise, caption).score <= 0.1
+
+
+def test_wrong_colour_shape_or_direction_loses_the_score(real_clips: list[tuple[str, np.ndarray]]) -> None:
+    colours = list(COLOURS)
+    for caption, frames in real_clips[::5]:
+        p = parse_caption(caption)
+        wrong_colour = f"a {colours[(colours.index(p.colour) + 2) % 6]} {p.shape} moving {p.direction}"
+        wrong_shape = f"a {p.colour} {'circle' if p.shape != 'circle' else 'square'} moving {p.direction}"
+        wrong_direction = f"a {p.colour} {p.shape} moving {OPPOSITE[p.direction]}"
+        perpendicular = f"a {p.colour} {p.shape} moving {'up' if p.direction in ('left', 'right') else 'left'}"
+        for bad, check in ((wrong_colour, "colour"), (wrong_shape, "shape"), (wrong_direction, "direction"),
+                           (perpendicular, "direction")):
+            result = score_video(frames, bad)
+            assert result.score <= 0.1, (bad, result)
+            assert result.checks[check] <= 0.1
+            assert result.mean_check >= 0.8  # only that one check failed
+
+
+def test_partial_failures_show_in_their_checks() -> None:
+    caption = "a red square moving right"
+    frames = make_clip(0, 2, caption=caption).frames
+    vanishing = frames.copy()
+    vanishing[16:] = 0
+    r = score_video(vanishing, caption)
+    assert 0.4 <= r.checks["presence"] <= 0.6 and r.score <= 0.6
+
+    static = np.repeat(frames[:1], len(frames), axis=0)
+    r = score_video(static, caption)
+    assert r.checks["direction"] == 0.0 and r.checks["shape"] == 1.0
+
+    second = make_clip(0, 3, caption="a red circle moving up").frames
+    r = score_video(np.maximum(frames, second), caption)
+    assert r.checks["single_object"] < 0.8 and r.score < 0.2
+
+    recoloured = frames.copy()
+    recoloured[16:] = recoloured[16:][..., [1, 0, 2]]  # red turns green half-way
+    r = score_video(recoloured, caption)
+    assert r.checks["colour"] < 0.6 and r.checks["stability"] < 0.6
+
+    grey_background = np.maximum(frames, 70).astype(np.uint8)
+    r = score_video(grey_background, caption)
+    assert r.checks["background"] <= 0.1
+
+
+def test_robust_to_blur_and_colour_drift(real_clips: list[tuple[str, np.ndarray]]) -> None:
+    rng = np.random.default_rng(1)
+    scores = [score_video(_model_like(frames, rng), caption).score for caption, frames in real_clips[::4]]
+    assert np.mean(scores) >= 0.9
+
+
+def test_survives_an_mp4_round_trip(tmp_path: Path, real_clips: list[tuple[str, np.ndarray]]) -> None:
+    from sf_sdk.video import Mp4Writer, read_video
+
+    for i, (caption, frames) in enumerate(real_clips[::12]):
+        path = tmp_path / f"{i}.mp4"
+        with Mp4Writer(path, fps=16) as writer:
+            writer.write(frames)
+        assert score_video(read_video(path), caption).score >= 0.95
+
+
+def test_input_validation() -> None:
+    frames = make_clip(0, 0).frames
+    caption = make_clip(0, 0).caption
+    assert score_video(torch.from_numpy(frames), caption).score == score_video(frames, caption).score
+    with pytest.raises(ValueError, match="uint8"):
+        score_video(frames.astype(np.float32), caption)
+    with pytest.raises(ValueError, match="T, H, W, 3"):
+        score_video(frames[0], caption)
+    with pytest.raises(ValueError, match="64x64"):
+        score_video(np.zeros((5, 32, 32, 3), np.uint8), caption)
+    with pytest.raises(ValueError):
+        score_video(frames, "a red blob moving left")
+    with pytest.raises(ValueError):
+        BenchConfig(fg_threshold=0.6)
+
+
+def _read_png(path: Path) -> np.ndarray:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    idat = data.index(b"IDAT")
+    (length,) = struct.unpack(">I", data[idat - 4:idat])
+    raw = np.frombuffer(zlib.decompress(data[idat + 4:idat + 4 + length]), np.uint8)
+    return raw.reshape(height, 1 + width * 3)[:, 1:].reshape(height, width, 3)
+
+
+def test_run_benchmark_with_an_oracle_and_a_noise_generator(tmp_path: Path) -> None:
+    prompts = all_captions()[::12]
+    cfg = BenchConfig(domain=ShapesConfig(num_frames=17))
+
+    def oracle(prompt: str, num_frames: int, seed: int) -> torch.Tensor:
+        clip = make_clip(seed, 0, ShapesConfig(num_frames=num_frames), caption=prompt)
+        return torch.from_numpy(clip.frames)
+
+    result = run_benchmark(oracle, prompts, num_frames=17, seeds=[0, 1], cfg=cfg, out_dir=tmp_path,
+                           save_png=True)
+    json.dumps(result)
+    assert result["mean_score"] >= 0.95 and result["num_videos"] == 2 * len(prompts)
+    assert set(result["checks"]) == set(CHECKS) and set(result["per_prompt"]) == set(prompts)
+    entry = result["per_prompt"][prompts[0]]
+    assert [s["seed"] for s in entry["seeds"]] == [0, 1]
+    assert len(list(tmp_path.glob("*.mp4"))) == len(list(tmp_path.glob("*.png"))) == 2 * len(prompts)
+    sheet_path = sorted(tmp_path.glob("*.png"))[0]
+    png = _read_png(sheet_path)
+    stem = sheet_path.stem.rsplit("_s", 1)
+    prompt = next(p for p in prompts if p.replace(" ", "_") == stem[0])
+    expected = contact_sheet(make_clip(int(stem[1]), 0, ShapesConfig(num_frames=17), caption=prompt).frames)
+    np.testing.assert_array_equal(png, expected)
+
+    rng = np.random.default_rng(0)
+    noise = run_benchmark(lambda p, n, s: rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8), prompts,
+                          num_frames=17, seeds=[0], cfg=cfg)
+    assert noise["mean_score"] <= 0.1
+    with pytest.raises(ValueError):
+        run_benchmark(oracle, ["not a caption"], num_frames=17, seeds=[0], cfg=cfg)
+
+
+def test_cli_calibrate_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--calibrate", "--json", "--frames", "9"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    figures = out["calibration"]
+    assert figures["real"]["mean_score"] >= 0.95 and figures["real"]["num_videos"] == 72
+    for name in ("noise", "blank", "wrong_colour", "wrong_direction"):
+        assert figures[name]["mean_score"] <= 0.1
+    assert out["config"]["frames"] == 9
+    with pytest.raises(SystemExit):
+        main(["--json"])  # neither --model nor --calibrate

@@ -1,0 +1,1 @@
+"""The Self-Forcing training package (imports :mod:`sf_sdk`, never the reverse)."""

@@ -1,0 +1,1 @@
+"""Training data: synthetic domains (:mod:`training.data.shapes`) and prompt sets."""

@@ -1,0 +1,1 @@
+"""Evaluators for generated videos (:mod:`training.eval.shapes_bench`)."""
