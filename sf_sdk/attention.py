@@ -62,7 +62,9 @@ def reference_cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_le
 
 def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_len: int | Tensor) -> Tensor:
     """q [B, Lq, H, D] over cache slots [0, kv_len) of k/v_cache [B, cap, H, D] -> [B, Lq, H, D]."""
-    if _backend != "reference":
+    # The kernels have no backward: anything that needs gradients takes the reference path.
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad)
+    if _backend != "reference" and not needs_grad:
         from sf_sdk import ops  # local import: the extension is optional
 
         if ops.kernel_available(q, _backend == "kernel"):
