@@ -19,6 +19,11 @@ def golden_dir() -> Path:
     return GOLDEN
 
 
+# One intra-op thread: the suite's ops are tiny, and on a 2-core machine a second OpenMP thread
+# mostly waits at barriers (5-20x slower under any other load).
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -219,3 +219,21 @@ def test_schedule_warp_and_conversions():
     flow = sched.flow_target(x0, noise)
     torch.testing.assert_close(sched.x0_from_flow(flow, xt, t), x0)
     torch.testing.assert_close(sched.flow_from_x0(x0, xt, t), flow)
+
+
+def test_bfloat16_streaming_tracks_float32():
+    model = tiny_model(dtype=torch.float32)
+    stream = StreamingConfig(latent_height=4, latent_width=6, local_attn_size=6)
+    x = torch.randn(1, 9, 16, 4, 6)
+    t = torch.full((1, 3), 600.0)
+    ctx = torch.randn(1, 5, TINY.text_dim)
+    outs = {}
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            m = model.to(dtype)
+            cache, cross = m.new_cache(stream, 1), m.encode_context(ctx.to(dtype))
+            outs[dtype] = torch.cat([m.forward_chunk(x[:, s:s + 3].to(dtype), t.to(dtype), cross, cache, s)
+                                     for s in range(0, 9, 3)], dim=1)
+    assert outs[torch.bfloat16].dtype == torch.bfloat16
+    err = (outs[torch.bfloat16].float() - outs[torch.float32]).abs().max() / outs[torch.float32].abs().max()
+    assert err < 0.1

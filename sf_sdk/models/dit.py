@@ -75,7 +75,9 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        return F.layer_norm(xf, self.normalized_shape, self.weight, self.bias, self.eps).type_as(x)
+        weight = self.weight.to(xf.dtype) if self.weight is not None else None
+        bias = self.bias.to(xf.dtype) if self.bias is not None else None
+        return F.layer_norm(xf, self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
 class RotaryEmbedding:

@@ -1,0 +1,236 @@
+"""``sf-generate``: stream a prompt's video into an MP4 file while it is generated.
+
+    sf-generate "a red circle moving right" --frames 33 --output red_circle.mp4
+    sf-generate "a blue square moving up" --seconds 30 --window 6 --model path/to/model_folder
+    sf-generate "a cat surfing" --model self_forcing_dmd.pt --wan-dir Wan2.1-T2V-1.3B --device cuda
+    python -m sf_sdk ...                      (the same command)
+
+Each chunk is appended to the MP4 (fragmented, playable while it grows) as soon as it is decoded;
+a progress bar shows the frames done and the generation speed. Ctrl-C stops the stream and
+leaves a valid MP4 of the frames written so far (exit code 130). Mistakes in the command (an
+empty prompt, a frame count that is not whole chunks, an unknown device, a missing model) end
+with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("sf_sdk.cli")
+
+PROG = "sf-generate"
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell convention
+DEFAULT_MODEL = "shapes-tiny"
+# Without --frames / --seconds: the length Self-Forcing was trained on (21 latent frames).
+DEFAULT_FRAMES = 81
+MAX_NAME_CHARS = 60
+
+
+class UserError(Exception):
+    """A mistake in the command line: reported in one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, no usage block
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Stream a text prompt's video into an MP4 file as it is generated.")
+    p.add_argument("prompt", help="what the video shows")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--frames", type=int, help=f"video frames, whole chunks: 1 + 4k with k + 1 a multiple "
+                                                   f"of the chunk size (default {DEFAULT_FRAMES})")
+    length.add_argument("--seconds", type=float, help="video length in seconds, rounded up to whole chunks")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--output", "-o", type=Path, help="MP4 file to write (default: the prompt, as a file name)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"a model folder, a bundled model name, or an official self_forcing_dmd.pt "
+                        f"(default {DEFAULT_MODEL})")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--window", type=int, help="rolling attention window in latent frames (local_attn_size); "
+                                              "needed for videos longer than the model was trained on")
+    p.add_argument("--sink", type=int, help="latent frames at the start that stay in the window (with --window)")
+    p.add_argument("--framewise", action="store_true", help="one latent frame per chunk (lower latency)")
+    p.add_argument("--wan-dir", type=Path, help="the official Wan2.1-T2V-1.3B folder (for a .pt --model)")
+    p.add_argument("--no-ema", action="store_true", help="official checkpoints: the 'generator' weights, "
+                                                         "not 'generator_ema'")
+    p.add_argument("--backend", default="eager", help="eager (default), compile, aoti, onnxruntime, ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    restore = _setup_logging(args)
+    try:
+        return _main(args)
+    finally:
+        restore()
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return EXIT_INTERRUPTED
+    except (UserError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError,
+            NotADirectoryError) as exc:
+        if args.debug:
+            raise
+        sys.stderr.write(f"{PROG}: error: {_one_line(exc)}\n")
+        return EXIT_USER_ERROR
+    except Exception as exc:
+        if args.debug:
+            raise
+        sys.stderr.write(f"{PROG}: failed: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for "
+                         f"the traceback)\n")
+        return EXIT_FAILURE
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _setup_logging(args: argparse.Namespace) -> Callable[[], None]:
+    """Log the SDK's messages to stderr for this command; returns what undoes it."""
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    logger = logging.getLogger("sf_sdk")
+    saved = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+    def restore() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+    return restore
+
+
+def _default_output(prompt: str) -> Path:
+    name = re.sub(r"\W+", "_", prompt.lower()).strip("_")[:MAX_NAME_CHARS].rstrip("_")
+    return Path(f"{name or 'sf_video'}.mp4")
+
+
+def _check_args(args: argparse.Namespace) -> tuple[str, str, Path]:
+    """Checks that need no model; returns the device, dtype and output path."""
+    if not args.prompt.strip():
+        raise UserError("the prompt is empty: describe the video to generate")
+    if args.frames is not None and args.frames <= 0:
+        raise UserError(f"--frames must be a positive number of video frames, got {args.frames}")
+    if args.seconds is not None and not (args.seconds > 0 and math.isfinite(args.seconds)):
+        raise UserError(f"--seconds must be a positive number, got {args.seconds}")
+    if args.window is not None and args.window <= 0:
+        raise UserError(f"--window must be a positive number of latent frames, got {args.window}")
+    if args.sink is not None and (args.sink < 0 or args.window is None):
+        raise UserError("--sink needs --window and must be >= 0")
+    import torch
+
+    from sf_sdk.checkpoint import resolve_dtype
+    from sf_sdk.generator import _parse_device
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = _parse_device(device)
+    dtype = args.dtype or ("bfloat16" if dev.type == "cuda" else "float32")
+    resolve_dtype(dtype)
+    output = args.output if args.output is not None else _default_output(args.prompt)
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder: give a file name such as {output / 'video.mp4'}")
+    parent = output.resolve().parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise UserError(f"cannot write {output}: {existing} is not writable")
+    return device, dtype, output
+
+
+def _run(args: argparse.Namespace) -> int:
+    device, dtype, output = _check_args(args)
+    from sf_sdk.generator import StreamingGenerator
+
+    overrides: dict[str, object] = {}
+    if args.window is not None:
+        overrides["local_attn_size"] = args.window
+    if args.sink is not None:
+        overrides["sink_size"] = args.sink
+    if args.framewise:
+        overrides["num_frame_per_block"] = 1
+    t0 = time.perf_counter()
+    gen = StreamingGenerator.from_pretrained(args.model, device=device, dtype=dtype, streaming=overrides or None,
+                                             backend=args.backend, wan_dir=args.wan_dir, use_ema=not args.no_ema)
+    log.info("loaded %s on %s (%s) in %.1f s", args.model, device, dtype, time.perf_counter() - t0)
+    frames = _num_frames(args, gen)
+    st = gen.streaming
+    latent = (frames - 1) // gen.temporal_stride + 1
+    if not st.rolling and latent > st.global_cache_frames:
+        log.warning("%d latent frames with global attention: longer than the %d the model streams by default; "
+                    "for long videos use a rolling window (--window N)", latent, st.global_cache_frames)
+    with gen.stream(args.prompt, num_frames=frames, seed=args.seed) as stream:
+        return _write(stream, gen, frames, output, progress=not (args.no_progress or args.quiet))
+
+
+def _num_frames(args: argparse.Namespace, gen) -> int:
+    if args.frames is not None:
+        return args.frames
+    if args.seconds is not None:
+        wanted = math.ceil(args.seconds * gen.fps)
+        frames = gen.round_up_frames(wanted)
+        log.info("--seconds %g at %d fps = %d frames; rounded up to whole chunks: %d frames (%.2f s)",
+                 args.seconds, gen.fps, wanted, frames, frames / gen.fps)
+        return frames
+    return gen.round_up_frames(DEFAULT_FRAMES)
+
+
+def _write(stream, gen, total: int, output: Path, *, progress: bool) -> int:
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from sf_sdk.video import Mp4Writer
+
+    written = 0
+    dit_s = decode_s = 0.0
+    start = time.perf_counter()
+    bar = tqdm(total=total, unit="frame", desc="generating", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    try:
+        with logging_redirect_tqdm(loggers=[logging.getLogger("sf_sdk")]), bar, \
+                Mp4Writer(output, fps=gen.fps) as writer:
+            for chunk in stream:
+                writer.write(chunk.frames)
+                written += chunk.frames.shape[0]
+                dit_s += chunk.timing.dit_s
+                decode_s += chunk.timing.decode_s
+                elapsed = time.perf_counter() - start
+                bar.update(chunk.frames.shape[0])
+                bar.set_postfix_str(f"{written / elapsed:.1f} FPS, {written / elapsed / gen.fps:.2f}x real time")
+    except KeyboardInterrupt:
+        log.warning("interrupted: %s holds the %d frames written so far", output, written)
+        return EXIT_INTERRUPTED
+    elapsed = time.perf_counter() - start
+    log.info("wrote %d frames (%.2f s at %d fps, %dx%d) to %s in %.1f s: %.1f FPS end to end "
+             "(DiT %.1f s, VAE decode %.1f s)", written, written / gen.fps, gen.fps, *gen.frame_size[::-1],
+             output, elapsed, written / elapsed, dit_s, decode_s)
+    return EXIT_OK

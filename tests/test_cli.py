@@ -1,0 +1,177 @@
+"""The sf-generate command (in a subprocess and in-process) on a tiny model folder written by
+save_pretrained, its errors, Ctrl-C, and the benchmark scripts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sf_sdk import StreamingGenerator
+from sf_sdk.checkpoint import save_pretrained
+from sf_sdk.cli import main
+from sf_sdk.config import DIT_PRESETS, TEXT_PRESETS, VAE_PRESETS, StreamingConfig
+from sf_sdk.models.dit import WanDiT
+from sf_sdk.models.text import UMT5Encoder, build_word_tokenizer
+from sf_sdk.models.vae import WanVAE
+from sf_sdk.video import read_video
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a red circle moving left"
+FPS = 8
+# The subprocesses run tiny tensors: one thread each (the machine is shared).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny model with a text encoder: 2x2 latents (16x16 pixels), a rolling window of 6."""
+    root = tmp_path_factory.mktemp("cli")
+    tok = build_word_tokenizer(["a", "red", "blue", "circle", "square", "moving", "left", "right"], root / "tok")
+    torch.manual_seed(0)
+    dit, vae, text = DIT_PRESETS["tiny"], VAE_PRESETS["tiny"], TEXT_PRESETS["tiny"]
+    stream = StreamingConfig(latent_height=2, latent_width=2, local_attn_size=6)
+    return save_pretrained(root / "model", dit=WanDiT(dit), dit_config=dit, streaming=stream, vae=WanVAE(vae),
+                           vae_config=vae, text_encoder=UMT5Encoder(text), text_config=text, tokenizer_dir=tok,
+                           extra={"fps": FPS})
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sf_sdk", *args], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_streams_the_prompt_into_an_mp4(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "video.mp4"
+    run = _cli(PROMPT, "--frames", "21", "--seed", "1", "--model", str(model_dir), "--output", str(out),
+               "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    assert "wrote 21 frames" in run.stderr and "Traceback" not in run.stderr
+    video = read_video(out)
+    assert video.shape == (21, 16, 16, 3)
+    # It is this prompt and seed's video (H.264 is lossy: closer to it than to another seed's).
+    gen = StreamingGenerator.from_pretrained(model_dir)
+    same = gen.generate(PROMPT, num_frames=21, seed=1).frames.astype(np.float64)
+    other = gen.generate(PROMPT, num_frames=21, seed=2).frames.astype(np.float64)
+    assert np.abs(video - same).mean() < np.abs(video - other).mean()
+
+
+def test_cli_user_errors_are_one_line(model_dir: Path) -> None:
+    run = _cli("   ")  # fails before any model is loaded
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == ["sf-generate: error: the prompt is empty: describe the video to generate"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--frames", "0"], "--frames must be a positive number"),
+    (["--frames", "-5"], "--frames must be a positive number"),
+    (["--seconds", "0"], "--seconds must be a positive number"),
+    (["--frames", "20"], r"not a whole number of chunks .* nearest valid: \[21, 9\]"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--dtype", "float8"], "unknown dtype 'float8'"),
+    (["--window", "0"], "--window must be a positive number"),
+    (["--frames", "9", "--backend", "nope"], "backend 'nope' is not available"),
+    (["--frames", "9", "--seconds", "1"], "not allowed with argument"),
+    (["--frames", "nine"], "invalid int value"),
+])
+def test_cli_bad_arguments(model_dir: Path, tmp_path: Path, capsys, args: list[str], message: str) -> None:
+    try:
+        code = main([PROMPT, "--model", str(model_dir), "--output", str(tmp_path / "x.mp4"), *args])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("sf-generate: error:")]
+    assert code == 2
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert re.search(message, errors[0]), errors[0]
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_cli_missing_models(tmp_path: Path, capsys, monkeypatch) -> None:
+    import sf_sdk.checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt, "ASSETS_DIR", tmp_path / "assets")  # an installation without shapes-tiny
+    assert main([PROMPT, "--frames", "9", "--output", str(tmp_path / "x.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert "bundled model 'shapes-tiny' is missing" in err and "python -m training.train" in err
+    assert main([PROMPT, "--model", str(tmp_path / "nowhere")]) == 2
+    assert "neither a model folder" in capsys.readouterr().err
+
+
+def test_cli_seconds_round_up_to_whole_chunks(model_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "s.mp4"
+    assert main([PROMPT, "--seconds", "1", "--model", str(model_dir), "--output", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "--seconds 1 at 8 fps = 8 frames; rounded up to whole chunks: 9 frames" in err
+    assert read_video(out).shape[0] == 9
+
+
+def test_ctrl_c_leaves_a_valid_mp4(model_dir: Path, tmp_path: Path, capsys) -> None:
+    """SIGINT while chunks stream (in this process: the signal handler raises KeyboardInterrupt in
+    the main thread, as in a terminal)."""
+    out = tmp_path / "long.mp4"
+
+    def interrupt_when_frames_arrive() -> None:
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.stat().st_size > 4000) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    watcher = threading.Thread(target=interrupt_when_frames_arrive, daemon=True)
+    watcher.start()
+    code = main([PROMPT, "--frames", "3993", "--model", str(model_dir), "--output", str(out), "--no-progress"])
+    watcher.join()
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    frames = read_video(out)
+    assert 9 <= frames.shape[0] < 3993 and frames.shape[1:] == (16, 16, 3)
+
+
+def _script(name: str):
+    path = REPO / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_latency_benchmark_json(tmp_path: Path) -> None:
+    out = tmp_path / "latency.json"
+    code = _script("latency").main(["--preset", "tiny", "--latent", "2", "2", "--chunks", "3", "--warmup", "1",
+                                    "--window", "6", "--json", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    res = data["results"]["eager"]
+    assert data["device"]["type"] == "cpu" and data["versions"]["torch"] == torch.__version__
+    assert data["config"]["streaming"]["local_attn_size"] == 6 and data["config"]["height"] == 16
+    assert res["chunks"] == 3 and 0 < res["dit_p50_s"] <= res["e2e_p50_s"]
+    assert res["fps_e2e"] <= res["fps_dit"] and res["frames_per_chunk"] == 12
+    assert res["peak_memory_mb"] > 0 and res["ttff_s"] > 0
+
+
+def test_scaling_benchmark_json(capsys) -> None:
+    assert _script("scaling").main(["--chunks", "6", "--span", "3", "--warmup", "1", "--latent", "2", "2",
+                                    "--no-decode", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["late_over_early"] > 0 and data["rss_growth_mb"] is not None
+    assert data["config"]["final_start_frame"] == 3 * 6
