@@ -1,0 +1,134 @@
+"""AOTInductor: ``torch.export`` + AOTInductor packages (``.pt2``) of the chunk and decode steps.
+
+    python -m export.aoti --model PATH_OR_PRESET [--random-init] --out DIR [--verify]
+
+writes ``DIR/chunk_step.pt2`` (the DiT chunk step, cache written in place), ``DIR/vae_first.pt2``
+and ``DIR/vae_step.pt2`` (the VAE decode steps) and ``DIR/export.json``. Each package is a
+compiled shared library with the weights inside: loading it needs no Python model code and no
+compilation. ``StreamingGenerator(..., backend="aoti", backend_options={"artifact_dir": DIR})``
+runs them; the stream's state is carried across calls in the explicit cache tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from export.cli import base_parser, load_model_from_args, settings_kwargs, setup_logging
+from export.manifest import Manifest, read_manifest, update_manifest, write_manifest
+from export.runtime import DecoderFactory, StepChunkModel, StepDecoder
+from export.settings import AOTISettings, ExportModel, attention_backend
+from export.steps import STEP_FILES, StepGraph, chunk_step_graph, decode_step_graphs
+from export.verify import VerificationError, report, verify_chunk_model, verify_decoder
+
+__all__ = ["export_aoti", "load_aoti", "main"]
+
+log = logging.getLogger(__name__)
+
+BACKEND = "aoti"
+SUFFIX = ".pt2"
+
+
+def _package(graph: StepGraph, path: Path, settings: AOTISettings) -> float:
+    """torch.export + AOTInductor of one step into ``path``; returns the seconds it took."""
+    from torch._inductor import aoti_compile_and_package
+
+    t0 = time.perf_counter()
+    with torch.no_grad(), attention_backend(settings.attention):
+        program = torch.export.export(graph.module, graph.args, strict=False)
+        aoti_compile_and_package(program, package_path=str(path), inductor_configs=settings.inductor_configs())
+    seconds = time.perf_counter() - t0
+    log.info("AOTInductor %s -> %s in %.1f s", graph.name, path.name, seconds)
+    return seconds
+
+
+def export_aoti(model: ExportModel, out_dir: str | os.PathLike, settings: AOTISettings | None = None) -> Manifest:
+    """Package the chunk step (and the decode steps) of ``model`` into ``out_dir``."""
+    settings = settings or AOTISettings()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    graphs = [chunk_step_graph(model, settings, functional=False), *decode_step_graphs(model, settings)]
+    files, seconds = {}, {}
+    for graph in graphs:
+        name = STEP_FILES[graph.name] + SUFFIX
+        seconds[graph.name] = round(_package(graph, out / name, settings), 2)
+        files[graph.name] = name
+    write_manifest(out, BACKEND, model, settings, files, extra={"compile_seconds": seconds})
+    return read_manifest(out, BACKEND)
+
+
+def _decode_runner(package):
+    def run(z: torch.Tensor, cache: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        pixels, new_cache = package(z, *cache)
+        return pixels, tuple(new_cache)
+
+    return run
+
+
+def load_aoti(manifest: Manifest, dit: torch.nn.Module, *, device: torch.device | str | None = None
+              ) -> tuple[StepChunkModel, DecoderFactory | None]:
+    """The chunk model and (if exported) the streaming decoder of an AOTInductor folder."""
+    from torch._inductor import aoti_load_package
+
+    if manifest.settings.get("attention") != "reference":
+        import sf_sdk.ops  # noqa: F401  (registers the sf_sdk:: custom ops the package calls)
+    device = torch.device(device if device is not None else manifest.settings["device"])
+    t0 = time.perf_counter()
+    chunk = aoti_load_package(str(manifest.path("chunk")))
+    model = StepChunkModel(dit, manifest.chunk_profile(), name="AOTInductor", inplace=chunk, device=device)
+    make_decoder = None
+    shapes = manifest.decode_profile()
+    if shapes is not None:
+        first = _decode_runner(aoti_load_package(str(manifest.path("vae_first"))))
+        step = _decode_runner(aoti_load_package(str(manifest.path("vae_step"))))
+
+        def make_decoder() -> StepDecoder:
+            return StepDecoder(shapes, first, step, device=device)
+    log.info("loaded the AOTInductor packages of %s in %.2f s", manifest.root, time.perf_counter() - t0)
+    return model, make_decoder
+
+
+def _verify(model: ExportModel, manifest: Manifest, settings: AOTISettings, seed: int) -> list:
+    chunk, make_decoder = load_aoti(manifest, model.dit)
+    results = [verify_chunk_model(model, chunk, settings, seed=seed)]
+    if make_decoder is not None:
+        results.append(verify_decoder(model, make_decoder(), settings, seed=seed))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = base_parser("python -m export.aoti", "torch.export + AOTInductor packages of the streaming steps")
+    parser.add_argument("--attention", default="reference", choices=("reference", "kernel", "auto"),
+                        help="cache attention captured in the graph (kernel: the sf_sdk:: custom op)")
+    parser.add_argument("--fast-compile", action="store_true",
+                        help="shorter compile, slower kernels (no vectorization; for tests)")
+    parser.add_argument("--no-freeze", action="store_true", help="keep weights as graph inputs (no folding)")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        settings = AOTISettings(**settings_kwargs(args), attention=args.attention, fast_compile=args.fast_compile,
+                                freeze=not args.no_freeze)
+        model = load_model_from_args(args)
+        manifest = export_aoti(model, args.out, settings)
+        if args.verify:
+            results = _verify(model, manifest, settings, args.seed)
+            update_manifest(args.out, verify=[r.to_dict() for r in results])
+            report(results)
+    except (ValueError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 1
+    except VerificationError as exc:
+        log.error("verification failed: %s", exc)
+        return 1
+    log.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

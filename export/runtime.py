@@ -1,0 +1,185 @@
+"""Adapters that give a captured step the interfaces the streaming loop uses.
+
+* :class:`StepChunkModel` is a :class:`sf_sdk.sampling.ChunkModel` (``step_attention`` and
+  ``forward_chunk``, the same call signature as :class:`sf_sdk.models.dit.WanDiT`) over a
+  captured chunk step, so :func:`sf_sdk.sampling.denoise_chunk` and the
+  :class:`~sf_sdk.StreamingGenerator` run unchanged on every backend.
+* :class:`StepDecoder` is a streaming decoder (``decode`` / ``reset``) over the two captured
+  VAE decode steps.
+
+State lives in the :class:`sf_sdk.cache.KVCache` the caller owns. An in-place step (torch.compile,
+AOTInductor) writes its buffers directly. A functional step (ONNX Runtime, TensorRT) writes the
+updated caches into a second pair of buffers of the same shape, which then *become* the cache's
+buffers (``cache.k`` / ``cache.v`` are swapped, never copied): two buffers ping-pong per stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from export.settings import ChunkShapes, DecodeShapes
+from sf_sdk.cache import ChunkPlan, KVCache
+from sf_sdk.models.dit import CrossAttnCache, StepAttention, WanDiT
+
+__all__ = ["StepChunkModel", "StepDecoder", "InPlaceStep", "FunctionalStep", "DecodeRunner", "DecoderFactory",
+           "BackendUnavailable"]
+
+log = logging.getLogger(__name__)
+
+# An in-place chunk step: (x, timestep, cross_k, cross_v, k_cache, v_cache, write_slots, kv_len,
+# cos_q, sin_q) -> flow; the cache buffers are updated in place.
+InPlaceStep = Callable[..., Tensor]
+# A functional chunk step: (inputs in the order above, k_out, v_out) -> flow; writes the updated
+# caches into k_out / v_out and leaves its inputs untouched. A step that allocates its outputs
+# returns (flow, new_k, new_v) instead, and those become the cache buffers.
+FunctionalStep = Callable[[Sequence[Tensor], Tensor, Tensor], Tensor | tuple[Tensor, Tensor, Tensor]]
+# A VAE decode step: (z, conv cache tensors) -> (pixels, new conv cache tensors).
+DecodeRunner = Callable[[Tensor, tuple[Tensor, ...]], tuple[Tensor, tuple[Tensor, ...]]]
+# A new streaming decoder (fresh state) per stream.
+DecoderFactory = Callable[[], "StepDecoder"]
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend cannot run on this machine (missing GPU, package or artifact); the message says
+    what is missing and how to get it."""
+
+
+class StepChunkModel:
+    """A chunk model over a captured :class:`~sf_sdk.models.dit.ChunkStep`.
+
+    ``dit`` supplies the rotary tables (computed once per chunk, in float64, outside the graph);
+    its weights are not used by the step. Exactly one of ``inplace`` / ``functional`` is given.
+    ``shapes`` is the static profile the step was captured for (None: any geometry, for steps
+    that specialize themselves, such as torch.compile).
+    """
+
+    def __init__(self, dit: WanDiT, shapes: ChunkShapes | None, *, name: str, inplace: InPlaceStep | None = None,
+                 functional: FunctionalStep | None = None, device: torch.device | str | None = None) -> None:
+        if (inplace is None) == (functional is None):
+            raise ValueError("give exactly one of inplace= or functional=")
+        self.dit = dit
+        self.config = dit.config
+        self.shapes = shapes
+        self.name = name
+        self._inplace = inplace
+        self._functional = functional
+        self.device = torch.device(device) if device is not None else dit.patch_embedding.weight.device
+        self._kv_len: dict[int, Tensor] = {}
+        # The spare buffers of each cache a functional step has run on.
+        self._spares: weakref.WeakKeyDictionary[KVCache, tuple[Tensor, Tensor]] = weakref.WeakKeyDictionary()
+
+    # ------------------------------------------------------------------ ChunkModel
+    def step_attention(self, cache: KVCache, plan: ChunkPlan) -> StepAttention:
+        """The chunk's rotary tables, slots and valid length (a device tensor, made once per value)."""
+        if plan.key_positions is not None:
+            raise ValueError("exported chunk steps implement position_mode='absolute' only; this cache is "
+                             "'cache_relative': run it with backend='eager'")
+        attend = self.dit.step_attention(cache, plan)
+        attend.kv_len = self._kv_len_tensor(plan.kv_len)
+        return attend
+
+    def forward_chunk(self, x: Tensor, timestep: Tensor, cross: CrossAttnCache, cache: KVCache,
+                      start_frame: int, attend: StepAttention | None = None) -> Tensor:
+        """Predict the flow of one chunk; the cache is updated as by ``WanDiT.forward_chunk``."""
+        if timestep.dim() == 1 and timestep.shape[0] == x.shape[0]:
+            timestep = timestep.unsqueeze(1).expand(x.shape[0], x.shape[1])
+        self._check(x, timestep, cross, cache)
+        plan = cache.plan_chunk(start_frame, x.shape[1])
+        if attend is None or attend.write_slots is not plan.write_slots or not isinstance(attend.kv_len, Tensor):
+            attend = self.step_attention(cache, plan)
+        args = [x.contiguous(), timestep.contiguous(), cross.k, cross.v, cache.k, cache.v, attend.write_slots,
+                attend.kv_len, attend.cos_q, attend.sin_q]
+        if self._inplace is not None:
+            return self._inplace(*args)
+        k_out, v_out = self._spare(cache)
+        flow = self._functional(args, k_out, v_out)
+        if isinstance(flow, tuple):
+            flow, k_out, v_out = flow
+        self._spares[cache] = (cache.k, cache.v)
+        cache.k, cache.v = k_out, v_out
+        return flow
+
+    # ------------------------------------------------------------------ helpers
+    def _kv_len_tensor(self, kv_len: int) -> Tensor:
+        t = self._kv_len.get(kv_len)
+        if t is None:
+            t = torch.tensor(kv_len, dtype=torch.int64, device=self.device)
+            self._kv_len[kv_len] = t
+        return t
+
+    def _spare(self, cache: KVCache) -> tuple[Tensor, Tensor]:
+        spare = self._spares.get(cache)
+        if spare is None or spare[0].shape != cache.k.shape or spare[0].dtype != cache.k.dtype:
+            spare = (torch.empty_like(cache.k), torch.empty_like(cache.v))
+        return spare
+
+    def _check(self, x: Tensor, timestep: Tensor, cross: CrossAttnCache, cache: KVCache) -> None:
+        s = self.shapes
+        if s is None:
+            return
+        redo = ("re-export for this geometry (python -m export.<backend> --latent-hw H W --window N "
+                "[--num-frames F])")
+        if tuple(x.shape) != s.latent_shape:
+            raise ValueError(f"the {self.name} chunk step was exported for latents {s.latent_shape} "
+                             f"[B, F, C, H, W], got {tuple(x.shape)}: {redo}")
+        if x.dtype != s.dtype:
+            raise ValueError(f"the {self.name} chunk step computes in {s.dtype}, the latents are {x.dtype}")
+        if tuple(timestep.shape) != (s.batch, s.chunk_frames):
+            raise ValueError(f"timestep must be [B, F] = {(s.batch, s.chunk_frames)}, got {tuple(timestep.shape)}")
+        if tuple(cache.k.shape) != s.cache_shape:
+            raise ValueError(f"the {self.name} chunk step was exported for a KV cache {s.cache_shape} "
+                             f"[L, B, capacity, H, D], this stream's cache is {tuple(cache.k.shape)}: "
+                             f"the window (local_attn_size) or, with global attention, the stream length "
+                             f"differs; {redo}")
+        if cache.dtype != s.dtype:
+            raise ValueError(f"the KV cache holds {cache.dtype}, the {self.name} chunk step computes in {s.dtype}")
+        want = (s.num_layers, s.batch, s.text_len, s.num_heads, s.head_dim)
+        if tuple(cross.k.shape) != want:
+            raise ValueError(f"prompt cross-attention K/V must be {want}, got {tuple(cross.k.shape)}")
+
+
+class StepDecoder:
+    """Streams latent chunks through the captured VAE decode steps (one latent frame per call).
+
+    Same contract as :class:`sf_sdk.models.vae.StreamingDecoder`: successive ``decode`` calls of
+    ``[B, z, t, h, w]`` chunks return their pixel frames; ``reset()`` starts a new stream.
+    """
+
+    def __init__(self, shapes: DecodeShapes, first: DecodeRunner, step: DecodeRunner, *,
+                 device: torch.device | str) -> None:
+        self.shapes = shapes
+        self._first = first
+        self._step = step
+        self.device = torch.device(device)
+        self._cache: tuple[Tensor, ...] | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._cache is not None
+
+    def reset(self) -> None:
+        self._cache = None
+
+    def decode(self, z: Tensor) -> Tensor:
+        s = self.shapes
+        if z.dim() != 5 or (z.shape[0], z.shape[1], *z.shape[3:]) != (s.batch, s.z_dim, *s.latent_hw):
+            raise ValueError(f"the decode step was exported for latents [B, z, t, h, w] = "
+                             f"[{s.batch}, {s.z_dim}, t, {s.latent_hw[0]}, {s.latent_hw[1]}], got "
+                             f"{tuple(z.shape)}")
+        if z.dtype != s.dtype:
+            raise ValueError(f"the decode step computes in {s.dtype}, the latents are {z.dtype}")
+        frames = []
+        for i in range(z.shape[2]):
+            frame = z[:, :, i:i + 1].contiguous()  # [B, z, 1, h, w]
+            if self._cache is None:
+                zeros = tuple(torch.zeros(shape, dtype=s.dtype, device=self.device) for _, shape in s.cache)
+                pixels, self._cache = self._first(frame, zeros)
+            else:
+                pixels, self._cache = self._step(frame, self._cache)
+            frames.append(pixels)
+        return torch.cat(frames, dim=2)  # [B, 3, frames, H, W]

@@ -1,0 +1,102 @@
+"""The graphs every backend captures, and example inputs with their exact static shapes.
+
+* The DiT chunk step is :class:`sf_sdk.models.dit.ChunkStep`: one chunk of latents against the
+  KV cache, every piece of state an explicit tensor (cache buffers, token slots, ``kv_len`` as a
+  0-dim tensor, rotary tables). ``functional=False`` writes the cache in place (torch.compile,
+  AOTInductor); ``functional=True`` returns the updated caches (ONNX, TensorRT).
+* The VAE decode steps are :class:`sf_sdk.models.vae.VAEDecodeStep` with ``first_frame=True``
+  (the stream's first latent frame, one pixel frame out) and ``False`` (every later latent frame,
+  ``temporal_stride`` pixel frames out), the conv cache as explicit inputs and outputs.
+
+Example inputs come from a real cache plan for a chunk whose window is full and wrapped, so
+captured graphs see the same kind of values they will see while streaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from export.settings import ExportModel, ExportSettings
+from sf_sdk.models.dit import ChunkStep, WanDiT
+from sf_sdk.models.vae import VAEDecodeStep
+
+__all__ = ["StepGraph", "chunk_step_graph", "decode_step_graphs", "check_exportable", "STEP_FILES"]
+
+# Artifact names (without extension) of the three steps.
+STEP_FILES = {"chunk": "chunk_step", "vae_first": "vae_first", "vae_step": "vae_step"}
+
+
+@dataclass
+class StepGraph:
+    """A module to capture, with example inputs and I/O names."""
+
+    name: str
+    module: nn.Module
+    args: tuple[Tensor, ...]
+    input_names: list[str]
+    output_names: list[str]
+
+
+def check_exportable(model: ExportModel) -> None:
+    """Raise a ValueError for stream settings the captured steps do not implement."""
+    if model.streaming.position_mode != "absolute":
+        raise ValueError("exported chunk steps store keys after the rotary embedding at absolute positions; "
+                         f"position_mode={model.streaming.position_mode!r} is eager-only: export with "
+                         f"position_mode='absolute'")
+
+
+def _prompt(dit: WanDiT, batch: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Random prompt embeddings shorter than text_len (the model zero-pads them)."""
+    rows = max(1, dit.config.text_len // 2)
+    return torch.randn(batch, rows, dit.config.text_dim, device=device, dtype=dtype)
+
+
+def chunk_step_graph(model: ExportModel, settings: ExportSettings, *, functional: bool) -> StepGraph:
+    """ChunkStep and example inputs for the stream geometry of ``model``."""
+    check_exportable(model)
+    dit: WanDiT = model.dit
+    shapes = model.chunk_shapes(settings)
+    device = torch.device(settings.device)
+    dtype = shapes.dtype
+    stream = model.streaming
+    cache = dit.new_cache(stream, shapes.batch, num_frames=settings.num_frames)
+    if tuple(cache.k.shape) != shapes.cache_shape:
+        raise AssertionError(f"cache {tuple(cache.k.shape)} != profile {shapes.cache_shape}")
+    with torch.no_grad():
+        cross = dit.encode_context(_prompt(dit, shapes.batch, device, dtype))
+        # A chunk past the window's first wrap (or the last chunk of a global cache).
+        chunk = stream.num_frame_per_block
+        frames = cache.layout.capacity_frames + chunk if stream.rolling else cache.layout.capacity_frames
+        start = (frames // chunk - 1) * chunk
+        for s in range(0, start + 1, chunk):
+            plan = cache.plan_chunk(s, chunk)
+        attend = dit.step_attention(cache, plan)
+    cache.k.normal_()
+    cache.v.normal_()
+    x = torch.randn(shapes.latent_shape, device=device, dtype=dtype)
+    t = torch.full((shapes.batch, chunk), 500.0, device=device, dtype=dtype)
+    kv_len = torch.tensor(plan.kv_len, dtype=torch.int64, device=device)
+    args = (x, t, cross.k, cross.v, cache.k, cache.v, plan.write_slots, kv_len, attend.cos_q, attend.sin_q)
+    names = [spec.name for spec in shapes.inputs()]
+    outputs = [spec.name for spec in shapes.outputs()] if functional else ["flow"]
+    return StepGraph("chunk", ChunkStep(dit, functional=functional).eval(), args, names, outputs)
+
+
+def decode_step_graphs(model: ExportModel, settings: ExportSettings) -> list[StepGraph]:
+    """The first-frame and the later-frame VAE decode steps with example inputs (empty without a VAE)."""
+    shapes = model.decode_shapes(settings)
+    if shapes is None or not settings.include_vae:
+        return []
+    device = torch.device(settings.device)
+    graphs = []
+    for name, first in (("vae_first", True), ("vae_step", False)):
+        step = VAEDecodeStep(model.vae, first_frame=first).eval()
+        z = torch.randn(shapes.inputs()[0].shape, device=device, dtype=shapes.dtype)
+        cache = tuple(torch.randn(spec.shape, device=device, dtype=shapes.dtype) * 0.1
+                      for spec in shapes.inputs()[1:])
+        graphs.append(StepGraph(name, step, (z, *cache), shapes.input_names, shapes.output_names))
+    return graphs
+
