@@ -67,6 +67,7 @@ def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_len: int | T
     if _backend != "reference" and not needs_grad:
         from sf_sdk import ops  # local import: the extension is optional
 
-        if ops.kernel_available(q, _backend == "kernel"):
+        # masked: a tensor kv_len, where the reference must read and mask the whole capacity.
+        if ops.kernel_available(q, _backend == "kernel", masked=isinstance(kv_len, Tensor)):
             return ops.cache_attention(q, k_cache, v_cache, kv_len)
     return reference_cache_attention(q, k_cache, v_cache, kv_len)
