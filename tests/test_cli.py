@@ -10,8 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -125,21 +123,23 @@ def test_cli_seconds_round_up_to_whole_chunks(model_dir: Path, tmp_path: Path, c
     assert read_video(out).shape[0] == 9
 
 
-def test_ctrl_c_leaves_a_valid_mp4(model_dir: Path, tmp_path: Path, capsys) -> None:
-    """SIGINT while chunks stream (in this process: the signal handler raises KeyboardInterrupt in
-    the main thread, as in a terminal)."""
+def test_ctrl_c_leaves_a_valid_mp4(model_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """SIGINT while chunks stream: the signal is raised in this process right after the third chunk
+    reached the MP4 writer (Python runs the default handler in the main thread, as in a terminal)."""
+    from sf_sdk import video
+
     out = tmp_path / "long.mp4"
+    real_write = video.Mp4Writer.write
+    calls = {"n": 0}
 
-    def interrupt_when_frames_arrive() -> None:
-        deadline = time.monotonic() + 120
-        while not (out.exists() and out.stat().st_size > 4000) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGINT)
+    def write_then_interrupt(self, frames):
+        real_write(self, frames)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
 
-    watcher = threading.Thread(target=interrupt_when_frames_arrive, daemon=True)
-    watcher.start()
+    monkeypatch.setattr(video.Mp4Writer, "write", write_then_interrupt)
     code = main([PROMPT, "--frames", "3993", "--model", str(model_dir), "--output", str(out), "--no-progress"])
-    watcher.join()
     err = capsys.readouterr().err
     assert code == 130, err
     assert "interrupted" in err and "Traceback" not in err
