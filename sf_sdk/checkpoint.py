@@ -459,7 +459,9 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
 
 def _atomic_write_dir(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; a model folder is meant to be shared
+    return tmp
 
 
 def save_pretrained(

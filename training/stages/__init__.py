@@ -1,0 +1,1 @@
+"""Stage runners: vae, teacher, ode_init, self_forcing, export (see training/train.py)."""

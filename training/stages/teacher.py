@@ -1,0 +1,201 @@
+"""Stage ``teacher``: a bidirectional Wan DiT trained with flow matching on cached VAE latents.
+
+1. The frozen text encoder and tokenizer are written once (:mod:`training.stages.common`).
+2. ``cache_clips`` shapes clips are encoded with the trained VAE into normalized latents
+   ``[N, F, C, h, w]`` (shards in ``teacher/latents/``, resumable), so no step re-runs the VAE.
+3. Each step draws clips from the cache, timesteps uniformly from the shifted table
+   (``training.algorithms.flow.sample_train_timesteps``), drops ``prompt_dropout`` of the
+   prompts to the negative prompt (classifier-free guidance), and regresses the flow
+   ``noise - x0`` (``flow_matching_loss``, the model called with ``mask=None``).
+4. ``final/`` holds the EMA weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from sf_sdk.models.dit import WanDiT
+from sf_sdk.models.vae import WanVAE
+from sf_sdk.scheduler import FlowMatchSchedule
+from sf_sdk.video import Mp4Writer
+from training.algorithms import (
+    EMA,
+    drop_prompts,
+    flow_matching_loss,
+    sample_ode_trajectory,
+    sample_train_timesteps,
+)
+from training.data.shapes import ShapesDataset, tensor_to_frames
+from training.stages.common import PromptTable, load_dit, prepare_text_encoder, prompt_table, save_dit
+from training.stages.vae import load_trained_vae
+from training.utils.checkpoint import TrainState, atomic_save_file
+from training.utils.config import TrainConfig
+from training.utils.dist import DistInfo, barrier
+from training.utils.loop import (
+    StageRun,
+    accumulate,
+    autocast,
+    make_optimizer,
+    set_lr,
+    step_generator,
+    wrap_ddp,
+)
+
+__all__ = ["run_teacher", "LatentCache", "build_latent_cache", "load_teacher", "decode_to_mp4"]
+
+log = logging.getLogger(__name__)
+
+# The cache's clips start at this index of the data seed's stream (the VAE trained on the first
+# indices; the teacher sees other clips).
+CACHE_INDEX_OFFSET = 1_000_000
+
+
+@dataclasses.dataclass
+class LatentCache:
+    """Normalized latents ``[N, F, C, h, w]`` (frame-major, as the DiT takes them) and captions."""
+
+    latents: Tensor
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+
+def _shard_path(folder: Path, shard: int) -> Path:
+    return folder / f"shard-{shard:04d}.safetensors"
+
+
+@torch.no_grad()
+def build_latent_cache(cfg: TrainConfig, dist: DistInfo, vae: WanVAE, folder: Path) -> LatentCache:
+    """Encode ``teacher.cache_clips`` clips (shards split over ranks; existing shards are kept)."""
+    st = cfg.teacher
+    data = dataclasses.replace(cfg.data, num_frames=st.num_frames)
+    ds = ShapesDataset(data, seed=cfg.seed, rank=0, world_size=1)
+    num_shards = -(-st.cache_clips // st.cache_shard)
+    for shard in range(dist.rank, num_shards, dist.world_size):
+        path = _shard_path(folder, shard)
+        if path.is_file():
+            continue
+        start = shard * st.cache_shard
+        stop = min(start + st.cache_shard, st.cache_clips)
+        latents, captions = [], []
+        for first in range(start, stop, st.encode_batch):
+            items = [ds[CACHE_INDEX_OFFSET + i] for i in range(first, min(first + st.encode_batch, stop))]
+            video = torch.stack([item["video"] for item in items]).to(vae.dtype)  # [b, 3, T, H, W]
+            z = vae.normalize(vae.encode(video))  # [b, C, F, h, w]
+            latents.append(z.transpose(1, 2))  # [b, F, C, h, w]
+            captions.extend(item["caption"] for item in items)
+        atomic_save_file({"latents": torch.cat(latents)}, path, {"captions": json.dumps(captions)})
+        log.info("latent cache: shard %d of %d (%d clips)", shard + 1, num_shards, stop - start)
+    barrier()
+    tensors, captions = [], []
+    for shard in range(num_shards):
+        with safe_open(str(_shard_path(folder, shard)), "pt") as f:
+            tensors.append(f.get_tensor("latents"))
+            captions.extend(json.loads(f.metadata()["captions"]))
+    latents = torch.cat(tensors)  # [N, F, C, h, w]
+    log.info("latent cache: %s, mean %.3f std %.3f", tuple(latents.shape), latents.mean().item(),
+             latents.std().item())
+    return LatentCache(latents, captions)
+
+
+def run_teacher(cfg: TrainConfig, dist: DistInfo) -> None:
+    st = cfg.teacher
+    run = StageRun(cfg, "teacher", st, dist)
+    if run.done:
+        log.info("stage teacher already done (%s)", run.final_dir)
+        return
+    prepare_text_encoder(cfg, dist)
+    prompts = prompt_table(cfg, dist.device)
+    vae = load_trained_vae(cfg.run_dir, dist.device)
+    cache = build_latent_cache(cfg, dist, vae, run.dir / "latents")
+    cond_all = prompts.lookup(cache.captions)  # [N, text_len, text_dim]
+
+    torch.manual_seed(cfg.seed)
+    model = WanDiT(cfg.dit).to(dist.device)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    ddp = wrap_ddp(model, cfg, dist)
+    opt = make_optimizer(model.parameters(), st)
+    ema = EMA(model, decay=st.ema_decay, start_step=0)
+    state = TrainState(modules={"dit": model}, optimizers={"opt": opt}, tensors={"ema": ema.state_dict()})
+    run.resume(state)
+    ema.load_state_dict(state.tensors["ema"])
+    schedule = FlowMatchSchedule(shift=cfg.stream.timestep_shift, num_train_timesteps=cfg.stream.num_train_timesteps)
+    log.info("teacher: %.2fM parameters, %d cached clips of %d latent frames", model.num_parameters() / 1e6,
+             len(cache), cache.latents.shape[1])
+    while state.step < st.steps:
+        set_lr(opt, st.lr, state.step, st.warmup_steps)
+        gen = step_generator(cfg.seed, "teacher", state.step, dist.rank)
+
+        def micro(gen: torch.Generator = gen) -> tuple[Tensor, dict[str, float]]:
+            idx = torch.randint(len(cache), (st.batch_size,), generator=gen)
+            x0 = cache.latents[idx].to(dist.device)  # [B, F, C, h, w]
+            cond = drop_prompts(cond_all[idx], prompts.uncond, st.prompt_dropout, generator=gen)
+            t = sample_train_timesteps(schedule, x0.shape[0], x0.shape[1], generator=gen, device=dist.device)
+            with autocast(cfg, dist.device):
+                loss, metrics = flow_matching_loss(ddp, x0, cond, t, schedule, generator=gen,
+                                                   weighted=st.use_training_weight)
+            return loss, {"loss_flow": float(metrics["loss"])}
+
+        metrics = accumulate(ddp, [micro for _ in range(st.grad_accum)])
+        if st.grad_clip:
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), st.grad_clip))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state.step += 1
+        ema.update(model, state.step)
+        state.tensors["ema"] = ema.shadow
+        run.log_step(state, metrics)
+        if st.sample_every and state.step % st.sample_every == 0 and dist.is_main:
+            _sample(cfg, ema, model, prompts, vae, run.samples_dir / f"sample-{state.step:06d}.mp4")
+        run.maybe_checkpoint(state, force=state.step == st.steps)
+    run.finish()
+    if dist.is_main:
+        final = WanDiT(cfg.dit)
+        final.load_state_dict(model.state_dict())
+        ema.copy_to(final)
+        save_dit(run.final_dir, final.state_dict(), cfg.dit)
+        _sample(cfg, ema, model, prompts, vae, run.samples_dir / "sample-final.mp4")
+    run.mark_done({"steps": state.step})
+
+
+def load_teacher(cfg: TrainConfig, device: torch.device) -> WanDiT:
+    """The teacher's EMA weights from ``<run_dir>/teacher/final``, frozen."""
+    return load_dit(Path(cfg.run_dir) / "teacher" / "final", device, what="teacher").eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def _sample(cfg: TrainConfig, ema: EMA, model: WanDiT, prompts: PromptTable, vae: WanVAE, path: Path) -> None:
+    """A guided teacher sample (Euler ODE) of one caption per shape, decoded to an MP4."""
+    st = cfg.teacher
+    sampler = WanDiT(cfg.dit).to(next(model.parameters()).device)
+    sampler.load_state_dict(model.state_dict())
+    ema.copy_to(sampler)
+    sampler.eval()
+    captions = [prompts.captions[i] for i in (0, len(prompts.captions) // 3 + 5, 2 * len(prompts.captions) // 3 + 10)]
+    frames = 1 + (st.num_frames - 1) // vae.config.temporal_stride
+    gen = step_generator(cfg.seed, "teacher-sample")
+    noise = torch.randn((len(captions), frames, cfg.dit.in_dim, cfg.stream.latent_height, cfg.stream.latent_width),
+                        generator=gen)
+    out = sample_ode_trajectory(sampler, noise, prompts.lookup(captions), prompts.uncond, steps=st.sample_steps,
+                                shift=cfg.stream.timestep_shift, cfg=st.sample_guidance,
+                                keep_timesteps=[cfg.stream.num_train_timesteps])
+    decode_to_mp4(vae, out["x0"], path, cfg.data.fps)
+    log.info("teacher sample %s (%s)", path, "; ".join(captions))
+
+
+@torch.no_grad()
+def decode_to_mp4(vae: WanVAE, latents: Tensor, path: Path, fps: int) -> None:
+    """Normalized latents [B, F, C, h, w] -> one MP4 with the B videos side by side."""
+    video = vae.decode(latents.transpose(1, 2).to(vae.dtype))  # [B, 3, T, H, W]
+    row = torch.cat(list(video), dim=3)  # [3, T, H, B*W]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with Mp4Writer(path, fps=fps) as writer:
+        writer.write(tensor_to_frames(row))

@@ -1,0 +1,233 @@
+"""Stage ``vae``: train the Wan-architecture VAE on shapes clips, then its latent statistics.
+
+The autoencoder is trained as a fixed-variance VAE: the decoder sees the posterior mean plus
+Gaussian noise (``latent_noise``) and the mean is pulled gently toward 0 (``latent_l2``). The
+reconstruction loss is L1 + MSE with the object's pixels weighted up (the shapes cover ~5% of
+each frame). Finally ``latents_mean`` / ``latents_std`` are measured per channel over
+``stats_clips`` clips and written into the VAEConfig of ``final/`` so that normalized latents
+are ~N(0, 1) for the DiT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from sf_sdk.checkpoint import load_into, load_state_dict
+from sf_sdk.config import VAEConfig, from_dict, to_dict
+from sf_sdk.models.vae import WanVAE
+from sf_sdk.video import Mp4Writer
+from training.data.shapes import ShapesDataset, tensor_to_frames
+from training.utils.checkpoint import TrainState, atomic_save_file
+from training.utils.config import TrainConfig, VAEStageConfig
+from training.utils.dist import DistInfo
+from training.utils.loop import (
+    StageRun,
+    accumulate,
+    autocast,
+    make_optimizer,
+    set_lr,
+    step_generator,
+    wrap_ddp,
+)
+
+__all__ = ["run_vae", "run_vae_decoder", "load_trained_vae", "VAE_FILE", "VAE_CONFIG_FILE"]
+
+log = logging.getLogger(__name__)
+
+VAE_FILE = "vae.safetensors"
+VAE_CONFIG_FILE = "vae_config.json"
+# A pixel belongs to the object when its brightest channel exceeds this value (in [-1, 1]).
+FOREGROUND_LEVEL = -0.5
+
+
+class Autoencoder(nn.Module):
+    """encode -> noisy mean -> decode as one ``forward`` (what DDP wraps)."""
+
+    def __init__(self, vae: WanVAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, video: Tensor, noise: Tensor, noise_scale: float) -> tuple[Tensor, Tensor]:
+        mu = self.vae.encode(video)  # [B, z, t, h, w] raw posterior mean
+        z = self.vae.normalize(mu + noise_scale * noise)
+        return self.vae.decode(z, clamp=False), mu  # [B, 3, T, H, W]
+
+
+def reconstruction_loss(recon: Tensor, video: Tensor, fg_weight: float, l1_weight: float,
+                        mse_weight: float) -> tuple[Tensor, dict[str, float]]:
+    fg = (video.amax(dim=1, keepdim=True) > FOREGROUND_LEVEL).to(video.dtype)  # [B, 1, T, H, W]
+    weight = 1.0 + fg_weight * fg
+    err = recon - video
+    l1 = (weight * err.abs()).mean() / weight.mean()
+    mse = (weight * err.square()).mean() / weight.mean()
+    with torch.no_grad():
+        psnr = -10 * torch.log10(err.detach().clamp(-2, 2).square().mean() / 4 + 1e-12)
+    return l1_weight * l1 + mse_weight * mse, {"loss_l1": l1.item(), "loss_mse": mse.item(),
+                                               "psnr": psnr.item()}
+
+
+def _batch(ds: ShapesDataset, stage_step: int, micro: int, batch: int, dist: DistInfo, accum: int,
+           crop: int, gen: torch.Generator) -> Tensor:
+    """The clips of one micro-batch: a pure function of (step, micro, rank) for exact resume.
+
+    With ``crop``, each clip is cut to a ``crop`` x ``crop`` window around the object's mean
+    position (jittered by up to a quarter of the window), so every crop shows the object.
+    """
+    first = ((stage_step * accum + micro) * dist.world_size + dist.rank) * batch
+    videos = [ds[i]["video"] for i in range(first, first + batch)]  # each [3, T, H, W]
+    if not crop:
+        return torch.stack(videos)  # [B, 3, T, H, W]
+    h, w = videos[0].shape[2:]
+    if crop > min(h, w):
+        raise ValueError(f"vae.crop={crop} exceeds the frame size {h}x{w}: lower it (0 = full frames)")
+    out = []
+    for video in videos:
+        fg = (video.amax(dim=0) > FOREGROUND_LEVEL).any(dim=0)  # [H, W]
+        ys, xs = fg.nonzero(as_tuple=True)
+        cy, cx = (ys.float().mean().item(), xs.float().mean().item()) if len(ys) else (h / 2, w / 2)
+        jitter = (torch.rand(2, generator=gen) - 0.5) * (crop / 2)
+        top = int(min(max(cy - crop / 2 + jitter[0].item(), 0), h - crop))
+        left = int(min(max(cx - crop / 2 + jitter[1].item(), 0), w - crop))
+        out.append(video[..., top:top + crop, left:left + crop])  # [3, T, crop, crop]
+    return torch.stack(out)  # [B, 3, T, crop, crop]
+
+
+def run_vae(cfg: TrainConfig, dist: DistInfo) -> None:
+    st = cfg.vae
+    run = StageRun(cfg, "vae", st, dist)
+    if run.done:
+        log.info("stage vae already done (%s)", run.final_dir)
+        return
+    torch.manual_seed(cfg.seed)
+    # Start from identity statistics; the measured ones are written at the end.
+    z = cfg.vae_model.z_dim
+    vae_cfg = dataclasses.replace(cfg.vae_model, latents_mean=(0.0,) * z, latents_std=(1.0,) * z)
+    vae = WanVAE(vae_cfg).to(dist.device)
+    data = dataclasses.replace(cfg.data, num_frames=st.num_frames)
+    ds = ShapesDataset(data, seed=cfg.seed, rank=0, world_size=1)
+    _train_autoencoder(cfg, st, run, vae, ds, dist)
+    final_cfg = measure_latent_stats(vae, ds, st.stats_clips, dist.device, vae_cfg)
+    if dist.is_main:
+        write_reconstruction(vae, ds, run.samples_dir / "recon-final.mp4", cfg.data.fps)
+        save_trained_vae(run.final_dir, vae, final_cfg)
+    run.mark_done({"steps": run.stage.steps, "latents_mean": list(final_cfg.latents_mean),
+                   "latents_std": list(final_cfg.latents_std)})
+
+
+def run_vae_decoder(cfg: TrainConfig, dist: DistInfo) -> None:
+    """Stage ``vae_decoder``: more training of the decoder alone, the encoder frozen.
+
+    The latents (and their statistics) stay exactly those the teacher and the student were
+    trained on, so this stage can run at the same time as the later stages; ``export`` ships
+    its decoder when it is done.
+    """
+    st = cfg.vae_decoder
+    run = StageRun(cfg, "vae_decoder", st, dist)
+    if run.done:
+        log.info("stage vae_decoder already done (%s)", run.final_dir)
+        return
+    vae = load_trained_vae(cfg.run_dir, dist.device).train()
+    for module in (vae.conv2, vae.decoder):
+        module.requires_grad_(True)
+    data = dataclasses.replace(cfg.data, num_frames=st.num_frames)
+    ds = ShapesDataset(data, seed=cfg.seed + 1, rank=0, world_size=1)
+    _train_autoencoder(cfg, st, run, vae, ds, dist)
+    if dist.is_main:
+        write_reconstruction(vae, ds, run.samples_dir / "recon-final.mp4", cfg.data.fps)
+        save_trained_vae(run.final_dir, vae, vae.config)
+    run.mark_done({"steps": run.stage.steps})
+
+
+def _train_autoencoder(cfg: TrainConfig, st: VAEStageConfig, run: StageRun, vae: WanVAE, ds: ShapesDataset,
+                       dist: DistInfo) -> None:
+    """The reconstruction loop of the VAE stages (trainable parameters: those requiring grad)."""
+    z = vae.config.z_dim
+    auto = Autoencoder(vae)
+    model = wrap_ddp(auto, cfg, dist)
+    params = [p for p in auto.parameters() if p.requires_grad]
+    opt = make_optimizer(params, st)
+    state = TrainState(modules={"vae": vae}, optimizers={"opt": opt})
+    run.resume(state)
+    log.info("%s: %.2fM trainable parameters, clips of %d frames, batch %d x %d x %d", run.name,
+             sum(p.numel() for p in params) / 1e6, st.num_frames, st.batch_size, st.grad_accum, dist.world_size)
+    while state.step < st.steps:
+        set_lr(opt, st.lr, state.step, st.warmup_steps)
+        gen = step_generator(cfg.seed, run.name, state.step, dist.rank)
+
+        def micro(i: int, gen: torch.Generator = gen):
+            def fn() -> tuple[Tensor, dict[str, float]]:
+                video = _batch(ds, state.step, i, st.batch_size, dist, st.grad_accum, st.crop, gen).to(dist.device)
+                with autocast(cfg, dist.device):
+                    shape = (video.shape[0], z, 1 + (video.shape[2] - 1) // vae.config.temporal_stride,
+                             video.shape[3] // vae.config.spatial_stride, video.shape[4] // vae.config.spatial_stride)
+                    noise = torch.randn(shape, generator=gen).to(dist.device)
+                    recon, mu = model(video, noise, st.latent_noise)
+                    loss, metrics = reconstruction_loss(recon.float(), video, st.fg_weight, st.l1_weight,
+                                                        st.mse_weight)
+                    reg = mu.float().square().mean()
+                metrics["mu_rms"] = reg.sqrt().item()
+                return loss + st.latent_l2 * reg, metrics
+            return fn
+
+        metrics = accumulate(model, [micro(i) for i in range(st.grad_accum)])
+        if st.grad_clip:
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, st.grad_clip))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state.step += 1
+        run.log_step(state, metrics)
+        if st.sample_every and state.step % st.sample_every == 0 and dist.is_main:
+            write_reconstruction(vae, ds, run.samples_dir / f"recon-{state.step:06d}.mp4", cfg.data.fps)
+        run.maybe_checkpoint(state, force=state.step == st.steps)
+    run.finish()
+
+
+@torch.no_grad()
+def measure_latent_stats(vae: WanVAE, ds: ShapesDataset, clips: int, device: torch.device, vae_cfg: VAEConfig
+                         ) -> VAEConfig:
+    """Per-channel mean and std of the posterior means of ``clips`` held-out clips."""
+    vae.eval()
+    held_out = 10_000_000  # indices far beyond any training step's clips
+    mus = [vae.encode(ds[held_out + i]["video"][None].to(device)) for i in range(clips)]  # [1, z, t, h, w]
+    flat = torch.cat([m.transpose(0, 1).flatten(1) for m in mus], dim=1).double()  # [z, N]
+    mean, std = flat.mean(dim=1), flat.std(dim=1).clamp_min(1e-4)
+    vae.train()
+    log.info("latent mean %s std %s", [round(v, 3) for v in mean.tolist()], [round(v, 3) for v in std.tolist()])
+    return dataclasses.replace(vae_cfg, latents_mean=tuple(mean.tolist()), latents_std=tuple(std.tolist()))
+
+
+@torch.no_grad()
+def write_reconstruction(vae: WanVAE, ds: ShapesDataset, path: Path, fps: int) -> None:
+    """Side-by-side MP4: a held-out clip and its reconstruction."""
+    was_training = vae.training
+    vae.eval()
+    video = ds[20_000_000]["video"][None].to(vae.dtype)  # [1, 3, T, H, W]
+    recon = vae.decode(vae.normalize(vae.encode(video)))
+    both = torch.cat([video, recon], dim=4)[0]  # [3, T, H, 2W]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with Mp4Writer(path, fps=fps) as writer:
+        writer.write(tensor_to_frames(both))
+    vae.train(was_training)
+
+
+def save_trained_vae(folder: Path, vae: WanVAE, vae_cfg: VAEConfig) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save_file(vae.state_dict(), folder / VAE_FILE, {"format": "sf-sdk"})
+    (folder / VAE_CONFIG_FILE).write_text(json.dumps(to_dict(vae_cfg), indent=2) + "\n")
+
+
+def load_trained_vae(run_dir: str | Path, device: torch.device) -> WanVAE:
+    """The VAE produced by the ``vae`` stage of ``run_dir`` (with its latent statistics), frozen."""
+    folder = Path(run_dir) / "vae" / "final"
+    if not (folder / VAE_CONFIG_FILE).is_file():
+        raise ValueError(f"{folder} holds no trained VAE: run the vae stage first (stages=[vae])")
+    vae_cfg = from_dict(VAEConfig, json.loads((folder / VAE_CONFIG_FILE).read_text()))
+    vae = WanVAE(vae_cfg)
+    load_into(vae, load_state_dict(folder / VAE_FILE), what="VAE", config=vae_cfg)
+    return vae.to(device).eval().requires_grad_(False)

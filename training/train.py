@@ -1,0 +1,80 @@
+"""Entry point of the Self-Forcing training recipe.
+
+    python -m training.train --config-name shapes_tiny run_dir=/path/to/run [stages=[vae]] [field=value ...]
+    torchrun --standalone --nproc_per_node 2 -m training.train --config-name smoke run_dir=/tmp/smoke
+
+YAML files under ``training/configs`` only override fields of
+:class:`training.utils.config.TrainConfig` (unknown keys are errors). Stages run in the order of
+``stages``; each checkpoints into ``<run_dir>/<stage>/checkpoints`` and resumes from there, and a
+finished stage (``<run_dir>/<stage>/final/DONE``) is skipped, so re-running the same command
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from training.utils.config import TrainConfig, build_config, schema_dict
+from training.utils.dist import DistInfo, barrier, init_distributed
+
+log = logging.getLogger("training")
+
+ConfigStore.instance().store(name="schema", node=schema_dict())
+
+
+def _runner(stage: str) -> Callable[[TrainConfig, DistInfo], None]:
+    """Import stage runners lazily (a stage only needs its own dependencies)."""
+    if stage == "vae":
+        from training.stages.vae import run_vae
+        return run_vae
+    if stage == "vae_decoder":
+        from training.stages.vae import run_vae_decoder
+        return run_vae_decoder
+    if stage == "teacher":
+        from training.stages.teacher import run_teacher
+        return run_teacher
+    if stage == "ode_init":
+        from training.stages.ode_init import run_ode_init
+        return run_ode_init
+    if stage == "self_forcing":
+        from training.stages.self_forcing import run_self_forcing
+        return run_self_forcing
+    if stage == "export":
+        from training.stages.export import run_export
+        return run_export
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def run(cfg: TrainConfig) -> None:
+    """Run ``cfg.stages`` in order in this process (one rank of torchrun, or alone)."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    dist = init_distributed(cfg.device)
+    if not dist.is_main:  # one voice in the logs: other ranks report warnings only
+        logging.getLogger("training").setLevel(logging.WARNING)
+        logging.getLogger("sf_sdk").setLevel(logging.WARNING)
+    log.info("run_dir %s, stages %s, rank %d of %d, %d threads", cfg.run_dir, list(cfg.stages), dist.rank,
+             dist.world_size, torch.get_num_threads())
+    try:
+        for stage in cfg.stages:
+            _runner(stage)(cfg, dist)
+            barrier()
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@hydra.main(version_base=None, config_path="configs", config_name=None)
+def main(raw: DictConfig) -> None:
+    cfg = build_config(TrainConfig, OmegaConf.to_container(raw, resolve=True))  # type: ignore[arg-type]
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

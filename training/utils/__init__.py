@@ -1,0 +1,1 @@
+"""Run infrastructure of the training package: configs, checkpoints, metrics, distribution."""

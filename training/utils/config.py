@@ -1,0 +1,237 @@
+"""Typed training configuration: frozen dataclasses, every default in one place.
+
+Hydra composes YAML files under ``training/configs``; they may only override fields of
+:class:`TrainConfig` (unknown keys are errors, raised by :func:`build_config`). Model configs are
+the SDK's own dataclasses (``sf_sdk.config``), never copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from sf_sdk.config import DiTConfig, StreamingConfig, TextEncoderConfig, VAEConfig
+from training.data.shapes import ShapesConfig
+
+__all__ = [
+    "STAGES",
+    "StageConfig",
+    "VAEStageConfig",
+    "TeacherStageConfig",
+    "ODEInitStageConfig",
+    "SelfForcingStageConfig",
+    "ExportStageConfig",
+    "TrainConfig",
+    "build_config",
+    "config_to_dict",
+]
+
+T = TypeVar("T")
+
+STAGES: tuple[str, ...] = ("vae", "vae_decoder", "teacher", "ode_init", "self_forcing", "export")
+Precision = Literal["fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Loop settings shared by every training stage (per process; the global batch is
+    ``batch_size * grad_accum * world_size``)."""
+
+    steps: int = 100
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    log_every: int = 10
+    # A checkpoint is written every ``ckpt_every_steps`` steps (0: off) and whenever
+    # ``ckpt_every_minutes`` have passed since the last one, and always at the end.
+    ckpt_every_steps: int = 0
+    ckpt_every_minutes: float = 3.0
+    keep_checkpoints: int = 2
+    sample_every: int = 0  # steps between sample MP4s (0: only at the end)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{type(self).__name__}.{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("ckpt_every_steps", "ckpt_every_minutes", "sample_every", "warmup_steps",
+                     "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{type(self).__name__}.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class VAEStageConfig(StageConfig):
+    """Autoencoder training of the Wan VAE on short clips, then the latent statistics."""
+
+    num_frames: int = 17
+    # Train on random square crops of this size (0: full frames); the VAE is convolutional, so
+    # crops cut the cost without changing what it learns about edges and motion.
+    crop: int = 0
+    # Pixels of the object (brighter than the black background) weigh 1 + fg_weight.
+    fg_weight: float = 4.0
+    l1_weight: float = 1.0
+    mse_weight: float = 1.0
+    # Gaussian noise added to the posterior mean before decoding (a fixed-variance VAE) and an
+    # L2 pull of the mean toward 0: both keep the latent smooth and bounded for the DiT.
+    latent_noise: float = 0.1
+    latent_l2: float = 1e-4
+    stats_clips: int = 64  # clips encoded for latents_mean / latents_std
+
+
+@dataclass(frozen=True)
+class TeacherStageConfig(StageConfig):
+    """Bidirectional flow-matching DiT on cached normalized latents."""
+
+    num_frames: int = 33  # video frames; latent frames = 1 + (num_frames - 1) / temporal stride
+    cache_clips: int = 512  # clips pre-encoded to latents (the teacher's dataset)
+    cache_shard: int = 128
+    encode_batch: int = 16  # clips per VAE encode call while building the cache
+    prompt_dropout: float = 0.1  # fraction of prompts replaced by the empty prompt (CFG)
+    use_training_weight: bool = False
+    ema_decay: float = 0.999
+    text_seed: int = 1234  # seed of the frozen random text encoder
+    sample_steps: int = 24
+    sample_guidance: float = 4.0
+
+
+@dataclass(frozen=True)
+class ODEInitStageConfig(StageConfig):
+    """Teacher ODE trajectories, then causal regression of the student (CausVid init)."""
+
+    num_pairs: int = 64  # trajectories generated (each: one caption, one noise)
+    ode_steps: int = 24
+    guidance: float = 4.0
+    ema_decay: float = 0.99
+
+
+@dataclass(frozen=True)
+class SelfForcingStageConfig(StageConfig):
+    """DMD (or SiD) on the student's own autoregressive rollouts."""
+
+    loss: Literal["dmd", "sid"] = "dmd"
+    rollout_mode: Literal["self_forcing", "teacher_forcing", "diffusion_forcing"] = "self_forcing"
+    gan_weight: float = 0.0
+    guidance: float = 4.0
+    critic_lr: float = 2e-5
+    dfake_gen_update_ratio: int = 5
+    min_step_fraction: float = 0.02
+    max_step_fraction: float = 0.98
+    ema_decay: float = 0.99
+    num_latent_frames: int = 9
+
+
+@dataclass(frozen=True)
+class ExportStageConfig:
+    """Export of the final student (EMA) with its VAE and text encoder in the SDK format."""
+
+    out_dir: str = ""  # default: <run_dir>/export/shapes-tiny
+    source: Literal["self_forcing", "ode_init"] = "self_forcing"
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    fps: int = 16
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one ``python -m training.train`` run needs."""
+
+    run_dir: str = ""
+    stages: tuple[str, ...] = STAGES
+    seed: int = 0
+    device: str = "cpu"
+    num_threads: int = 0  # torch intra-op threads per process (0: torch's default)
+    # GPU switches (fields, never code changes): bf16 autocast, gradient checkpointing of the
+    # DiT blocks, FSDP2 sharding of the DiT instead of DDP.
+    precision: Precision = "fp32"
+    gradient_checkpointing: bool = False
+    fsdp: bool = False
+    data: ShapesConfig = field(default_factory=ShapesConfig)
+    vae_model: VAEConfig = field(default_factory=VAEConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    stream: StreamingConfig = field(default_factory=StreamingConfig)
+    vae: VAEStageConfig = field(default_factory=VAEStageConfig)
+    vae_decoder: VAEStageConfig = field(default_factory=VAEStageConfig)
+    teacher: TeacherStageConfig = field(default_factory=TeacherStageConfig)
+    ode_init: ODEInitStageConfig = field(default_factory=ODEInitStageConfig)
+    self_forcing: SelfForcingStageConfig = field(default_factory=SelfForcingStageConfig)
+    export: ExportStageConfig = field(default_factory=ExportStageConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(self.stages))
+        if not self.run_dir:
+            raise ValueError("run_dir is required: pass run_dir=/path/to/run (outside the repository)")
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stages {unknown}; valid stages are {list(STAGES)}")
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
+
+
+# --------------------------------------------------------------------------------------------
+# dict <-> dataclass
+# --------------------------------------------------------------------------------------------
+
+
+def _is_config(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def build_config(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build the dataclass ``cls`` from a nested dict, recursing into dataclass fields.
+
+    Unknown keys are an error naming the valid ones; lists become tuples where the field is a
+    tuple; missing keys keep their defaults.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or cls.__name__} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} in {where or cls.__name__} ({cls.__name__}); valid "
+                         f"keys are {sorted(names)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        tp = hints[name]
+        path = f"{where}.{name}" if where else name
+        if _is_config(tp):
+            kwargs[name] = build_config(tp, value or {}, path)
+        elif typing.get_origin(tp) is tuple and isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON/YAML-ready nested dict (tuples become lists)."""
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(cfg)
+
+
+def schema_dict() -> dict[str, Any]:
+    """Every field of :class:`TrainConfig` with its default (the Hydra schema node).
+
+    ``run_dir`` is left empty here; :class:`TrainConfig` rejects it if no override sets it.
+    """
+    fields = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            fields[f.name] = config_to_dict(f.default_factory())  # type: ignore[misc]
+        else:
+            fields[f.name] = config_to_dict(f.default)
+    return fields
