@@ -50,20 +50,29 @@ class FlowMatchSchedule:
         bell = torch.exp(-2 * ((self.timesteps - n / 2) / n) ** 2)
         bell = bell - bell.min()
         self.weights = bell * (n / bell.sum())  # [n], float64
+        # Device copies of the tables, made once: a lookup on the hot path must not copy
+        # (and, from pageable host memory, synchronise) every call.
+        self._on_device: dict[tuple[str, torch.device], Tensor] = {}
+
+    def _table(self, name: str, device: torch.device) -> Tensor:
+        key = (name, device)
+        if key not in self._on_device:
+            self._on_device[key] = getattr(self, name).to(device)
+        return self._on_device[key]
 
     # ---------------------------------------------------------------- lookups
     def index(self, timestep: Tensor) -> Tensor:
         """Index of the nearest table timestep for each entry of ``timestep`` (any shape)."""
-        table = self.timesteps.to(timestep.device)
+        table = self._table("timesteps", timestep.device)
         flat = timestep.reshape(-1, 1).to(torch.float64)  # [N, 1]
         return (flat - table.unsqueeze(0)).abs().argmin(dim=1).reshape(timestep.shape)
 
     def sigma(self, timestep: Tensor) -> Tensor:
         """sigma of the nearest table entry, same shape as ``timestep``, float64."""
-        return self.sigmas.to(timestep.device)[self.index(timestep)]
+        return self._table("sigmas", timestep.device)[self.index(timestep)]
 
     def training_weight(self, timestep: Tensor) -> Tensor:
-        return self.weights.to(timestep.device)[self.index(timestep)]
+        return self._table("weights", timestep.device)[self.index(timestep)]
 
     def warp(self, steps: tuple[float, ...] | list[float]) -> list[float]:
         """Map a few-step list (e.g. [1000, 750, 500, 250]) through the shifted table.
