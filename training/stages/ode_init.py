@@ -34,6 +34,7 @@ from training.utils.loop import (
     accumulate,
     autocast,
     make_optimizer,
+    optimizer_step,
     set_lr,
     step_generator,
     wrap_ddp,
@@ -118,10 +119,8 @@ def run_ode_init(cfg: TrainConfig, dist: DistInfo) -> None:
             return loss, {"loss_ode": float(metrics["ode_loss"])}
 
         metrics = accumulate(ddp, [micro for _ in range(st.grad_accum)])
-        if st.grad_clip:
-            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(student.parameters(), st.grad_clip))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if (norm := optimizer_step(opt, student.parameters(), st.grad_clip)) is not None:
+            metrics["grad_norm"] = norm
         state.step += 1
         ema.update(student, state.step)
         state.tensors["ema"] = ema.shadow

@@ -47,7 +47,7 @@ from training.stages.vae import load_trained_vae
 from training.utils.checkpoint import TrainState
 from training.utils.config import TrainConfig
 from training.utils.dist import DistInfo
-from training.utils.loop import StageRun, autocast, make_optimizer, set_lr, step_generator
+from training.utils.loop import StageRun, autocast, make_optimizer, optimizer_step, set_lr, step_generator
 
 __all__ = ["run_self_forcing", "sync_gradients"]
 
@@ -144,10 +144,8 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
                     m.update(gm)
             (loss / st.grad_accum).backward()
         sync_gradients(student)
-        if st.grad_clip:
-            metrics["grad_norm_generator"] = float(torch.nn.utils.clip_grad_norm_(student.parameters(), st.grad_clip))
-        opt_g.step()
-        opt_g.zero_grad(set_to_none=True)
+        if (norm := optimizer_step(opt_g, student.parameters(), st.grad_clip)) is not None:
+            metrics["grad_norm_generator"] = norm
         ema.update(student, state.step + 1)
         metrics["loss_generator"] = float(loss.detach())
         metrics.update({k: v for k, v in _floats(m).items() if not k.endswith("_loss")})
@@ -168,10 +166,7 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
                         cm.update(dm)
                 (c_loss / st.grad_accum).backward()
             sync_gradients(*[modules[k] for k in modules if k != "generator"])
-            if st.grad_clip:
-                torch.nn.utils.clip_grad_norm_(critic_params, st.grad_clip)
-            opt_c.step()
-            opt_c.zero_grad(set_to_none=True)
+            optimizer_step(opt_c, critic_params, st.grad_clip)
         metrics["loss_critic"] = float(c_loss.detach())
 
         state.step += 1

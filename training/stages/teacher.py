@@ -43,6 +43,7 @@ from training.utils.loop import (
     accumulate,
     autocast,
     make_optimizer,
+    optimizer_step,
     set_lr,
     step_generator,
     wrap_ddp,
@@ -145,10 +146,8 @@ def run_teacher(cfg: TrainConfig, dist: DistInfo) -> None:
             return loss, {"loss_flow": float(metrics["loss"])}
 
         metrics = accumulate(ddp, [micro for _ in range(st.grad_accum)])
-        if st.grad_clip:
-            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), st.grad_clip))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if (norm := optimizer_step(opt, model.parameters(), st.grad_clip)) is not None:
+            metrics["grad_norm"] = norm
         state.step += 1
         ema.update(model, state.step)
         state.tensors["ema"] = ema.shadow

@@ -31,6 +31,7 @@ from training.utils.loop import (
     accumulate,
     autocast,
     make_optimizer,
+    optimizer_step,
     set_lr,
     step_generator,
     wrap_ddp,
@@ -176,10 +177,8 @@ def _train_autoencoder(cfg: TrainConfig, st: VAEStageConfig, run: StageRun, vae:
             return fn
 
         metrics = accumulate(model, [micro(i) for i in range(st.grad_accum)])
-        if st.grad_clip:
-            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, st.grad_clip))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if (norm := optimizer_step(opt, params, st.grad_clip)) is not None:
+            metrics["grad_norm"] = norm
         state.step += 1
         run.log_step(state, metrics)
         if st.sample_every and state.step % st.sample_every == 0 and dist.is_main:

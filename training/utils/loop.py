@@ -74,6 +74,14 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
+def optimizer_step(opt: torch.optim.Optimizer, params, grad_clip: float) -> float | None:
+    """Clip (when ``grad_clip`` > 0), step and clear the gradients; returns the pre-clip norm or None."""
+    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip)) if grad_clip else None
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
 def accumulate(model: nn.Module, micro_losses: list[Callable[[], tuple[Tensor, dict[str, float]]]]
                ) -> dict[str, float]:
     """Backward each micro-batch loss (scaled by 1/n); DDP syncs gradients on the last only."""
