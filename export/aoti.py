@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from export.cli import base_parser, load_model_from_args, settings_kwargs, setup_logging
-from export.manifest import Manifest, read_manifest, update_manifest, write_manifest
+from export.cli import base_parser, run_export, settings_kwargs
+from export.manifest import Manifest, read_manifest, write_manifest
 from export.runtime import DecoderFactory, StepChunkModel, StepDecoder
 from export.settings import AOTISettings, ExportModel, attention_backend
 from export.steps import STEP_FILES, StepGraph, chunk_step_graph, decode_step_graphs
-from export.verify import VerificationError, report, verify_chunk_model, verify_decoder
+from export.verify import verify_chunk_model, verify_decoder
 
 __all__ = ["export_aoti", "load_aoti", "main"]
 
@@ -110,24 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="shorter compile, slower kernels (no vectorization; for tests)")
     parser.add_argument("--no-freeze", action="store_true", help="keep weights as graph inputs (no folding)")
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    try:
-        settings = AOTISettings(**settings_kwargs(args), attention=args.attention, fast_compile=args.fast_compile,
-                                freeze=not args.no_freeze)
-        model = load_model_from_args(args)
-        manifest = export_aoti(model, args.out, settings)
-        if args.verify:
-            results = _verify(model, manifest, settings, args.seed)
-            update_manifest(args.out, verify=[r.to_dict() for r in results])
-            report(results)
-    except (ValueError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 1
-    except VerificationError as exc:
-        log.error("verification failed: %s", exc)
-        return 1
-    log.info("wrote %s", args.out)
-    return 0
+    return run_export(args, lambda: AOTISettings(**settings_kwargs(args), attention=args.attention,
+                                                fast_compile=args.fast_compile, freeze=not args.no_freeze), export_aoti, _verify)
 
 
 if __name__ == "__main__":

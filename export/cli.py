@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +62,31 @@ def settings_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def run_export(args: argparse.Namespace, make_settings: Callable[[], Any],
+               export: Callable[[ExportModel, Path, Any], Any],
+               verify: Callable[[ExportModel, Any, Any, int], list]) -> int:
+    """The shared body of ``python -m export.aoti`` / ``export.onnx``: export, optionally verify
+    (results recorded in the manifest), and map failures to exit code 1."""
+    from export.manifest import update_manifest
+    from export.verify import VerificationError, report
+
+    log = logging.getLogger("export")
+    setup_logging(args.verbose)
+    try:
+        settings = make_settings()
+        model = load_model_from_args(args)
+        manifest = export(model, args.out, settings)
+        if args.verify:
+            results = verify(model, manifest, settings, args.seed)
+            update_manifest(args.out, verify=[r.to_dict() for r in results])
+            report(results)
+    except (ValueError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 1
+    except VerificationError as exc:
+        log.error("verification failed: %s", exc)
+        return 1
+    log.info("wrote %s", args.out)
+    return 0

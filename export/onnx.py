@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from export.cli import base_parser, load_model_from_args, settings_kwargs, setup_logging
-from export.manifest import Manifest, read_manifest, update_manifest, write_manifest
+from export.cli import base_parser, run_export, settings_kwargs
+from export.manifest import Manifest, read_manifest, write_manifest
 from export.runtime import BackendUnavailable, DecoderFactory, StepChunkModel, StepDecoder
 from export.settings import (
     ChunkShapes,
@@ -36,7 +36,7 @@ from export.settings import (
     attention_backend,
 )
 from export.steps import STEP_FILES, StepGraph, chunk_step_graph, decode_step_graphs
-from export.verify import VerificationError, report, verify_chunk_model, verify_decoder
+from export.verify import verify_chunk_model, verify_decoder
 
 __all__ = ["export_onnx", "export_step_onnx", "load_onnxruntime", "OrtStep", "strip_float64", "main"]
 
@@ -298,23 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = base_parser("python -m export.onnx", "ONNX export (dynamo) of the streaming steps, for ONNX Runtime")
     parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    try:
-        settings = ONNXSettings(**settings_kwargs(args), opset=args.opset)
-        model = load_model_from_args(args)
-        manifest = export_onnx(model, args.out, settings)
-        if args.verify:
-            results = _verify(model, manifest, settings, args.seed)
-            update_manifest(args.out, verify=[r.to_dict() for r in results])
-            report(results)
-    except (ValueError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 1
-    except VerificationError as exc:
-        log.error("verification failed: %s", exc)
-        return 1
-    log.info("wrote %s", args.out)
-    return 0
+    return run_export(args, lambda: ONNXSettings(**settings_kwargs(args), opset=args.opset), export_onnx, _verify)
 
 
 if __name__ == "__main__":
