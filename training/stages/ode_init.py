@@ -108,7 +108,7 @@ def run_ode_init(cfg: TrainConfig, dist: DistInfo) -> None:
     ema.load_state_dict(state.tensors["ema"])
     vae = load_trained_vae(cfg.run_dir, dist.device) if dist.is_main else None
     while state.step < st.steps:
-        set_lr(opt, st.lr, state.step, st.warmup_steps)
+        set_lr(opt, st.lr, state.step, st)
         gen = step_generator(cfg.seed, "ode_init", state.step, dist.rank)
 
         def micro(gen: torch.Generator = gen) -> tuple[Tensor, dict[str, float]]:

@@ -124,8 +124,8 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
         return prompts.cond[idx], noise, clean
 
     while state.step < st.steps:
-        set_lr(opt_g, st.lr, state.step, st.warmup_steps)
-        set_lr(opt_c, st.critic_lr, state.step, st.warmup_steps)
+        set_lr(opt_g, st.lr, state.step, st)
+        set_lr(opt_c, st.critic_lr, state.step, st)
         gen = step_generator(cfg.seed, "self_forcing", state.step, dist.rank)
         exit_step = draw_exit_step(cfg.stream.num_steps, gen)
         metrics: dict[str, float] = {"exit_step": float(exit_step)}

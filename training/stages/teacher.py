@@ -132,7 +132,7 @@ def run_teacher(cfg: TrainConfig, dist: DistInfo) -> None:
     log.info("teacher: %.2fM parameters, %d cached clips of %d latent frames", model.num_parameters() / 1e6,
              len(cache), cache.latents.shape[1])
     while state.step < st.steps:
-        set_lr(opt, st.lr, state.step, st.warmup_steps)
+        set_lr(opt, st.lr, state.step, st)
         gen = step_generator(cfg.seed, "teacher", state.step, dist.rank)
 
         def micro(gen: torch.Generator = gen) -> tuple[Tensor, dict[str, float]]:

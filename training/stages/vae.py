@@ -45,19 +45,58 @@ VAE_FILE = "vae.safetensors"
 VAE_CONFIG_FILE = "vae_config.json"
 # A pixel belongs to the object when its brightest channel exceeds this value (in [-1, 1]).
 FOREGROUND_LEVEL = -0.5
+RGB = 3
+
+
+class AuxDecoder(nn.Module):
+    """A plain 2D conv decoder of latent frames, a training aid for the encoder (never shipped).
+
+    Each latent frame ``[z, h, w]`` is decoded on its own to the ``temporal_stride`` video frames
+    it stands for (the stream's first latent frame to one frame): conv, GroupNorm, SiLU and a 2x
+    nearest upsampling per level, so the encoder gets a useful reconstruction gradient from the
+    first steps on.
+    """
+
+    def __init__(self, config: VAEConfig, dim: int) -> None:
+        super().__init__()
+        self.stride_t = config.temporal_stride
+        levels = config.spatial_stride.bit_length() - 1  # log2 of the spatial stride
+        widths = [dim * 2 ** (levels - i) for i in range(levels + 1)]  # [4d, 2d, d] for 8x
+
+        def block(c_in: int, c_out: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(1, c_out), nn.SiLU())
+
+        layers: list[nn.Module] = [block(config.z_dim, widths[0])]
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), block(c_in, c_out)]
+        layers.append(nn.Conv2d(widths[-1], RGB * self.stride_t, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        b, c, t, h, w = z.shape
+        frames = self.net(z.transpose(1, 2).reshape(b * t, c, h, w))  # [B*t, 3*st, H, W]
+        frames = frames.reshape(b, t, self.stride_t, RGB, *frames.shape[2:])  # [B, t, st, 3, H, W]
+        first = frames[:, :1, :1]  # [B, 1, 1, 3, H, W]: the stream's first frame
+        video = torch.cat([first.flatten(1, 2), frames[:, 1:].flatten(1, 2)], dim=1)  # [B, T, 3, H, W]
+        return video.transpose(1, 2)  # [B, 3, T, H, W]
 
 
 class Autoencoder(nn.Module):
-    """encode -> noisy mean -> decode as one ``forward`` (what DDP wraps)."""
+    """encode -> noisy mean -> decode(s) as one ``forward`` (what DDP wraps)."""
 
-    def __init__(self, vae: WanVAE) -> None:
+    def __init__(self, vae: WanVAE, aux: AuxDecoder | None = None, use_decoder: bool = True) -> None:
         super().__init__()
         self.vae = vae
+        self.aux = aux
+        self.use_decoder = use_decoder
 
-    def forward(self, video: Tensor, noise: Tensor, noise_scale: float) -> tuple[Tensor, Tensor]:
+    def forward(self, video: Tensor, noise: Tensor, noise_scale: float
+                ) -> tuple[Tensor | None, Tensor | None, Tensor]:
         mu = self.vae.encode(video)  # [B, z, t, h, w] raw posterior mean
-        z = self.vae.normalize(mu + noise_scale * noise)
-        return self.vae.decode(z, clamp=False), mu  # [B, 3, T, H, W]
+        z = self.vae.normalize(mu + noise_scale * noise) if noise_scale else self.vae.normalize(mu)
+        recon = self.vae.decode(z, clamp=False) if self.use_decoder else None  # [B, 3, T, H, W]
+        aux = self.aux(z) if self.aux is not None else None  # [B, 3, T, H, W]
+        return recon, aux, mu
 
 
 def reconstruction_loss(recon: Tensor, video: Tensor, fg_weight: float, l1_weight: float,
@@ -149,16 +188,21 @@ def _train_autoencoder(cfg: TrainConfig, st: VAEStageConfig, run: StageRun, vae:
                        dist: DistInfo) -> None:
     """The reconstruction loop of the VAE stages (trainable parameters: those requiring grad)."""
     z = vae.config.z_dim
-    auto = Autoencoder(vae)
+    aux = AuxDecoder(vae.config, st.aux_decoder_dim).to(dist.device) if st.aux_decoder_dim else None
+    if not st.decoder_weight:
+        for module in (vae.conv2, vae.decoder):
+            module.requires_grad_(False)
+    auto = Autoencoder(vae, aux, use_decoder=st.decoder_weight > 0)
     model = wrap_ddp(auto, cfg, dist)
     params = [p for p in auto.parameters() if p.requires_grad]
     opt = make_optimizer(params, st)
-    state = TrainState(modules={"vae": vae}, optimizers={"opt": opt})
+    modules: dict[str, nn.Module] = {"vae": vae} if aux is None else {"vae": vae, "aux_decoder": aux}
+    state = TrainState(modules=modules, optimizers={"opt": opt})
     run.resume(state)
     log.info("%s: %.2fM trainable parameters, clips of %d frames, batch %d x %d x %d", run.name,
              sum(p.numel() for p in params) / 1e6, st.num_frames, st.batch_size, st.grad_accum, dist.world_size)
     while state.step < st.steps:
-        set_lr(opt, st.lr, state.step, st.warmup_steps)
+        set_lr(opt, st.lr, state.step, st)
         gen = step_generator(cfg.seed, run.name, state.step, dist.rank)
 
         def micro(i: int, gen: torch.Generator = gen):
@@ -168,9 +212,18 @@ def _train_autoencoder(cfg: TrainConfig, st: VAEStageConfig, run: StageRun, vae:
                     shape = (video.shape[0], z, 1 + (video.shape[2] - 1) // vae.config.temporal_stride,
                              video.shape[3] // vae.config.spatial_stride, video.shape[4] // vae.config.spatial_stride)
                     noise = torch.randn(shape, generator=gen).to(dist.device)
-                    recon, mu = model(video, noise, st.latent_noise)
-                    loss, metrics = reconstruction_loss(recon.float(), video, st.fg_weight, st.l1_weight,
-                                                        st.mse_weight)
+                    recon, aux_recon, mu = model(video, noise, st.latent_noise)
+                    loss = torch.zeros((), device=dist.device)
+                    metrics: dict[str, float] = {}
+                    if recon is not None:
+                        part, metrics = reconstruction_loss(recon.float(), video, st.fg_weight, st.l1_weight,
+                                                            st.mse_weight)
+                        loss = loss + st.decoder_weight * part
+                    if aux_recon is not None:
+                        part, aux_metrics = reconstruction_loss(aux_recon.float(), video, st.fg_weight,
+                                                                st.l1_weight, st.mse_weight)
+                        loss = loss + st.aux_weight * part
+                        metrics.update({f"aux_{k}": v for k, v in aux_metrics.items()})
                     reg = mu.float().square().mean()
                 metrics["mu_rms"] = reg.sqrt().item()
                 return loss + st.latent_l2 * reg, metrics

@@ -47,6 +47,9 @@ class StageConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int = 0
+    # Below 1: after the warmup the learning rate follows a cosine from lr down to
+    # lr * lr_final_ratio at the last step (1: constant).
+    lr_final_ratio: float = 1.0
     log_every: int = 10
     # A checkpoint is written every ``ckpt_every_steps`` steps (0: off) and whenever
     # ``ckpt_every_minutes`` have passed since the last one, and always at the end.
@@ -61,6 +64,8 @@ class StageConfig:
                 raise ValueError(f"{type(self).__name__}.{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.lr_final_ratio <= 1:
+            raise ValueError(f"{type(self).__name__}.lr_final_ratio must be in (0, 1], got {self.lr_final_ratio}")
         for name in ("ckpt_every_steps", "ckpt_every_minutes", "sample_every", "warmup_steps",
                      "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
@@ -84,6 +89,22 @@ class VAEStageConfig(StageConfig):
     latent_noise: float = 0.1
     latent_l2: float = 1e-4
     stats_clips: int = 64  # clips encoded for latents_mean / latents_std
+    # Weight of the Wan decoder's reconstruction (0: the Wan decoder is not trained here; the
+    # vae_decoder stage trains it on the frozen encoder's latents).
+    decoder_weight: float = 1.0
+    # Width of an auxiliary plain conv decoder trained beside the encoder (0: none). It is a
+    # training aid only, never shipped: the narrow Wan encoder learns many times faster behind a
+    # decoder that learns fast (docs/training.md), after which its latents are frozen.
+    aux_decoder_dim: int = 0
+    aux_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.decoder_weight < 0 or self.aux_weight < 0 or self.aux_decoder_dim < 0:
+            raise ValueError("vae decoder_weight, aux_weight and aux_decoder_dim must be >= 0")
+        if self.decoder_weight == 0 and (self.aux_decoder_dim == 0 or self.aux_weight == 0):
+            raise ValueError("vae.decoder_weight=0 needs an auxiliary decoder (aux_decoder_dim > 0 and "
+                             "aux_weight > 0): otherwise nothing trains the encoder")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,8 +44,14 @@ def make_optimizer(params: Iterator[nn.Parameter] | list[nn.Parameter], stage: S
                              weight_decay=stage.weight_decay)
 
 
-def set_lr(opt: torch.optim.Optimizer, base_lr: float, step: int, warmup: int) -> None:
-    scale = min(1.0, (step + 1) / warmup) if warmup else 1.0
+def set_lr(opt: torch.optim.Optimizer, base_lr: float, step: int, stage: StageConfig) -> None:
+    """Linear warmup over ``stage.warmup_steps``, then constant, or a cosine decay to
+    ``base_lr * stage.lr_final_ratio`` at ``stage.steps`` when that ratio is below 1."""
+    scale = min(1.0, (step + 1) / stage.warmup_steps) if stage.warmup_steps else 1.0
+    if stage.lr_final_ratio < 1.0 and step >= stage.warmup_steps:
+        span = max(1, stage.steps - 1 - stage.warmup_steps)  # the last step gets the final lr
+        progress = min(1.0, (step - stage.warmup_steps) / span)
+        scale = stage.lr_final_ratio + (1 - stage.lr_final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     for group in opt.param_groups:
         group["lr"] = base_lr * scale
 

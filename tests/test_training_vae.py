@@ -1,0 +1,112 @@
+"""The vae stage's encoder phase: an auxiliary decoder trains the encoder while the Wan decoder
+waits for the vae_decoder stage; resume stays exact with the auxiliary decoder in the state."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sf_sdk.config import VAEConfig
+from training.stages.vae import AuxDecoder
+from training.utils.config import TrainConfig, VAEStageConfig, build_config
+
+REPO = Path(__file__).resolve().parents[1]
+ENCODER_PHASE = ("vae.decoder_weight=0", "vae.aux_decoder_dim=4")
+
+
+def _config(run_dir: Path, *overrides: str) -> TrainConfig:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import training.train  # noqa: F401  (registers the config schema)
+
+    with initialize_config_dir(config_dir=str(REPO / "training" / "configs"), version_base=None):
+        raw = compose(config_name="smoke", overrides=[f"run_dir={run_dir}", *overrides])
+    return build_config(TrainConfig, OmegaConf.to_container(raw, resolve=True))
+
+
+def _run(run_dir: Path, *overrides: str) -> None:
+    from training.train import run
+
+    run(_config(run_dir, *overrides))
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_aux_decoder_maps_latent_frames_to_the_causal_video_frames() -> None:
+    cfg = VAEConfig(dim=4, z_dim=4, num_res_blocks=1, latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)
+    aux = AuxDecoder(cfg, dim=4)
+    z = torch.randn(2, 4, 3, 8, 8)  # three latent frames: 1 + 4 + 4 video frames
+    video = aux(z)
+    assert video.shape == (2, 3, 9, 64, 64)
+    # Each latent frame decodes its own frames only: changing latent frame 2 leaves frames 0-4.
+    z2 = z.clone()
+    z2[:, :, 2] += 1.0
+    other = aux(z2)
+    assert torch.equal(video[:, :, :5], other[:, :, :5])
+    assert not torch.allclose(video[:, :, 5:], other[:, :, 5:])
+
+
+def test_encoder_phase_trains_the_encoder_and_leaves_the_wan_decoder(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    _run(run_dir, "stages=[vae]", "vae.steps=2", *ENCODER_PHASE)
+    ckpt = _tensors(run_dir / "vae" / "checkpoints" / "ckpt-00000002.safetensors")
+    assert any(k.startswith("model.aux_decoder.") for k in ckpt)
+    torch.manual_seed(_config(run_dir).seed)  # the stage's own initialisation
+    from sf_sdk.models.vae import WanVAE
+
+    cfg = _config(run_dir).vae_model
+    init = WanVAE(dataclasses.replace(cfg, latents_mean=(0.0,) * cfg.z_dim,
+                                      latents_std=(1.0,) * cfg.z_dim)).state_dict()
+    trained = {k[len("model.vae."):]: v for k, v in ckpt.items() if k.startswith("model.vae.")}
+    decoder = [k for k in init if k.startswith(("decoder.", "conv2."))]
+    encoder = [k for k in init if k.startswith(("encoder.", "conv1."))]
+    assert all(torch.equal(init[k], trained[k]) for k in decoder)
+    assert any(not torch.equal(init[k], trained[k]) for k in encoder)
+    # The vae_decoder stage then trains the Wan decoder on the frozen latents.
+    _run(run_dir, "stages=[vae_decoder]", "vae_decoder.steps=1")
+    assert (run_dir / "vae_decoder" / "final" / "vae.safetensors").is_file()
+
+
+def test_encoder_phase_resume_is_exact(tmp_path: Path) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _run(straight, "stages=[vae]", "vae.steps=2", *ENCODER_PHASE)
+    _run(resumed, "stages=[vae]", "vae.steps=1", *ENCODER_PHASE)
+    _run(resumed, "stages=[vae]", "vae.steps=2", *ENCODER_PHASE)
+    name = "ckpt-00000002.safetensors"
+    a = _tensors(straight / "vae" / "checkpoints" / name)
+    b = _tensors(resumed / "vae" / "checkpoints" / name)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_encoder_phase_needs_something_to_train_the_encoder() -> None:
+    with pytest.raises(ValueError, match="needs an auxiliary decoder"):
+        VAEStageConfig(decoder_weight=0.0)
+
+
+def test_learning_rate_warmup_then_cosine_decay() -> None:
+    from training.utils.loop import set_lr
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    stage = VAEStageConfig(steps=110, warmup_steps=10, lr_final_ratio=0.1)
+    lrs = []
+    for step in range(stage.steps):
+        set_lr(opt, 2.0, step, stage)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.2) and lrs[9] == pytest.approx(2.0)  # warmup
+    assert lrs[10] == pytest.approx(2.0) and lrs[60] == pytest.approx(1.1, rel=0.02)  # cosine midpoint
+    assert lrs[-1] == pytest.approx(0.2, rel=1e-3)  # down to lr * lr_final_ratio
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    constant = VAEStageConfig(steps=110, warmup_steps=10)
+    set_lr(opt, 2.0, 100, constant)
+    assert opt.param_groups[0]["lr"] == 2.0
+    with pytest.raises(ValueError, match="lr_final_ratio"):
+        VAEStageConfig(lr_final_ratio=0.0)
