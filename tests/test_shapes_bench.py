@@ -223,3 +223,12 @@ def test_cli_calibrate_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert out["config"]["frames"] == 9
     with pytest.raises(SystemExit):
         main(["--json"])  # neither --model nor --calibrate
+
+
+def test_cli_reconstruct_scores_real_clips_through_the_bundled_vae(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--model", "shapes-tiny", "--reconstruct", "--json", "--frames", "9",
+                 "--prompts", "a magenta square moving right"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["config"]["reconstruct"] is True and result["num_videos"] == 1
+    # The VAE keeps one object on a clean background in every frame of a real clip.
+    assert result["checks"]["presence"] == 1.0 and result["checks"]["background"] > 0.9

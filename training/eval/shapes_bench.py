@@ -55,7 +55,7 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -547,6 +547,31 @@ def _sdk_generate(model: str, device: str) -> GenerateFn:
     return generate
 
 
+def _vae_roundtrip(model: str, device: str) -> GenerateFn:
+    """Real clips of each caption through the model's VAE (encode, decode): the ceiling that
+    no generator decoding with this VAE can pass."""
+    import torch
+
+    from sf_sdk import StreamingGenerator
+    from training.data.shapes import frames_to_tensor, tensor_to_frames
+
+    vae = StreamingGenerator.from_pretrained(model, device=device).vae
+    if vae is None:
+        raise ValueError(f"model {model!r} has no VAE: --reconstruct needs one")
+    domain = BenchConfig().domain
+
+    def generate(prompt: str, num_frames: int, seed: int) -> Any:
+        cfg = replace(domain, num_frames=num_frames)
+        index = all_captions().index(prompt)
+        clip = make_clip(seed, index, cfg, caption=prompt)
+        video = frames_to_tensor(clip.frames)[None].to(device=device, dtype=vae.dtype)  # [1, 3, T, H, W]
+        with torch.no_grad():
+            recon = vae.decode(vae.normalize(vae.encode(video)))
+        return tensor_to_frames(recon[0].float().cpu())
+
+    return generate
+
+
 def _print_table(result: dict[str, Any]) -> None:
     lines = [f"mean score {result['mean_score']:.4f}  (mean check {result['mean_check']:.4f}, "
              f"{result['num_videos']} videos)"]
@@ -568,6 +593,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--save-png", action="store_true", help="also write a contact sheet per video")
     parser.add_argument("--calibrate", action="store_true",
                         help="score real clips, noise and blank videos (no model)")
+    parser.add_argument("--reconstruct", action="store_true",
+                        help="score real clips passed through the model's VAE instead of generated "
+                             "videos (the ceiling the VAE sets for any generator)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -591,8 +619,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--model is required (or use --calibrate)")
         prompts = args.prompts or all_captions()
         seeds = list(range(args.seed_base, args.seed_base + args.seeds))
-        config.update(model=args.model, device=args.device, seeds=seeds, num_prompts=len(prompts))
-        result = run_benchmark(_sdk_generate(args.model, args.device), prompts, num_frames=args.frames,
+        config.update(model=args.model, device=args.device, seeds=seeds, num_prompts=len(prompts),
+                      reconstruct=args.reconstruct)
+        make = _vae_roundtrip if args.reconstruct else _sdk_generate
+        result = run_benchmark(make(args.model, args.device), prompts, num_frames=args.frames,
                                seeds=seeds, cfg=cfg, out_dir=args.out_dir, save_png=args.save_png)
         if not args.json:
             _print_table(result)
