@@ -8,36 +8,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors.torch import load_file
 
 from sf_sdk.config import VAEConfig
 from training.stages.vae import AuxDecoder
-from training.utils.config import TrainConfig, VAEStageConfig, build_config
+from training.train import compose, run
+from training.utils.config import TrainConfig, VAEStageConfig
 
-REPO = Path(__file__).resolve().parents[1]
 ENCODER_PHASE = ("vae.decoder_weight=0", "vae.aux_decoder_dim=4")
 
 
 def _config(run_dir: Path, *overrides: str) -> TrainConfig:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    import training.train  # noqa: F401  (registers the config schema)
-
-    with initialize_config_dir(config_dir=str(REPO / "training" / "configs"), version_base=None):
-        raw = compose(config_name="smoke", overrides=[f"run_dir={run_dir}", *overrides])
-    return build_config(TrainConfig, OmegaConf.to_container(raw, resolve=True))
+    return compose("smoke", [f"run_dir={run_dir}", *overrides])
 
 
 def _run(run_dir: Path, *overrides: str) -> None:
-    from training.train import run
-
     run(_config(run_dir, *overrides))
-
-
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def test_aux_decoder_maps_latent_frames_to_the_causal_video_frames() -> None:
@@ -57,7 +43,7 @@ def test_aux_decoder_maps_latent_frames_to_the_causal_video_frames() -> None:
 def test_encoder_phase_trains_the_encoder_and_leaves_the_wan_decoder(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     _run(run_dir, "stages=[vae]", "vae.steps=2", *ENCODER_PHASE)
-    ckpt = _tensors(run_dir / "vae" / "checkpoints" / "ckpt-00000002.safetensors")
+    ckpt = load_file(run_dir / "vae" / "checkpoints" / "ckpt-00000002.safetensors")
     assert any(k.startswith("model.aux_decoder.") for k in ckpt)
     torch.manual_seed(_config(run_dir).seed)  # the stage's own initialisation
     from sf_sdk.models.vae import WanVAE
@@ -81,8 +67,8 @@ def test_encoder_phase_resume_is_exact(tmp_path: Path) -> None:
     _run(resumed, "stages=[vae]", "vae.steps=1", *ENCODER_PHASE)
     _run(resumed, "stages=[vae]", "vae.steps=2", *ENCODER_PHASE)
     name = "ckpt-00000002.safetensors"
-    a = _tensors(straight / "vae" / "checkpoints" / name)
-    b = _tensors(resumed / "vae" / "checkpoints" / name)
+    a = load_file(straight / "vae" / "checkpoints" / name)
+    b = load_file(resumed / "vae" / "checkpoints" / name)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 

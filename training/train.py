@@ -13,7 +13,8 @@ continues where it stopped.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import hydra
 import torch
@@ -68,6 +69,19 @@ def run(cfg: TrainConfig) -> None:
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def compose(config_name: str, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The typed config of ``training/configs/<config_name>.yaml`` with command-line style
+    ``overrides`` (``["run_dir=...", "stages=[vae]", "vae.steps=2"]``): what ``python -m
+    training.train`` builds, for running the recipe from Python with :func:`run`."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    config_dir = Path(__file__).resolve().parent / "configs"
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        raw = hydra_compose(config_name=config_name, overrides=list(overrides))
+    return build_config(TrainConfig, OmegaConf.to_container(raw, resolve=True))  # type: ignore[arg-type]
 
 
 @hydra.main(version_base=None, config_path="configs", config_name=None)
