@@ -30,6 +30,7 @@ from training.utils.checkpoint import TrainState, atomic_save_file
 from training.utils.config import TrainConfig
 from training.utils.dist import DistInfo, barrier
 from training.utils.loop import (
+    Metric,
     StageRun,
     accumulate,
     autocast,
@@ -111,12 +112,12 @@ def run_ode_init(cfg: TrainConfig, dist: DistInfo) -> None:
         set_lr(opt, st.lr, state.step, st)
         gen = step_generator(cfg.seed, "ode_init", state.step, dist.rank)
 
-        def micro(gen: torch.Generator = gen) -> tuple[Tensor, dict[str, float]]:
+        def micro(gen: torch.Generator = gen) -> tuple[Tensor, dict[str, Metric]]:
             idx = torch.randint(n, (st.batch_size,), generator=gen)
             traj = {k: pairs[k][idx] for k in ("noisy", "timesteps", "x0")}
             with autocast(cfg, dist.device):
                 loss, metrics = ode_regression_loss(ddp, traj, pairs["cond"][idx], cfg.stream, generator=gen)
-            return loss, {"loss_ode": float(metrics["ode_loss"])}
+            return loss, {"loss_ode": metrics["ode_loss"]}
 
         metrics = accumulate(ddp, [micro for _ in range(st.grad_accum)])
         if (norm := optimizer_step(opt, student.parameters(), st.grad_clip)) is not None:

@@ -47,7 +47,15 @@ from training.stages.vae import load_trained_vae
 from training.utils.checkpoint import TrainState
 from training.utils.config import TrainConfig
 from training.utils.dist import DistInfo
-from training.utils.loop import StageRun, autocast, make_optimizer, optimizer_step, set_lr, step_generator
+from training.utils.loop import (
+    Metric,
+    StageRun,
+    autocast,
+    make_optimizer,
+    optimizer_step,
+    set_lr,
+    step_generator,
+)
 
 __all__ = ["run_self_forcing", "sync_gradients"]
 
@@ -66,8 +74,8 @@ def sync_gradients(*modules: nn.Module) -> None:
                 p.grad /= world
 
 
-def _floats(metrics: dict[str, Tensor | float]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()}
+def _detached(metrics: dict[str, Metric]) -> dict[str, Metric]:
+    return {k: v.detach() if isinstance(v, Tensor) else v for k, v in metrics.items()}
 
 
 def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
@@ -128,7 +136,7 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
         set_lr(opt_c, st.critic_lr, state.step, st)
         gen = step_generator(cfg.seed, "self_forcing", state.step, dist.rank)
         exit_step = draw_exit_step(cfg.stream.num_steps, gen)
-        metrics: dict[str, float] = {"exit_step": float(exit_step)}
+        metrics: dict[str, Metric] = {"exit_step": float(exit_step)}
 
         # ---- generator update
         for _ in range(st.grad_accum):
@@ -147,8 +155,8 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
         if (norm := optimizer_step(opt_g, student.parameters(), st.grad_clip)) is not None:
             metrics["grad_norm_generator"] = norm
         ema.update(student, state.step + 1)
-        metrics["loss_generator"] = float(loss.detach())
-        metrics.update({k: v for k, v in _floats(m).items() if not k.endswith("_loss")})
+        metrics["loss_generator"] = loss.detach()
+        metrics.update({k: v for k, v in _detached(m).items() if not k.endswith("_loss")})
 
         # ---- critic updates on fresh rollouts
         for _ in range(st.dfake_gen_update_ratio):
@@ -167,7 +175,7 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
                 (c_loss / st.grad_accum).backward()
             sync_gradients(*[modules[k] for k in modules if k != "generator"])
             optimizer_step(opt_c, critic_params, st.grad_clip)
-        metrics["loss_critic"] = float(c_loss.detach())
+        metrics["loss_critic"] = c_loss.detach()
 
         state.step += 1
         state.tensors["ema"] = ema.shadow

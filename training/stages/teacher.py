@@ -39,6 +39,7 @@ from training.utils.checkpoint import TrainState, atomic_save_file
 from training.utils.config import TrainConfig
 from training.utils.dist import DistInfo, barrier
 from training.utils.loop import (
+    Metric,
     StageRun,
     accumulate,
     autocast,
@@ -135,7 +136,7 @@ def run_teacher(cfg: TrainConfig, dist: DistInfo) -> None:
         set_lr(opt, st.lr, state.step, st)
         gen = step_generator(cfg.seed, "teacher", state.step, dist.rank)
 
-        def micro(gen: torch.Generator = gen) -> tuple[Tensor, dict[str, float]]:
+        def micro(gen: torch.Generator = gen) -> tuple[Tensor, dict[str, Metric]]:
             idx = torch.randint(len(cache), (st.batch_size,), generator=gen)
             x0 = cache.latents[idx].to(dist.device)  # [B, F, C, h, w]
             cond = drop_prompts(cond_all[idx], prompts.uncond, st.prompt_dropout, generator=gen)
@@ -143,7 +144,7 @@ def run_teacher(cfg: TrainConfig, dist: DistInfo) -> None:
             with autocast(cfg, dist.device):
                 loss, metrics = flow_matching_loss(ddp, x0, cond, t, schedule, generator=gen,
                                                    weighted=st.use_training_weight)
-            return loss, {"loss_flow": float(metrics["loss"])}
+            return loss, {"loss_flow": metrics["loss"]}
 
         metrics = accumulate(ddp, [micro for _ in range(st.grad_accum)])
         if (norm := optimizer_step(opt, model.parameters(), st.grad_clip)) is not None:

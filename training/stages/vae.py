@@ -27,6 +27,7 @@ from training.utils.checkpoint import TrainState, atomic_save_file
 from training.utils.config import TrainConfig, VAEStageConfig
 from training.utils.dist import DistInfo
 from training.utils.loop import (
+    Metric,
     StageRun,
     accumulate,
     autocast,
@@ -100,7 +101,7 @@ class Autoencoder(nn.Module):
 
 
 def reconstruction_loss(recon: Tensor, video: Tensor, fg_weight: float, l1_weight: float,
-                        mse_weight: float) -> tuple[Tensor, dict[str, float]]:
+                        mse_weight: float) -> tuple[Tensor, dict[str, Metric]]:
     fg = (video.amax(dim=1, keepdim=True) > FOREGROUND_LEVEL).to(video.dtype)  # [B, 1, T, H, W]
     weight = 1.0 + fg_weight * fg
     err = recon - video
@@ -108,8 +109,7 @@ def reconstruction_loss(recon: Tensor, video: Tensor, fg_weight: float, l1_weigh
     mse = (weight * err.square()).mean() / weight.mean()
     with torch.no_grad():
         psnr = -10 * torch.log10(err.detach().clamp(-2, 2).square().mean() / 4 + 1e-12)
-    return l1_weight * l1 + mse_weight * mse, {"loss_l1": l1.item(), "loss_mse": mse.item(),
-                                               "psnr": psnr.item()}
+    return l1_weight * l1 + mse_weight * mse, {"loss_l1": l1.detach(), "loss_mse": mse.detach(), "psnr": psnr}
 
 
 def _batch(ds: ShapesDataset, stage_step: int, micro: int, batch: int, dist: DistInfo, accum: int,
@@ -206,7 +206,7 @@ def _train_autoencoder(cfg: TrainConfig, st: VAEStageConfig, run: StageRun, vae:
         gen = step_generator(cfg.seed, run.name, state.step, dist.rank)
 
         def micro(i: int, gen: torch.Generator = gen):
-            def fn() -> tuple[Tensor, dict[str, float]]:
+            def fn() -> tuple[Tensor, dict[str, Metric]]:
                 video = _batch(ds, state.step, i, st.batch_size, dist, st.grad_accum, st.crop, gen).to(dist.device)
                 with autocast(cfg, dist.device):
                     shape = (video.shape[0], z, 1 + (video.shape[2] - 1) // vae.config.temporal_stride,
@@ -214,7 +214,7 @@ def _train_autoencoder(cfg: TrainConfig, st: VAEStageConfig, run: StageRun, vae:
                     noise = torch.randn(shape, generator=gen).to(dist.device)
                     recon, aux_recon, mu = model(video, noise, st.latent_noise)
                     loss = torch.zeros((), device=dist.device)
-                    metrics: dict[str, float] = {}
+                    metrics: dict[str, Metric] = {}
                     if recon is not None:
                         part, metrics = reconstruction_loss(recon.float(), video, st.fg_weight, st.l1_weight,
                                                             st.mse_weight)
@@ -225,7 +225,7 @@ def _train_autoencoder(cfg: TrainConfig, st: VAEStageConfig, run: StageRun, vae:
                         loss = loss + st.aux_weight * part
                         metrics.update({f"aux_{k}": v for k, v in aux_metrics.items()})
                     reg = mu.float().square().mean()
-                metrics["mu_rms"] = reg.sqrt().item()
+                metrics["mu_rms"] = reg.detach().sqrt()
                 return loss + st.latent_l2 * reg, metrics
             return fn
 

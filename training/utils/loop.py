@@ -27,6 +27,9 @@ __all__ = ["StageRun", "step_generator", "make_optimizer", "autocast", "accumula
 
 log = logging.getLogger(__name__)
 
+# A logged value: a float, or a detached 0-d tensor read only when it is written.
+Metric = float | Tensor
+
 
 def step_generator(seed: int, *keys: int | str, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch generator seeded from ``seed`` and ``keys`` (stage, step, rank, ...).
@@ -81,19 +84,20 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
-def optimizer_step(opt: torch.optim.Optimizer, params, grad_clip: float) -> float | None:
-    """Clip (when ``grad_clip`` > 0), step and clear the gradients; returns the pre-clip norm or None."""
-    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip)) if grad_clip else None
+def optimizer_step(opt: torch.optim.Optimizer, params, grad_clip: float) -> Tensor | None:
+    """Clip (when ``grad_clip`` > 0), step and clear the gradients; returns the pre-clip norm
+    (a device scalar: reading it is left to the logger) or None."""
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).detach() if grad_clip else None
     opt.step()
     opt.zero_grad(set_to_none=True)
     return norm
 
 
-def accumulate(model: nn.Module, micro_losses: list[Callable[[], tuple[Tensor, dict[str, float]]]]
-               ) -> dict[str, float]:
+def accumulate(model: nn.Module, micro_losses: list[Callable[[], tuple[Tensor, dict[str, Metric]]]]
+               ) -> dict[str, Metric]:
     """Backward each micro-batch loss (scaled by 1/n); DDP syncs gradients on the last only."""
     n = len(micro_losses)
-    totals: dict[str, float] = {}
+    totals: dict[str, Metric] = {}
     for i, fn in enumerate(micro_losses):
         sync = i == n - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
         ctx = contextlib.nullcontext() if sync else model.no_sync()
@@ -150,8 +154,11 @@ class StageRun:
                          disable=not self.dist.is_main, mininterval=5.0, dynamic_ncols=True)
         self._t_step = time.monotonic()
 
-    def log_step(self, state: TrainState, metrics: dict[str, float], steps_done: int = 1) -> None:
-        """Average metrics over ranks; write them every ``log_every`` steps (and the last)."""
+    def log_step(self, state: TrainState, metrics: dict[str, Metric], steps_done: int = 1) -> None:
+        """Average metrics over ranks; write them every ``log_every`` steps (and the last).
+
+        Metrics may be detached device scalars: they are read (a host sync) only here, on the
+        steps that are written, not on every step."""
         now = time.monotonic()
         sec = (now - self._t_step) / max(steps_done, 1)
         self._t_step = now
@@ -159,7 +166,7 @@ class StageRun:
             self._bar.update(steps_done)
         if state.step % self.stage.log_every and state.step != self.stage.steps:
             return
-        values = all_reduce_mean(metrics, self.dist.device)
+        values = all_reduce_mean({k: float(v) for k, v in metrics.items()}, self.dist.device)
         values["sec_per_step"] = round(sec, 4)
         if self.metrics is not None:
             self.metrics.write(state.step, values)
