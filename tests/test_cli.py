@@ -174,3 +174,12 @@ def test_scaling_benchmark_json(capsys) -> None:
     data = json.loads(capsys.readouterr().out)
     assert data["late_over_early"] > 0 and data["rss_growth_mb"] is not None
     assert data["config"]["final_start_frame"] == 3 * 6
+
+
+def test_vae_training_benchmark_json(capsys) -> None:
+    assert _script("vae_training").main(["--steps", "2", "--every", "1", "--dim", "4", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    errors = data["object_error"]
+    assert list(errors) == ["plain", "wan", "wan_enc+plain_dec", "frozen_plain_enc+wan_dec"]
+    for curve in errors.values():
+        assert list(curve) == ["1", "2"] and all(0 < e < 10 for e in curve.values())
