@@ -96,3 +96,34 @@ def test_learning_rate_warmup_then_cosine_decay() -> None:
     assert opt.param_groups[0]["lr"] == 2.0
     with pytest.raises(ValueError, match="lr_final_ratio"):
         VAEStageConfig(lr_final_ratio=0.0)
+
+
+def test_cosine_decay_can_start_later() -> None:
+    from training.utils.loop import set_lr
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    stage = VAEStageConfig(steps=101, warmup_steps=10, lr_final_ratio=0.1, decay_from_step=50)
+    lrs = []
+    for step in range(stage.steps):
+        set_lr(opt, 2.0, step, stage)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[10] == lrs[50] == pytest.approx(2.0)  # constant until decay_from_step
+    assert lrs[75] == pytest.approx(1.1, rel=0.02) and lrs[-1] == pytest.approx(0.2, rel=1e-3)
+
+
+def test_long_clip_phase(tmp_path: Path) -> None:
+    """From long_from_step on, the stage trains on long clips at long_lr: the same weights as a
+    short-clip run until then, different after."""
+    common = ("stages=[vae]", "vae.steps=3", "vae.num_frames=5", "vae.ckpt_every_steps=1", *ENCODER_PHASE)
+    _run(tmp_path / "short", *common)
+    _run(tmp_path / "long", *common, "vae.long_from_step=2", "vae.long_num_frames=9", "vae.long_batch_size=1",
+         "vae.long_lr=1e-2")
+    ckpts = [{step: load_file(tmp_path / name / "vae" / "checkpoints" / f"ckpt-{step:08d}.safetensors")
+              for step in (2, 3)} for name in ("short", "long")]
+    short, long = ckpts
+    assert all(torch.equal(short[2][k], long[2][k]) for k in short[2])
+    assert any(not torch.equal(short[3][k], long[3][k]) for k in short[3] if k.startswith("model.vae.encoder"))
+    with pytest.raises(ValueError, match="long_from_step"):
+        VAEStageConfig(steps=10, long_from_step=10)
+    with pytest.raises(ValueError, match="long_lr"):
+        VAEStageConfig(long_lr=-1.0)

@@ -147,6 +147,24 @@ def test_streaming_equals_full_decode(vae64: WanVAE, z64: torch.Tensor, full64: 
     assert (torch.cat(outputs, dim=2) - full64).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("per_pass", [2, 3, 8])
+def test_several_latents_per_pass_equal_one(vae64: WanVAE, z64: torch.Tensor, full64: torch.Tensor,
+                                            per_pass: int) -> None:
+    video = torch.rand(1, 3, 17, 32, 32, dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        mu = vae64.encode(video)
+        assert (vae64.encode(video, latents_per_pass=per_pass) - mu).abs().max() < 1e-10
+        assert (vae64.decode(z64, clamp=False, latents_per_pass=per_pass) - full64).abs().max() < 1e-10
+        stream = vae64.streaming_decoder(clamp=False, latents_per_pass=per_pass)
+        parts = [stream.decode(z64[:, :, :3]), stream.decode(z64[:, :, 3:])]
+    assert (torch.cat(parts, dim=2) - full64).abs().max() < 1e-10
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="latents_per_pass"):
+            vae64.encode(video, latents_per_pass=bad)
+        with pytest.raises(ValueError, match="latents_per_pass"):
+            vae64.streaming_decoder(latents_per_pass=bad)
+
+
 def test_streaming_float32_close() -> None:
     vae = tiny_vae(torch.float32)
     z = random_latents(dtype=torch.float32)

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sf_sdk.attention import attention
@@ -159,7 +158,15 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, *(1,) * spatial_dims))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+        # x / max(|x|, 1e-12) over channels, as F.normalize, but ~6x faster on CPU (forward and
+        # backward): F.normalize's vector norm over the strided channel dim is slow.
+        inv_norm = torch.rsqrt(x.square().sum(dim=1, keepdim=True).clamp_min(1e-24))  # [B, 1, ...]
+        return x * inv_norm * self.scale * self.gamma
+
+
+def _check_positive(value: int, name: str) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _frames_to_batch(x: Tensor) -> Tensor:
@@ -442,20 +449,24 @@ class WanVAE(nn.Module):
 
     # ---- encode ----------------------------------------------------------------------------
 
-    def encode(self, video: Tensor) -> Tensor:
+    def encode(self, video: Tensor, *, latents_per_pass: int = 1) -> Tensor:
         """Video [B, 3, 1 + 4k, H, W] in [-1, 1] -> posterior mean [B, z_dim, 1 + k, H/8, W/8].
 
         The first frame is encoded alone, then groups of ``temporal_stride`` frames, with the
-        conv cache carried from group to group (the official chunking, bounded memory).
+        conv cache carried from group to group (the official chunking, bounded memory). With
+        ``latents_per_pass`` > 1 each pass takes that many groups at once: the same result (the
+        convs are causal and the cache holds their past), fewer and larger passes; faster for
+        small frames, memory grows with the pass.
         """
         self._check_video(video)
+        _check_positive(latents_per_pass, "latents_per_pass")
         state: list[Tensor | None] = [None] * self.num_encoder_caches
-        stride = self.config.temporal_stride
-        chunks = [video[:, :, :1]] + [video[:, :, t:t + stride] for t in range(1, video.shape[2], stride)]
+        span = self.config.temporal_stride * latents_per_pass  # video frames per pass
+        chunks = [video[:, :, :1]] + [video[:, :, t:t + span] for t in range(1, video.shape[2], span)]
         moments = []
         for i, chunk in enumerate(chunks):
             cache = ConvCache(state, start=i == 0)
-            moments.append(self.encoder(chunk, cache))  # [B, 2z, 1, H/8, W/8]
+            moments.append(self.encoder(chunk, cache))  # [B, 2z, t, H/8, W/8]
             cache.check_consumed()
         moments_t = self.conv1(torch.cat(moments, dim=2))  # [B, 2z, 1 + k, H/8, W/8]
         mu, _log_var = moments_t.chunk(2, dim=1)
@@ -463,26 +474,27 @@ class WanVAE(nn.Module):
 
     # ---- decode ----------------------------------------------------------------------------
 
-    def decode(self, z: Tensor, *, clamp: bool = True) -> Tensor:
+    def decode(self, z: Tensor, *, clamp: bool = True, latents_per_pass: int = 1) -> Tensor:
         """Normalized latents [B, z_dim, T, h, w] -> video [B, 3, 1 + 4(T - 1), 8h, 8w].
 
-        One latent frame at a time with the conv cache (the official decode); the output is
-        clamped to [-1, 1] unless ``clamp=False`` (the raw decoder output).
+        One latent frame at a time with the conv cache (the official decode), or
+        ``latents_per_pass`` at a time after the first (the same result, see :meth:`encode`);
+        the output is clamped to [-1, 1] unless ``clamp=False`` (the raw decoder output).
         """
-        return self.streaming_decoder(clamp=clamp).decode(z)
+        return self.streaming_decoder(clamp=clamp, latents_per_pass=latents_per_pass).decode(z)
 
-    def streaming_decoder(self, *, clamp: bool = True) -> StreamingDecoder:
+    def streaming_decoder(self, *, clamp: bool = True, latents_per_pass: int = 1) -> StreamingDecoder:
         """A decoder for a latent stream given in chunks (holds the causal-conv state)."""
-        return StreamingDecoder(self, clamp=clamp)
+        return StreamingDecoder(self, clamp=clamp, latents_per_pass=latents_per_pass)
 
     def _decode_frame(self, z: Tensor, cache: ConvCache, clamp: bool) -> Tensor:
-        """One normalized latent frame [B, z, 1, h, w] -> its pixel frames; updates ``cache``.
+        """Normalized latent frames [B, z, t, h, w] -> their pixel frames; updates ``cache``.
 
-        1 pixel frame if ``cache.start`` (the stream's first latent frame), else
-        ``temporal_stride`` frames.
+        1 pixel frame if ``cache.start`` (the stream's first latent frame: then t must be 1),
+        else ``temporal_stride`` frames per latent frame.
         """
         x = self.conv2(self.denormalize(z))
-        video = self.decoder(x, cache)  # [B, 3, 1 or 4, 8h, 8w]
+        video = self.decoder(x, cache)  # [B, 3, 1 or 4t, 8h, 8w]
         cache.check_consumed()
         return video.clamp(-1.0, 1.0) if clamp else video
 
@@ -555,9 +567,11 @@ class StreamingDecoder:
     conv's input, updated in place.
     """
 
-    def __init__(self, vae: WanVAE, *, clamp: bool = True) -> None:
+    def __init__(self, vae: WanVAE, *, clamp: bool = True, latents_per_pass: int = 1) -> None:
+        _check_positive(latents_per_pass, "latents_per_pass")
         self.vae = vae
         self.clamp = clamp
+        self.latents_per_pass = latents_per_pass  # latent frames per decoder pass (after the first)
         self._cache: list[Tensor | None] | None = None
         self._geometry: tuple[int, int, int] | None = None  # batch, h, w of the stream
 
@@ -578,14 +592,18 @@ class StreamingDecoder:
             raise ValueError(f"this stream decodes batch, h, w = {self._geometry}, got {geometry}: "
                              f"call reset() before decoding a different stream")
         frames = []
-        for i in range(z.shape[2]):
+        i = 0
+        while i < z.shape[2]:
             start = self._cache is None
             if start:
                 log.debug("VAE stream starts: batch %d, latents %dx%d", *geometry)
                 self._cache = [None] * self.vae.num_decoder_caches
                 self._geometry = geometry
+            # The stream's first latent frame is decoded alone (it skips the time upsampling).
+            span = 1 if start else self.latents_per_pass
             cache = ConvCache(self._cache, start=start)
-            frames.append(self.vae._decode_frame(z[:, :, i:i + 1], cache, self.clamp))
+            frames.append(self.vae._decode_frame(z[:, :, i:i + span], cache, self.clamp))
+            i += span
         return torch.cat(frames, dim=2)  # [B, 3, frames, 8h, 8w]
 
 

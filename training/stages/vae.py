@@ -149,12 +149,12 @@ def run_vae(cfg: TrainConfig, dist: DistInfo) -> None:
     z = cfg.vae_model.z_dim
     vae_cfg = dataclasses.replace(cfg.vae_model, latents_mean=(0.0,) * z, latents_std=(1.0,) * z)
     vae = WanVAE(vae_cfg).to(dist.device)
-    data = dataclasses.replace(cfg.data, num_frames=st.num_frames)
-    ds = ShapesDataset(data, seed=cfg.seed, rank=0, world_size=1)
-    _train_autoencoder(cfg, st, run, vae, ds, dist)
-    final_cfg = measure_latent_stats(vae, ds, st.stats_clips, dist.device, vae_cfg)
+    short, long = _datasets(cfg, st, cfg.seed)
+    _train_autoencoder(cfg, st, run, vae, short, long, dist)
+    final_ds = long or short
+    final_cfg = measure_latent_stats(vae, final_ds, st.stats_clips, dist.device, vae_cfg)
     if dist.is_main:
-        write_reconstruction(vae, ds, run.samples_dir / "recon-final.mp4", cfg.data.fps)
+        write_reconstruction(vae, final_ds, run.samples_dir / "recon-final.mp4", cfg.data.fps)
         save_trained_vae(run.final_dir, vae, final_cfg)
     run.mark_done({"steps": run.stage.steps, "latents_mean": list(final_cfg.latents_mean),
                    "latents_std": list(final_cfg.latents_std)})
@@ -175,18 +175,26 @@ def run_vae_decoder(cfg: TrainConfig, dist: DistInfo) -> None:
     vae = load_trained_vae(cfg.run_dir, dist.device).train()
     for module in (vae.conv2, vae.decoder):
         module.requires_grad_(True)
-    data = dataclasses.replace(cfg.data, num_frames=st.num_frames)
-    ds = ShapesDataset(data, seed=cfg.seed + 1, rank=0, world_size=1)
-    _train_autoencoder(cfg, st, run, vae, ds, dist)
+    short, long = _datasets(cfg, st, cfg.seed + 1)
+    _train_autoencoder(cfg, st, run, vae, short, long, dist)
     if dist.is_main:
-        write_reconstruction(vae, ds, run.samples_dir / "recon-final.mp4", cfg.data.fps)
+        write_reconstruction(vae, long or short, run.samples_dir / "recon-final.mp4", cfg.data.fps)
         save_trained_vae(run.final_dir, vae, vae.config)
     run.mark_done({"steps": run.stage.steps})
 
 
-def _train_autoencoder(cfg: TrainConfig, st: VAEStageConfig, run: StageRun, vae: WanVAE, ds: ShapesDataset,
-                       dist: DistInfo) -> None:
-    """The reconstruction loop of the VAE stages (trainable parameters: those requiring grad)."""
+def _datasets(cfg: TrainConfig, st: VAEStageConfig, seed: int) -> tuple[ShapesDataset, ShapesDataset | None]:
+    """The stage's short-clip dataset, and its long-clip one when ``st.long_from_step`` is set."""
+    def make(num_frames: int) -> ShapesDataset:
+        return ShapesDataset(dataclasses.replace(cfg.data, num_frames=num_frames), seed=seed, rank=0, world_size=1)
+
+    return make(st.num_frames), make(st.long_num_frames) if st.long_from_step else None
+
+
+def _train_autoencoder(cfg: TrainConfig, st: VAEStageConfig, run: StageRun, vae: WanVAE, short: ShapesDataset,
+                       long: ShapesDataset | None, dist: DistInfo) -> None:
+    """The reconstruction loop of the VAE stages (trainable parameters: those requiring grad):
+    clips from ``short``, then from ``long`` from step ``st.long_from_step`` on."""
     z = vae.config.z_dim
     aux = AuxDecoder(vae.config, st.aux_decoder_dim).to(dist.device) if st.aux_decoder_dim else None
     if not st.decoder_weight:
@@ -201,13 +209,18 @@ def _train_autoencoder(cfg: TrainConfig, st: VAEStageConfig, run: StageRun, vae:
     run.resume(state)
     log.info("%s: %.2fM trainable parameters, clips of %d frames, batch %d x %d x %d", run.name,
              sum(p.numel() for p in params) / 1e6, st.num_frames, st.batch_size, st.grad_accum, dist.world_size)
+    if long is not None:
+        log.info("%s: clips of %d frames, batch %d, from step %d", run.name, st.long_num_frames,
+                 st.long_batch_size, st.long_from_step)
     while state.step < st.steps:
-        set_lr(opt, st.lr, state.step, st)
+        in_long = long is not None and state.step >= st.long_from_step
+        set_lr(opt, (st.long_lr or st.lr) if in_long else st.lr, state.step, st)
         gen = step_generator(cfg.seed, run.name, state.step, dist.rank)
+        ds, batch = (long, st.long_batch_size) if in_long else (short, st.batch_size)
 
-        def micro(i: int, gen: torch.Generator = gen):
+        def micro(i: int, gen: torch.Generator = gen, ds: ShapesDataset = ds, batch: int = batch):
             def fn() -> tuple[Tensor, dict[str, Metric]]:
-                video = _batch(ds, state.step, i, st.batch_size, dist, st.grad_accum, st.crop, gen).to(dist.device)
+                video = _batch(ds, state.step, i, batch, dist, st.grad_accum, st.crop, gen).to(dist.device)
                 with autocast(cfg, dist.device):
                     shape = (video.shape[0], z, 1 + (video.shape[2] - 1) // vae.config.temporal_stride,
                              video.shape[3] // vae.config.spatial_stride, video.shape[4] // vae.config.spatial_stride)
@@ -235,7 +248,7 @@ def _train_autoencoder(cfg: TrainConfig, st: VAEStageConfig, run: StageRun, vae:
         state.step += 1
         run.log_step(state, metrics)
         if st.sample_every and state.step % st.sample_every == 0 and dist.is_main:
-            write_reconstruction(vae, ds, run.samples_dir / f"recon-{state.step:06d}.mp4", cfg.data.fps)
+            write_reconstruction(vae, long or short, run.samples_dir / f"recon-{state.step:06d}.mp4", cfg.data.fps)
         run.maybe_checkpoint(state, force=state.step == st.steps)
     run.finish()
 

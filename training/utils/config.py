@@ -50,6 +50,8 @@ class StageConfig:
     # Below 1: after the warmup the learning rate follows a cosine from lr down to
     # lr * lr_final_ratio at the last step (1: constant).
     lr_final_ratio: float = 1.0
+    # The cosine starts here (or after the warmup, if later): constant lr before it.
+    decay_from_step: int = 0
     log_every: int = 10
     # A checkpoint is written every ``ckpt_every_steps`` steps (0: off) and whenever
     # ``ckpt_every_minutes`` have passed since the last one, and always at the end.
@@ -67,7 +69,7 @@ class StageConfig:
         if not 0 < self.lr_final_ratio <= 1:
             raise ValueError(f"{type(self).__name__}.lr_final_ratio must be in (0, 1], got {self.lr_final_ratio}")
         for name in ("ckpt_every_steps", "ckpt_every_minutes", "sample_every", "warmup_steps",
-                     "weight_decay", "grad_clip"):
+                     "weight_decay", "grad_clip", "decay_from_step"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{type(self).__name__}.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -97,9 +99,24 @@ class VAEStageConfig(StageConfig):
     # decoder that learns fast (docs/training.md), after which its latents are frozen.
     aux_decoder_dim: int = 0
     aux_weight: float = 1.0
+    # From step ``long_from_step`` on (0: never) the clips have ``long_num_frames`` frames, in
+    # batches of ``long_batch_size``. The causal VAE's temporal receptive field spans many latent
+    # frames: trained on short clips only, it encodes (decodes) the latent frames past its
+    # training length badly, so the recipe ends each VAE stage on clips as long as the teacher's.
+    long_from_step: int = 0
+    long_num_frames: int = 33
+    long_batch_size: int = 2
+    long_lr: float = 0.0  # learning rate of the long-clip steps (0: ``lr``)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.long_from_step < 0 or self.long_from_step >= self.steps:
+            raise ValueError(f"long_from_step must be in [0, steps={self.steps}) (0: off), got {self.long_from_step}")
+        if self.long_lr < 0:
+            raise ValueError(f"long_lr must be >= 0 (0: lr), got {self.long_lr}")
+        if self.long_batch_size <= 0 or self.long_num_frames <= 0:
+            raise ValueError(f"long_batch_size and long_num_frames must be positive, got {self.long_batch_size} "
+                             f"and {self.long_num_frames}")
         if self.decoder_weight < 0 or self.aux_weight < 0 or self.aux_decoder_dim < 0:
             raise ValueError("vae decoder_weight, aux_weight and aux_decoder_dim must be >= 0")
         if self.decoder_weight == 0 and (self.aux_decoder_dim == 0 or self.aux_weight == 0):

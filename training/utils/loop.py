@@ -49,11 +49,13 @@ def make_optimizer(params: Iterator[nn.Parameter] | list[nn.Parameter], stage: S
 
 def set_lr(opt: torch.optim.Optimizer, base_lr: float, step: int, stage: StageConfig) -> None:
     """Linear warmup over ``stage.warmup_steps``, then constant, or a cosine decay to
-    ``base_lr * stage.lr_final_ratio`` at ``stage.steps`` when that ratio is below 1."""
+    ``base_lr * stage.lr_final_ratio`` at ``stage.steps`` when that ratio is below 1 (from
+    ``stage.decay_from_step`` if that comes after the warmup)."""
     scale = min(1.0, (step + 1) / stage.warmup_steps) if stage.warmup_steps else 1.0
-    if stage.lr_final_ratio < 1.0 and step >= stage.warmup_steps:
-        span = max(1, stage.steps - 1 - stage.warmup_steps)  # the last step gets the final lr
-        progress = min(1.0, (step - stage.warmup_steps) / span)
+    start = max(stage.warmup_steps, stage.decay_from_step)
+    if stage.lr_final_ratio < 1.0 and step >= start:
+        span = max(1, stage.steps - 1 - start)  # the last step gets the final lr
+        progress = min(1.0, (step - start) / span)
         scale = stage.lr_final_ratio + (1 - stage.lr_final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     for group in opt.param_groups:
         group["lr"] = base_lr * scale
