@@ -183,3 +183,19 @@ def test_vae_training_benchmark_json(capsys) -> None:
     assert list(errors) == ["plain", "wan", "wan_enc+plain_dec", "frozen_plain_enc+wan_dec"]
     for curve in errors.values():
         assert list(curve) == ["1", "2"] and all(0 < e < 10 for e in curve.values())
+
+
+def test_vae_frames_benchmark(capsys, tmp_path: Path) -> None:
+    bench = _script("vae_frames")
+    assert bench.main(["--model", "shapes-tiny", "--frames", "9", "--clips", "1", "--json"]) == 0
+    errors = json.loads(capsys.readouterr().out)["error_per_latent_frame"]
+    assert len(errors) == 3 and all(0 <= e < 2.5 for e in errors)  # frame 0, then one per 4 frames
+    # A run's encoder phase, through its auxiliary decoder.
+    from training.train import compose, run
+
+    run(compose("smoke", [f"run_dir={tmp_path}", "stages=[vae]", "vae.steps=1", "vae.decoder_weight=0",
+                          "vae.aux_decoder_dim=4"]))
+    assert bench.main(["--run", str(tmp_path), "--frames", "5", "--clips", "1", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["error_per_latent_frame"]) == 2
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "shapes-tiny", "--frames", "8"])
