@@ -82,3 +82,36 @@ def test_smoke_torchrun_two_processes(smoke_run: Path, tmp_path: Path) -> None:
     # exit_step is averaged over the two ranks: an integer only if both drew the same step.
     assert all(float(r["exit_step"]).is_integer() for r in records), [r["exit_step"] for r in records]
     assert (run_dir / "export" / "shapes-tiny" / "model_index.json").is_file()
+
+
+def test_init_vae_takes_a_models_vae_for_the_later_stages(smoke_run: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from training.train import compose, run
+
+    model = smoke_run / "export" / "shapes-tiny"
+    run_dir = tmp_path / "run"
+    run(compose("smoke", [f"run_dir={run_dir}", f"init_vae={model}", "stages=[vae]"]))
+    done = json.loads((run_dir / "vae" / "final" / "DONE").read_text())
+    assert done["init_vae"] == str(model)
+    taken = load_file(run_dir / "vae" / "final" / "vae.safetensors")
+    shipped = load_file(model / "vae.safetensors")
+    assert taken.keys() == shipped.keys() and all(bool((taken[k] == shipped[k]).all()) for k in shipped)
+    vae_cfg = json.loads((run_dir / "vae" / "final" / "vae_config.json").read_text())
+    assert vae_cfg["latents_std"] == json.loads((model / "model_index.json").read_text())["vae"]["latents_std"]
+
+    with pytest.raises(ValueError, match="z_dim=4 but dit.in_dim=8"):
+        run(compose("smoke", [f"run_dir={tmp_path / 'other'}", f"init_vae={model}", "stages=[vae]",
+                              "dit.in_dim=8", "dit.out_dim=8"]))
+
+
+def test_teacher_of_a_run_generates_through_the_bench(smoke_run: Path) -> None:
+    from training.eval.shapes_bench import _teacher_generate
+
+    generate = _teacher_generate(smoke_run, "smoke", "cpu", steps=3, guidance=3.0)
+    first = generate("a red circle moving left", 9, 0)
+    assert first.shape == (9, 32, 32, 3)
+    assert (generate("a red circle moving left", 9, 0) == first).all()  # seeded
+    assert not (generate("a red circle moving left", 9, 1) == first).all()
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        generate("a red circle moving left", 8, 0)

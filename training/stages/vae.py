@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sf_sdk.checkpoint import load_into, load_state_dict
+from sf_sdk.checkpoint import VAE_FILE as MODEL_VAE_FILE
+from sf_sdk.checkpoint import load_into, load_state_dict, read_index
 from sf_sdk.config import VAEConfig, from_dict, to_dict
 from sf_sdk.models.vae import WanVAE
 from sf_sdk.video import Mp4Writer
@@ -144,6 +145,9 @@ def run_vae(cfg: TrainConfig, dist: DistInfo) -> None:
     if run.done:
         log.info("stage vae already done (%s)", run.final_dir)
         return
+    if cfg.init_vae:
+        _take_model_vae(cfg, run, dist)
+        return
     torch.manual_seed(cfg.seed)
     # Start from identity statistics; the measured ones are written at the end.
     z = cfg.vae_model.z_dim
@@ -158,6 +162,23 @@ def run_vae(cfg: TrainConfig, dist: DistInfo) -> None:
         save_trained_vae(run.final_dir, vae, final_cfg)
     run.mark_done({"steps": run.stage.steps, "latents_mean": list(final_cfg.latents_mean),
                    "latents_std": list(final_cfg.latents_std)})
+
+
+def _take_model_vae(cfg: TrainConfig, run: StageRun, dist: DistInfo) -> None:
+    """The ``vae`` stage's result taken from the model ``cfg.init_vae`` (weights and latent statistics)."""
+    files = read_index(cfg.init_vae)
+    if files.vae is None or not files.path(MODEL_VAE_FILE).is_file():
+        raise ValueError(f"init_vae={cfg.init_vae!r} has no VAE ({MODEL_VAE_FILE}): pass a model folder that ships one")
+    if files.vae.z_dim != cfg.dit.in_dim:
+        raise ValueError(f"init_vae={cfg.init_vae!r} has z_dim={files.vae.z_dim} but dit.in_dim={cfg.dit.in_dim}: "
+                         f"set dit.in_dim and dit.out_dim to {files.vae.z_dim}")
+    vae = WanVAE(files.vae)
+    load_into(vae, load_state_dict(files.path(MODEL_VAE_FILE)), what=f"VAE of {cfg.init_vae}", config=files.vae)
+    if dist.is_main:
+        save_trained_vae(run.final_dir, vae, files.vae)
+    log.info("stage vae: taken from %s (not trained)", files.root)
+    run.mark_done({"steps": run.stage.steps, "init_vae": str(files.root), "latents_mean": list(files.vae.latents_mean),
+                   "latents_std": list(files.vae.latents_std)})
 
 
 def run_vae_decoder(cfg: TrainConfig, dist: DistInfo) -> None:
