@@ -100,6 +100,15 @@ def test_init_vae_takes_a_models_vae_for_the_later_stages(smoke_run: Path, tmp_p
     vae_cfg = json.loads((run_dir / "vae" / "final" / "vae_config.json").read_text())
     assert vae_cfg["latents_std"] == json.loads((model / "model_index.json").read_text())["vae"]["latents_std"]
 
+    # Another run's directory: its vae_decoder result (the decoder trained last).
+    from_run = tmp_path / "from_run"
+    run(compose("smoke", [f"run_dir={from_run}", f"init_vae={smoke_run}", "stages=[vae]"]))
+    assert json.loads((from_run / "vae" / "final" / "DONE").read_text())["init_vae"] == str(
+        smoke_run / "vae_decoder" / "final")
+    taken = load_file(from_run / "vae" / "final" / "vae.safetensors")
+    trained = load_file(smoke_run / "vae_decoder" / "final" / "vae.safetensors")
+    assert all(bool((taken[k] == trained[k]).all()) for k in trained)
+
     with pytest.raises(ValueError, match="z_dim=4 but dit.in_dim=8"):
         run(compose("smoke", [f"run_dir={tmp_path / 'other'}", f"init_vae={model}", "stages=[vae]",
                               "dit.in_dim=8", "dit.out_dim=8"]))

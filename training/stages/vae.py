@@ -165,20 +165,31 @@ def run_vae(cfg: TrainConfig, dist: DistInfo) -> None:
 
 
 def _take_model_vae(cfg: TrainConfig, run: StageRun, dist: DistInfo) -> None:
-    """The ``vae`` stage's result taken from the model ``cfg.init_vae`` (weights and latent statistics)."""
-    files = read_index(cfg.init_vae)
-    if files.vae is None or not files.path(MODEL_VAE_FILE).is_file():
-        raise ValueError(f"init_vae={cfg.init_vae!r} has no VAE ({MODEL_VAE_FILE}): pass a model folder that ships one")
-    if files.vae.z_dim != cfg.dit.in_dim:
-        raise ValueError(f"init_vae={cfg.init_vae!r} has z_dim={files.vae.z_dim} but dit.in_dim={cfg.dit.in_dim}: "
-                         f"set dit.in_dim and dit.out_dim to {files.vae.z_dim}")
-    vae = WanVAE(files.vae)
-    load_into(vae, load_state_dict(files.path(MODEL_VAE_FILE)), what=f"VAE of {cfg.init_vae}", config=files.vae)
+    """The ``vae`` stage's result taken from ``cfg.init_vae`` (weights and latent statistics): a
+    model folder or bundled name, or another run's directory (its ``vae_decoder`` result when that
+    stage is done, else its ``vae`` result)."""
+    source = Path(cfg.init_vae)
+    run_vae_dir = next((source / stage / "final" for stage in ("vae_decoder", "vae")
+                        if (source / stage / "final" / "DONE").is_file()), None)
+    if run_vae_dir is not None:
+        vae_cfg = from_dict(VAEConfig, json.loads((run_vae_dir / VAE_CONFIG_FILE).read_text()))
+        weights, origin = run_vae_dir / VAE_FILE, run_vae_dir
+    else:
+        files = read_index(cfg.init_vae)
+        if files.vae is None or not files.path(MODEL_VAE_FILE).is_file():
+            raise ValueError(f"init_vae={cfg.init_vae!r} has no VAE ({MODEL_VAE_FILE}): pass a model folder that "
+                             f"ships one, or a run directory with a finished vae stage")
+        vae_cfg, weights, origin = files.vae, files.path(MODEL_VAE_FILE), files.root
+    if vae_cfg.z_dim != cfg.dit.in_dim:
+        raise ValueError(f"init_vae={cfg.init_vae!r} has z_dim={vae_cfg.z_dim} but dit.in_dim={cfg.dit.in_dim}: "
+                         f"set dit.in_dim and dit.out_dim to {vae_cfg.z_dim}")
+    vae = WanVAE(vae_cfg)
+    load_into(vae, load_state_dict(weights), what=f"VAE of {cfg.init_vae}", config=vae_cfg)
     if dist.is_main:
-        save_trained_vae(run.final_dir, vae, files.vae)
-    log.info("stage vae: taken from %s (not trained)", files.root)
-    run.mark_done({"steps": run.stage.steps, "init_vae": str(files.root), "latents_mean": list(files.vae.latents_mean),
-                   "latents_std": list(files.vae.latents_std)})
+        save_trained_vae(run.final_dir, vae, vae_cfg)
+    log.info("stage vae: taken from %s (not trained)", origin)
+    run.mark_done({"steps": run.stage.steps, "init_vae": str(origin), "latents_mean": list(vae_cfg.latents_mean),
+                   "latents_std": list(vae_cfg.latents_std)})
 
 
 def run_vae_decoder(cfg: TrainConfig, dist: DistInfo) -> None:

@@ -190,9 +190,9 @@ class TrainConfig:
     precision: Precision = "fp32"
     gradient_checkpointing: bool = False
     fsdp: bool = False
-    # A model folder or bundled name (``shapes-tiny``) whose VAE the ``vae`` stage takes as its
-    # result instead of training one: the later stages then train on that model's latent space
-    # (``vae_decoder`` goes on training its decoder; a new DiT fits its latents).
+    # A model folder, bundled name (``shapes-tiny``) or another run's directory whose VAE the
+    # ``vae`` stage takes as its result instead of training one: the later stages then train on
+    # that latent space (``vae_decoder`` goes on training its decoder; a new DiT fits its latents).
     init_vae: str = ""
     data: ShapesConfig = field(default_factory=ShapesConfig)
     vae_model: VAEConfig = field(default_factory=VAEConfig)
