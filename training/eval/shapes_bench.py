@@ -579,43 +579,29 @@ def _teacher_generate(run_dir: Path, config_name: str, device: str, steps: int, 
     stage when done): the quality the students of that run are distilled from."""
     import torch
 
-    from sf_sdk.checkpoint import load_into, load_state_dict
-    from sf_sdk.config import VAEConfig, from_dict
-    from sf_sdk.models.vae import WanVAE
-    from training.algorithms import sample_ode_trajectory
     from training.data.shapes import tensor_to_frames
     from training.stages.common import prompt_table
-    from training.stages.teacher import load_teacher
-    from training.stages.vae import VAE_CONFIG_FILE, VAE_FILE
+    from training.stages.teacher import load_teacher, sample_teacher
+    from training.stages.vae import finished_vae_dir, load_vae_dir
     from training.train import compose
 
     cfg = compose(config_name, [f"run_dir={run_dir}"])
     dev = torch.device(device)
     teacher = load_teacher(cfg, dev)
     prompts = prompt_table(cfg, dev)
-    vae_dir = run_dir / "vae_decoder" / "final"
-    if not (vae_dir / "DONE").is_file():
-        vae_dir = run_dir / "vae" / "final"
-        if not (vae_dir / "DONE").is_file():
-            raise ValueError(f"{run_dir} has no finished vae or vae_decoder stage to decode with")
-    vae_cfg = from_dict(VAEConfig, json.loads((vae_dir / VAE_CONFIG_FILE).read_text()))
-    vae = WanVAE(vae_cfg)
-    load_into(vae, load_state_dict(vae_dir / VAE_FILE), what="VAE", config=vae_cfg)
-    vae = vae.to(dev).eval()
+    vae_dir = finished_vae_dir(run_dir)
+    if vae_dir is None:
+        raise ValueError(f"{run_dir} has no finished vae or vae_decoder stage to decode with")
+    vae = load_vae_dir(vae_dir, dev)
+    stride = vae.config.temporal_stride
 
     def generate(prompt: str, num_frames: int, seed: int) -> Any:
-        if (num_frames - 1) % vae_cfg.temporal_stride:
-            raise ValueError(f"--frames must be 1 + {vae_cfg.temporal_stride}k for the teacher, got {num_frames}")
-        latent_frames = 1 + (num_frames - 1) // vae_cfg.temporal_stride
-        gen = torch.Generator().manual_seed(seed)
-        noise = torch.randn((1, latent_frames, cfg.dit.in_dim, cfg.stream.latent_height, cfg.stream.latent_width),
-                            generator=gen).to(dev)
+        if (num_frames - 1) % stride:
+            raise ValueError(f"--frames must be 1 + {stride}k for the teacher, got {num_frames}")
+        x0 = sample_teacher(teacher, cfg, prompts, [prompt], 1 + (num_frames - 1) // stride,
+                            torch.Generator().manual_seed(seed), steps=steps, guidance=guidance)
         with torch.no_grad():
-            out = sample_ode_trajectory(teacher, noise, prompts.lookup([prompt]), prompts.uncond, steps=steps,
-                                        shift=cfg.stream.timestep_shift, cfg=guidance,
-                                        keep_timesteps=[cfg.stream.num_train_timesteps],
-                                        num_train_timesteps=cfg.stream.num_train_timesteps)
-            video = vae.decode(out["x0"].transpose(1, 2).to(vae.dtype))  # [1, 3, T, H, W]
+            video = vae.decode(x0.transpose(1, 2).to(vae.dtype))  # [1, 3, T, H, W]
         return tensor_to_frames(video[0].float().cpu())
 
     return generate
@@ -670,30 +656,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, entry in result["calibration"].items():
                 sys.stdout.write(f"{name:<16} mean {entry['mean_score']:.4f}  min {entry['min_score']:.4f}  "
                                  f"max {entry['max_score']:.4f}\n")
-    elif args.teacher is not None:
-        if args.model or args.reconstruct:
-            parser.error("--teacher scores a run's teacher: drop --model and --reconstruct")
-        if args.teacher_steps <= 0:
-            parser.error("--teacher-steps must be positive")
+    else:
+        if args.teacher is not None:
+            if args.model or args.reconstruct:
+                parser.error("--teacher scores a run's teacher: drop --model and --reconstruct")
+            if args.teacher_steps <= 0:
+                parser.error("--teacher-steps must be positive")
+            source = {"teacher": str(args.teacher), "config_name": args.config_name,
+                      "teacher_steps": args.teacher_steps, "guidance": args.guidance}
+            generate = _teacher_generate(args.teacher, args.config_name, args.device, args.teacher_steps,
+                                         args.guidance)
+        else:
+            if not args.model:
+                parser.error("--model is required (or use --calibrate or --teacher)")
+            source = {"model": args.model, "reconstruct": args.reconstruct}
+            generate = (_vae_roundtrip if args.reconstruct else _sdk_generate)(args.model, args.device)
         prompts = args.prompts or all_captions()
         seeds = list(range(args.seed_base, args.seed_base + args.seeds))
-        config.update(teacher=str(args.teacher), config_name=args.config_name, teacher_steps=args.teacher_steps,
-                      guidance=args.guidance, device=args.device, seeds=seeds, num_prompts=len(prompts))
-        generate = _teacher_generate(args.teacher, args.config_name, args.device, args.teacher_steps, args.guidance)
+        config.update(source, device=args.device, seeds=seeds, num_prompts=len(prompts))
         result = run_benchmark(generate, prompts, num_frames=args.frames, seeds=seeds, cfg=cfg,
                                out_dir=args.out_dir, save_png=args.save_png)
-        if not args.json:
-            _print_table(result)
-    else:
-        if not args.model:
-            parser.error("--model is required (or use --calibrate or --teacher)")
-        prompts = args.prompts or all_captions()
-        seeds = list(range(args.seed_base, args.seed_base + args.seeds))
-        config.update(model=args.model, device=args.device, seeds=seeds, num_prompts=len(prompts),
-                      reconstruct=args.reconstruct)
-        make = _vae_roundtrip if args.reconstruct else _sdk_generate
-        result = run_benchmark(make(args.model, args.device), prompts, num_frames=args.frames,
-                               seeds=seeds, cfg=cfg, out_dir=args.out_dir, save_png=args.save_png)
         if not args.json:
             _print_table(result)
     config["elapsed_s"] = round(time.perf_counter() - started, 3)

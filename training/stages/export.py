@@ -18,7 +18,7 @@ import torch
 from sf_sdk.checkpoint import load_state_dict, save_pretrained
 from sf_sdk.config import VAEConfig, from_dict, to_dict
 from training.stages.common import DIT_CONFIG_FILE, DIT_FILE, TEXT_FILE, text_dir
-from training.stages.vae import VAE_CONFIG_FILE, VAE_FILE
+from training.stages.vae import VAE_CONFIG_FILE, VAE_FILE, finished_vae_dir
 from training.utils.config import TrainConfig
 from training.utils.dist import DistInfo, barrier
 
@@ -39,9 +39,7 @@ def export_model(cfg: TrainConfig, out_dir: str | os.PathLike, source: str) -> P
     if dit_cfg_data != json.loads(json.dumps(to_dict(cfg.dit))):
         raise ValueError(f"the student in {dit_dir} was trained with another DiT config than this run's")
     # The decoder fine-tuned with the encoder frozen (stage vae_decoder), when it finished.
-    vae_dir = run / "vae_decoder" / "final"
-    if not (vae_dir / "DONE").is_file():
-        vae_dir = run / "vae" / "final"
+    vae_dir = finished_vae_dir(run) or run / "vae" / "final"
     vae_cfg = from_dict(VAEConfig, json.loads((vae_dir / VAE_CONFIG_FILE).read_text()))
     folder = save_pretrained(
         out_dir,

@@ -50,7 +50,7 @@ from training.utils.loop import (
     wrap_ddp,
 )
 
-__all__ = ["run_teacher", "LatentCache", "build_latent_cache", "load_teacher", "decode_to_mp4"]
+__all__ = ["run_teacher", "LatentCache", "build_latent_cache", "load_teacher", "sample_teacher", "decode_to_mp4"]
 
 log = logging.getLogger(__name__)
 
@@ -181,14 +181,24 @@ def _sample(cfg: TrainConfig, ema: EMA, model: WanDiT, prompts: PromptTable, vae
     sampler.eval()
     captions = [prompts.captions[i] for i in (0, len(prompts.captions) // 3 + 5, 2 * len(prompts.captions) // 3 + 10)]
     frames = 1 + (st.num_frames - 1) // vae.config.temporal_stride
-    gen = step_generator(cfg.seed, "teacher-sample")
-    noise = torch.randn((len(captions), frames, cfg.dit.in_dim, cfg.stream.latent_height, cfg.stream.latent_width),
-                        generator=gen)
-    out = sample_ode_trajectory(sampler, noise, prompts.lookup(captions), prompts.uncond, steps=st.sample_steps,
-                                shift=cfg.stream.timestep_shift, cfg=st.sample_guidance,
-                                keep_timesteps=[cfg.stream.num_train_timesteps])
-    decode_to_mp4(vae, out["x0"], path, cfg.data.fps)
+    x0 = sample_teacher(sampler, cfg, prompts, captions, frames, step_generator(cfg.seed, "teacher-sample"),
+                        steps=st.sample_steps, guidance=st.sample_guidance)
+    decode_to_mp4(vae, x0, path, cfg.data.fps)
     log.info("teacher sample %s (%s)", path, "; ".join(captions))
+
+
+@torch.no_grad()
+def sample_teacher(teacher: WanDiT, cfg: TrainConfig, prompts: PromptTable, captions: list[str], latent_frames: int,
+                   generator: torch.Generator, *, steps: int, guidance: float) -> Tensor:
+    """Guided Euler samples of the teacher over whole clips: normalized latents [B, F, C, h, w],
+    one per caption (noise drawn on the CPU from ``generator``, so any device gives the same)."""
+    noise = torch.randn((len(captions), latent_frames, cfg.dit.in_dim, cfg.stream.latent_height,
+                         cfg.stream.latent_width), generator=generator)
+    out = sample_ode_trajectory(teacher, noise.to(prompts.cond.device), prompts.lookup(captions), prompts.uncond,
+                                steps=steps, shift=cfg.stream.timestep_shift, cfg=guidance,
+                                keep_timesteps=[cfg.stream.num_train_timesteps],
+                                num_train_timesteps=cfg.stream.num_train_timesteps)
+    return out["x0"]
 
 
 @torch.no_grad()

@@ -39,7 +39,8 @@ from training.utils.loop import (
     wrap_ddp,
 )
 
-__all__ = ["run_vae", "run_vae_decoder", "load_trained_vae", "VAE_FILE", "VAE_CONFIG_FILE"]
+__all__ = ["run_vae", "run_vae_decoder", "load_trained_vae", "load_vae_dir", "finished_vae_dir", "VAE_FILE",
+           "VAE_CONFIG_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -168,23 +169,22 @@ def _take_model_vae(cfg: TrainConfig, run: StageRun, dist: DistInfo) -> None:
     """The ``vae`` stage's result taken from ``cfg.init_vae`` (weights and latent statistics): a
     model folder or bundled name, or another run's directory (its ``vae_decoder`` result when that
     stage is done, else its ``vae`` result)."""
-    source = Path(cfg.init_vae)
-    run_vae_dir = next((source / stage / "final" for stage in ("vae_decoder", "vae")
-                        if (source / stage / "final" / "DONE").is_file()), None)
+    run_vae_dir = finished_vae_dir(cfg.init_vae)
     if run_vae_dir is not None:
-        vae_cfg = from_dict(VAEConfig, json.loads((run_vae_dir / VAE_CONFIG_FILE).read_text()))
-        weights, origin = run_vae_dir / VAE_FILE, run_vae_dir
+        vae = load_vae_dir(run_vae_dir, torch.device("cpu"))
+        origin = run_vae_dir
     else:
         files = read_index(cfg.init_vae)
         if files.vae is None or not files.path(MODEL_VAE_FILE).is_file():
             raise ValueError(f"init_vae={cfg.init_vae!r} has no VAE ({MODEL_VAE_FILE}): pass a model folder that "
                              f"ships one, or a run directory with a finished vae stage")
-        vae_cfg, weights, origin = files.vae, files.path(MODEL_VAE_FILE), files.root
+        vae = WanVAE(files.vae)
+        load_into(vae, load_state_dict(files.path(MODEL_VAE_FILE)), what=f"VAE of {cfg.init_vae}", config=files.vae)
+        origin = files.root
+    vae_cfg = vae.config
     if vae_cfg.z_dim != cfg.dit.in_dim:
         raise ValueError(f"init_vae={cfg.init_vae!r} has z_dim={vae_cfg.z_dim} but dit.in_dim={cfg.dit.in_dim}: "
                          f"set dit.in_dim and dit.out_dim to {vae_cfg.z_dim}")
-    vae = WanVAE(vae_cfg)
-    load_into(vae, load_state_dict(weights), what=f"VAE of {cfg.init_vae}", config=vae_cfg)
     if dist.is_main:
         save_trained_vae(run.final_dir, vae, vae_cfg)
     log.info("stage vae: taken from %s (not trained)", origin)
@@ -319,12 +319,24 @@ def save_trained_vae(folder: Path, vae: WanVAE, vae_cfg: VAEConfig) -> None:
     (folder / VAE_CONFIG_FILE).write_text(json.dumps(to_dict(vae_cfg), indent=2) + "\n")
 
 
+def finished_vae_dir(run_dir: str | Path) -> Path | None:
+    """The newest finished VAE of a run: ``vae_decoder/final`` when that stage is done (its
+    decoder trained last), else ``vae/final`` when done, else None."""
+    return next((Path(run_dir) / stage / "final" for stage in ("vae_decoder", "vae")
+                 if (Path(run_dir) / stage / "final" / "DONE").is_file()), None)
+
+
+def load_vae_dir(folder: Path, device: torch.device) -> WanVAE:
+    """A VAE saved by :func:`save_trained_vae` (weights and config with latent statistics), frozen."""
+    vae_cfg = from_dict(VAEConfig, json.loads((folder / VAE_CONFIG_FILE).read_text()))
+    vae = WanVAE(vae_cfg)
+    load_into(vae, load_state_dict(folder / VAE_FILE), what=f"VAE ({folder})", config=vae_cfg)
+    return vae.to(device).eval().requires_grad_(False)
+
+
 def load_trained_vae(run_dir: str | Path, device: torch.device) -> WanVAE:
     """The VAE produced by the ``vae`` stage of ``run_dir`` (with its latent statistics), frozen."""
     folder = Path(run_dir) / "vae" / "final"
     if not (folder / VAE_CONFIG_FILE).is_file():
         raise ValueError(f"{folder} holds no trained VAE: run the vae stage first (stages=[vae])")
-    vae_cfg = from_dict(VAEConfig, json.loads((folder / VAE_CONFIG_FILE).read_text()))
-    vae = WanVAE(vae_cfg)
-    load_into(vae, load_state_dict(folder / VAE_FILE), what="VAE", config=vae_cfg)
-    return vae.to(device).eval().requires_grad_(False)
+    return load_vae_dir(folder, device)
