@@ -124,7 +124,14 @@ class CausalConv3d(nn.Conv3d):
     Spatial padding is symmetric (zeros); in time the conv sees ``context = kernel_t - stride_t``
     frames of the past in front of its input, read from (and written back to) a
     :class:`ConvCache`, or zeros without one. A 1-tap conv has no context and needs no cache.
+
+    On CPU, a single clip (batch 1) goes to oneDNN directly: PyTorch's dispatch picks its slow
+    reference kernel for a batch of 1 when ``C * T * H`` is small (its size rule ignores the
+    width): 2.5x slower for the shapes-tiny streaming decoder (``python benchmarks/vae_decode.py``).
+    ``CausalConv3d.onednn_single_clip = False`` goes back to the default dispatch.
     """
+
+    onednn_single_clip = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int],
                  stride: int | tuple[int, int, int] = 1, spatial_padding: int = 0) -> None:
@@ -147,6 +154,14 @@ class CausalConv3d(nn.Conv3d):
             # A copy, so the state does not keep the whole concatenation alive.
             cache.write(x[:, :, -self.context:].contiguous())
         return super().forward(x)
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if (self.onednn_single_clip and x.shape[0] == 1 and type(x) is Tensor and x.device.type == "cpu"
+                and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+            return torch.ops.aten.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation,
+                                                     self.groups)
+        return super()._conv_forward(x, weight, bias)
 
 
 class RMSNorm(nn.Module):
