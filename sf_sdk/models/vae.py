@@ -127,7 +127,7 @@ class CausalConv3d(nn.Conv3d):
 
     On CPU, a single clip (batch 1) goes to oneDNN directly: PyTorch's dispatch picks its slow
     reference kernel for a batch of 1 when ``C * T * H`` is small (its size rule ignores the
-    width): 2.5x slower for the shapes-tiny streaming decoder (``python benchmarks/vae_decode.py``).
+    width): ~3x slower for the shapes-tiny streaming decoder (``python benchmarks/vae_decode.py``).
     ``CausalConv3d.onednn_single_clip = False`` goes back to the default dispatch.
     """
 
