@@ -22,15 +22,16 @@ import time
 
 import torch
 
-from sf_sdk.config import VAEConfig
+from sf_sdk.config import VAE_PRESETS
+from sf_sdk.generator import video_frames_for_latents
 from sf_sdk.models.vae import CausalConv3d, WanVAE
 
 
 def load_vae(args: argparse.Namespace) -> tuple[WanVAE, int, int]:
     """The VAE and its latent height and width."""
-    if args.preset == "wan2.1":
-        # Wan2.1's VAE at its real widths, random weights (times like trained ones).
-        cfg = VAEConfig()
+    if args.preset:
+        # A published VAE's widths, random weights (they time like trained ones).
+        cfg = VAE_PRESETS[args.preset]
         lh, lw = args.height // cfg.spatial_stride, args.width // cfg.spatial_stride
         return WanVAE(cfg).eval(), lh, lw
     from sf_sdk import StreamingGenerator
@@ -50,7 +51,7 @@ def timed(fn) -> tuple[float, torch.Tensor]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="shapes-tiny", help="a model name or folder (its VAE)")
-    ap.add_argument("--preset", choices=["wan2.1"], help="random weights at a published VAE's widths instead")
+    ap.add_argument("--preset", choices=sorted(VAE_PRESETS), help="random weights at a VAE preset's widths instead")
     ap.add_argument("--height", type=int, default=64, help="video height for --preset")
     ap.add_argument("--width", type=int, default=64, help="video width for --preset")
     ap.add_argument("--latent-frames", type=int, default=9)
@@ -66,7 +67,7 @@ def main() -> None:
     vae, lh, lw = load_vae(args)
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(1, vae.config.z_dim, args.latent_frames, lh, lw, generator=gen)
-    num_frames = 1 + vae.config.temporal_stride * (args.latent_frames - 1)
+    num_frames = video_frames_for_latents(args.latent_frames, vae.config.temporal_stride)
     video = torch.rand(1, 3, num_frames, lh * vae.config.spatial_stride, lw * vae.config.spatial_stride,
                        generator=gen) * 2 - 1
 

@@ -274,32 +274,25 @@ def test_decode_step_exports() -> None:
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
-def test_single_clip_onednn_conv_matches_default_dispatch() -> None:
+def test_single_clip_onednn_conv_matches_default_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     # A batch-1 float32 clip on CPU takes oneDNN directly; outputs and gradients must be those of
-    # PyTorch's own dispatch, with and without a conv cache.
+    # PyTorch's own dispatch, for one conv and for a whole decode (its conv caches included).
     torch.manual_seed(0)
     conv = CausalConv3d(8, 12, 3, spatial_padding=1)
     x = torch.randn(1, 8, 5, 6, 7)
-    results = []
-    try:
-        for fast in (True, False):
-            CausalConv3d.onednn_single_clip = fast
-            conv.zero_grad()
-            xi = x.clone().requires_grad_(True)
-            y = conv(xi)
-            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-            results.append((y.detach(), xi.grad, conv.weight.grad.clone(), conv.bias.grad.clone()))
-    finally:
-        CausalConv3d.onednn_single_clip = True
-    for fast, default in zip(*results):
-        assert torch.allclose(fast, default, atol=1e-5)
     vae = tiny_vae(torch.float32)
     z = random_latents(frames=3, dtype=torch.float32)
-    with torch.no_grad():
-        fast = vae.decode(z)
-        CausalConv3d.onednn_single_clip = False
-        try:
-            default = vae.decode(z)
-        finally:
-            CausalConv3d.onednn_single_clip = True
-    assert torch.allclose(fast, default, atol=1e-5)
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(CausalConv3d, "onednn_single_clip", fast)
+        conv.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y = conv(xi)
+        assert ("aten::mkldnn_convolution" in {e.key for e in prof.key_averages()}) == fast
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        with torch.no_grad():
+            decoded = vae.decode(z)
+        results.append((y.detach(), xi.grad, conv.weight.grad.clone(), conv.bias.grad.clone(), decoded))
+    for fast, default in zip(*results):
+        assert torch.allclose(fast, default, atol=1e-5)

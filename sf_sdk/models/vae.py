@@ -118,6 +118,9 @@ class CacheSpec:
 # --------------------------------------------------------------------------------------------
 
 
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()
+
+
 class CausalConv3d(nn.Conv3d):
     """A 3D convolution that is causal in time.
 
@@ -156,8 +159,8 @@ class CausalConv3d(nn.Conv3d):
         return super().forward(x)
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if (self.onednn_single_clip and x.shape[0] == 1 and type(x) is Tensor and x.device.type == "cpu"
-                and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        if (self.onednn_single_clip and _HAS_ONEDNN and x.shape[0] == 1 and x.device.type == "cpu"
+                and x.dtype == torch.float32 and type(x) is Tensor
                 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
             return torch.ops.aten.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation,
                                                      self.groups)
