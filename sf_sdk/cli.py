@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wan-dir", type=Path, help="the official Wan2.1-T2V-1.3B folder (for a .pt --model)")
     p.add_argument("--no-ema", action="store_true", help="official checkpoints: the 'generator' weights, "
                                                          "not 'generator_ema'")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own, one per core)")
     p.add_argument("--backend", default="eager", help="eager (default), compile, aoti, onnxruntime, ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
@@ -148,6 +149,8 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str, Path]:
         raise UserError(f"--window must be a positive number of latent frames, got {args.window}")
     if args.sink is not None and (args.sink < 0 or args.window is None):
         raise UserError("--sink needs --window and must be >= 0")
+    if args.threads is not None and args.threads <= 0:
+        raise UserError(f"--threads must be a positive number of CPU threads, got {args.threads}")
     import torch
 
     from sf_sdk.checkpoint import resolve_dtype
@@ -169,6 +172,20 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str, Path]:
 
 def _run(args: argparse.Namespace) -> int:
     device, dtype, output = _check_args(args)
+    import torch
+
+    saved_threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return _generate(args, device, dtype, output)
+    finally:
+        torch.set_num_threads(saved_threads)  # main() may be called from a longer-lived process
+
+
+def _generate(args: argparse.Namespace, device: str, dtype: str, output: Path) -> int:
+    import torch
+
     from sf_sdk.generator import StreamingGenerator
 
     overrides: dict[str, object] = {}
@@ -181,7 +198,8 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     gen = StreamingGenerator.from_pretrained(args.model, device=device, dtype=dtype, streaming=overrides or None,
                                              backend=args.backend, wan_dir=args.wan_dir, use_ema=not args.no_ema)
-    log.info("loaded %s on %s (%s) in %.1f s", args.model, device, dtype, time.perf_counter() - t0)
+    threads = f", {torch.get_num_threads()} CPU threads" if gen.device.type == "cpu" else ""
+    log.info("loaded %s on %s (%s%s) in %.1f s", args.model, device, dtype, threads, time.perf_counter() - t0)
     frames = _num_frames(args, gen)
     st = gen.streaming
     latent = (frames - 1) // gen.temporal_stride + 1

@@ -60,9 +60,9 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def test_cli_streams_the_prompt_into_an_mp4(model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "video.mp4"
     run = _cli(PROMPT, "--frames", "21", "--seed", "1", "--model", str(model_dir), "--output", str(out),
-               "--device", "cpu")
+               "--device", "cpu", "--threads", "1")
     assert run.returncode == 0, run.stderr
-    assert "wrote 21 frames" in run.stderr and "Traceback" not in run.stderr
+    assert "1 CPU threads" in run.stderr and "wrote 21 frames" in run.stderr and "Traceback" not in run.stderr
     video = read_video(out)
     assert video.shape == (21, 16, 16, 3)
     # It is this prompt and seed's video (H.264 is lossy: closer to it than to another seed's).
@@ -86,6 +86,7 @@ def test_cli_user_errors_are_one_line(model_dir: Path) -> None:
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--dtype", "float8"], "unknown dtype 'float8'"),
     (["--window", "0"], "--window must be a positive number"),
+    (["--threads", "0"], "--threads must be a positive number"),
     (["--frames", "9", "--backend", "nope"], "backend 'nope' is not available"),
     (["--frames", "9", "--seconds", "1"], "not allowed with argument"),
     (["--frames", "nine"], "invalid int value"),

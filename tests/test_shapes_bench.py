@@ -232,3 +232,20 @@ def test_cli_reconstruct_scores_real_clips_through_the_bundled_vae(capsys: pytes
     assert result["config"]["reconstruct"] is True and result["num_videos"] == 1
     # The VAE keeps one object on a clean background in every frame of a real clip.
     assert result["checks"]["presence"] == 1.0 and result["checks"]["background"] > 0.9
+
+
+def test_cli_jobs_score_as_one_process(capsys: pytest.CaptureFixture[str]) -> None:
+    """Worker processes (each loading the model) give the per-video scores of a single process."""
+    args = ["--model", "shapes-tiny", "--json", "--frames", "9", "--threads", "1",
+            "--prompts", "a red circle moving left", "a cyan square moving up", "a yellow triangle moving down"]
+    results = []
+    for jobs in ("1", "2"):
+        assert main([*args, "--jobs", jobs]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    serial, parallel = results
+    assert parallel["config"]["jobs"] == 2 and parallel["config"]["threads"] == 1
+    assert list(parallel["per_prompt"]) == list(serial["per_prompt"])
+    assert parallel["per_prompt"] == serial["per_prompt"]
+    assert parallel["mean_score"] == serial["mean_score"] and parallel["num_videos"] == 3
+    with pytest.raises(SystemExit):
+        main([*args, "--jobs", "0"])

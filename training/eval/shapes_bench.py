@@ -37,7 +37,7 @@ core pixels (None, a miss, when the core is grey or white).
 CLI::
 
     python -m training.eval.shapes_bench --model NAME_OR_PATH --json [--frames N] [--seeds K]
-        [--prompts "a red circle moving left" ...] [--out-dir DIR] [--save-png]
+        [--prompts "a red circle moving left" ...] [--out-dir DIR] [--save-png] [--jobs J --threads T]
     python -m training.eval.shapes_bench --calibrate --json
     python -m training.eval.shapes_bench --teacher RUN_DIR [--config-name shapes_tiny] --json
 """
@@ -57,6 +57,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,7 @@ __all__ = [
     "score_video",
     "as_uint8_frames",
     "run_benchmark",
+    "run_benchmark_parallel",
     "calibrate",
     "contact_sheet",
     "write_png",
@@ -420,34 +422,87 @@ def run_benchmark(generate: GenerateFn, prompts: Sequence[str], *, num_frames: i
     written as MP4 (and a PNG contact sheet with ``save_png``).
     """
     cfg = cfg or BenchConfig()
+    _prepare(prompts, out_dir)
+    results = {(prompt, seed): _score_one(generate, prompt, seed, num_frames, cfg, out_dir, fps, save_png)
+               for prompt in prompts for seed in seeds}
+    return _collect(prompts, seeds, results)
+
+
+def run_benchmark_parallel(make_generate: Callable[[], GenerateFn], prompts: Sequence[str], *, jobs: int,
+                           threads: int, num_frames: int, seeds: Sequence[int], cfg: BenchConfig | None = None,
+                           out_dir: Path | None = None, fps: int | None = None,
+                           save_png: bool = False) -> dict[str, Any]:
+    """:func:`run_benchmark` over ``jobs`` worker processes of ``threads`` torch threads each.
+
+    ``make_generate`` must pickle (a module-level function or a ``functools.partial`` of one): each
+    worker calls it once to load its own model. Every video depends only on its prompt and seed,
+    so the result is the serial one (up to float summation order when the thread count differs).
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if jobs < 1 or threads < 1:
+        raise ValueError(f"jobs and threads must be at least 1, got jobs={jobs}, threads={threads}")
+    cfg = cfg or BenchConfig()
+    _prepare(prompts, out_dir)
+    tasks = [(prompt, seed, num_frames, cfg, out_dir, fps, save_png) for prompt in prompts for seed in seeds]
+    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=(make_generate, threads)) as pool:
+        scores = list(pool.map(_worker_task, tasks))
+    return _collect(prompts, seeds, {(task[0], task[1]): score for task, score in zip(tasks, scores)})
+
+
+def _prepare(prompts: Sequence[str], out_dir: Path | None) -> None:
     for prompt in prompts:
         parse_caption(prompt)  # fail before generating anything
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    scores: dict[str, list[VideoScore]] = {}
-    per_prompt: dict[str, Any] = {}
-    for prompt in prompts:
-        scores[prompt] = []
-        for seed in seeds:
-            frames = as_uint8_frames(generate(prompt, num_frames, seed))
-            result = score_video(frames, prompt, cfg)
-            scores[prompt].append(result)
-            log.info("%-40s seed %d score %.3f", prompt, seed, result.score)
-            if out_dir is not None:
-                stem = f"{_slug(prompt)}_s{seed}"
-                from sf_sdk.video import Mp4Writer  # lazy: only needed when saving
 
-                with Mp4Writer(out_dir / f"{stem}.mp4", fps=fps or cfg.domain.fps) as writer:
-                    writer.write(frames)
-                if save_png:
-                    write_png(out_dir / f"{stem}.png", contact_sheet(frames))
-        per = scores[prompt]
-        per_prompt[prompt] = {
+
+def _score_one(generate: GenerateFn, prompt: str, seed: int, num_frames: int, cfg: BenchConfig,
+               out_dir: Path | None, fps: int | None, save_png: bool) -> VideoScore:
+    frames = as_uint8_frames(generate(prompt, num_frames, seed))
+    result = score_video(frames, prompt, cfg)
+    log.info("%-40s seed %d score %.3f", prompt, seed, result.score)
+    if out_dir is not None:
+        stem = f"{_slug(prompt)}_s{seed}"
+        from sf_sdk.video import Mp4Writer  # lazy: only needed when saving
+
+        with Mp4Writer(out_dir / f"{stem}.mp4", fps=fps or cfg.domain.fps) as writer:
+            writer.write(frames)
+        if save_png:
+            write_png(out_dir / f"{stem}.png", contact_sheet(frames))
+    return result
+
+
+def _collect(prompts: Sequence[str], seeds: Sequence[int],
+             results: dict[tuple[str, int], VideoScore]) -> dict[str, Any]:
+    scores = {prompt: [results[(prompt, seed)] for seed in seeds] for prompt in prompts}
+    per_prompt = {
+        prompt: {
             "score": float(np.mean([s.score for s in per])),
             "checks": {c: float(np.mean([s.checks[c] for s in per])) for c in CHECKS},
             "seeds": [{"seed": seed, "score": s.score, "details": s.details} for seed, s in zip(seeds, per)],
         }
+        for prompt, per in scores.items()
+    }
     return {**_summarise(scores), "per_prompt": per_prompt}
+
+
+_worker_generate: GenerateFn | None = None  # the model of this worker process (run_benchmark_parallel)
+
+
+def _init_worker(make_generate: Callable[[], GenerateFn], threads: int) -> None:
+    import torch
+
+    global _worker_generate
+    torch.set_num_threads(threads)
+    _worker_generate = make_generate()
+
+
+def _worker_task(task: tuple[Any, ...]) -> VideoScore:
+    assert _worker_generate is not None, "_init_worker did not run in this process"
+    return _score_one(_worker_generate, *task)
 
 
 def _slug(text: str) -> str:
@@ -638,6 +693,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the training config the --teacher run was made with")
     parser.add_argument("--teacher-steps", type=int, default=24, help="Euler steps of the --teacher ODE")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance of --teacher")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="worker processes generating videos side by side, each loading the model "
+                             "(default 1: in this process)")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads per process generating (default: torch's own with --jobs 1, "
+                             "else its share of them)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -646,6 +707,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--seeds and --frames must be positive")
     if args.save_png and args.out_dir is None:
         parser.error("--save-png needs --out-dir")
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--jobs and --threads must be at least 1")
     cfg = BenchConfig()
     started = time.perf_counter()
     config: dict[str, Any] = {"frames": args.frames, "bench": asdict(cfg),
@@ -664,18 +727,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error("--teacher-steps must be positive")
             source = {"teacher": str(args.teacher), "config_name": args.config_name,
                       "teacher_steps": args.teacher_steps, "guidance": args.guidance}
-            generate = _teacher_generate(args.teacher, args.config_name, args.device, args.teacher_steps,
-                                         args.guidance)
+            make_generate = partial(_teacher_generate, args.teacher, args.config_name, args.device,
+                                    args.teacher_steps, args.guidance)
         else:
             if not args.model:
                 parser.error("--model is required (or use --calibrate or --teacher)")
             source = {"model": args.model, "reconstruct": args.reconstruct}
-            generate = (_vae_roundtrip if args.reconstruct else _sdk_generate)(args.model, args.device)
+            make_generate = partial(_vae_roundtrip if args.reconstruct else _sdk_generate, args.model, args.device)
+        import torch
+
         prompts = args.prompts or all_captions()
         seeds = list(range(args.seed_base, args.seed_base + args.seeds))
-        config.update(source, device=args.device, seeds=seeds, num_prompts=len(prompts))
-        result = run_benchmark(generate, prompts, num_frames=args.frames, seeds=seeds, cfg=cfg,
-                               out_dir=args.out_dir, save_png=args.save_png)
+        threads = args.threads or max(1, torch.get_num_threads() // args.jobs)
+        config.update(source, device=args.device, seeds=seeds, num_prompts=len(prompts), jobs=args.jobs,
+                      threads=threads)
+        if args.jobs == 1:
+            saved_threads = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                result = run_benchmark(make_generate(), prompts, num_frames=args.frames, seeds=seeds, cfg=cfg,
+                                       out_dir=args.out_dir, save_png=args.save_png)
+            finally:
+                torch.set_num_threads(saved_threads)  # main() may run inside a longer-lived process
+        else:
+            result = run_benchmark_parallel(make_generate, prompts, jobs=args.jobs, threads=threads,
+                                            num_frames=args.frames, seeds=seeds, cfg=cfg, out_dir=args.out_dir,
+                                            save_png=args.save_png)
         if not args.json:
             _print_table(result)
     config["elapsed_s"] = round(time.perf_counter() - started, 3)
