@@ -249,3 +249,15 @@ def test_cli_jobs_score_as_one_process(capsys: pytest.CaptureFixture[str]) -> No
     assert parallel["mean_score"] == serial["mean_score"] and parallel["num_videos"] == 3
     with pytest.raises(SystemExit):
         main([*args, "--jobs", "0"])
+
+
+def test_the_bundled_model_draws_what_the_prompt_says(capsys: pytest.CaptureFixture[str]) -> None:
+    """shapes-tiny through the SDK's sampling path: right colour, moving the right way, one object on
+    a clean background in every video (its full-benchmark score is in docs/training.md)."""
+    prompts = all_captions()[::5]
+    assert main(["--model", "shapes-tiny", "--json", "--prompts", *prompts]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for prompt, entry in result["per_prompt"].items():
+        for check in ("presence", "single_object", "background", "colour", "direction"):
+            assert entry["checks"][check] >= 0.9, (prompt, check, entry["checks"])
+    assert result["mean_score"] >= 0.6, result["checks"]
