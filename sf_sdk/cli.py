@@ -198,7 +198,8 @@ def _generate(args: argparse.Namespace, device: str, dtype: str, output: Path) -
     t0 = time.perf_counter()
     gen = StreamingGenerator.from_pretrained(args.model, device=device, dtype=dtype, streaming=overrides or None,
                                              backend=args.backend, wan_dir=args.wan_dir, use_ema=not args.no_ema)
-    threads = f", {torch.get_num_threads()} CPU threads" if gen.device.type == "cpu" else ""
+    n = torch.get_num_threads()
+    threads = f", {n} CPU thread{'s' if n != 1 else ''}" if gen.device.type == "cpu" else ""
     log.info("loaded %s on %s (%s%s) in %.1f s", args.model, device, dtype, threads, time.perf_counter() - t0)
     frames = _num_frames(args, gen)
     st = gen.streaming

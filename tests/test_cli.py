@@ -62,7 +62,7 @@ def test_cli_streams_the_prompt_into_an_mp4(model_dir: Path, tmp_path: Path) -> 
     run = _cli(PROMPT, "--frames", "21", "--seed", "1", "--model", str(model_dir), "--output", str(out),
                "--device", "cpu", "--threads", "1")
     assert run.returncode == 0, run.stderr
-    assert "1 CPU threads" in run.stderr and "wrote 21 frames" in run.stderr and "Traceback" not in run.stderr
+    assert "(float32, 1 CPU thread)" in run.stderr and "wrote 21 frames" in run.stderr and "Traceback" not in run.stderr
     video = read_video(out)
     assert video.shape == (21, 16, 16, 3)
     # It is this prompt and seed's video (H.264 is lossy: closer to it than to another seed's).
