@@ -172,15 +172,10 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str, Path]:
 
 def _run(args: argparse.Namespace) -> int:
     device, dtype, output = _check_args(args)
-    import torch
+    from sf_sdk.generator import cpu_threads
 
-    saved_threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
+    with cpu_threads(args.threads):
         return _generate(args, device, dtype, output)
-    finally:
-        torch.set_num_threads(saved_threads)  # main() may be called from a longer-lived process
 
 
 def _generate(args: argparse.Namespace, device: str, dtype: str, output: Path) -> int:

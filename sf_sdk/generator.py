@@ -26,6 +26,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,7 +51,7 @@ from sf_sdk.sampling import ChunkModel, ChunkSchedule, denoise_chunk
 
 __all__ = ["StreamingGenerator", "VideoChunk", "Video", "ChunkTiming", "VideoStream", "Backend",
            "register_backend", "backend_names", "backend_status", "video_frames_for_latents",
-           "latent_frames_for_video"]
+           "latent_frames_for_video", "cpu_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,19 @@ def latent_frames_for_video(video_frames: int, temporal_stride: int = DEFAULT_TE
     if video_frames <= 0 or (video_frames - 1) % temporal_stride:
         raise ValueError(f"{video_frames} video frames is not 1 + {temporal_stride}k")
     return (video_frames - 1) // temporal_stride + 1
+
+
+@contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU thread count set to ``threads`` (None: left as it is) inside the block, the
+    caller's count back after it (for command-line mains that may run in a longer-lived process)."""
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _latent_frames_floor(video_frames: int, temporal_stride: int) -> int:

@@ -239,9 +239,11 @@ def test_cli_jobs_score_as_one_process(capsys: pytest.CaptureFixture[str]) -> No
     args = ["--model", "shapes-tiny", "--json", "--frames", "9", "--threads", "1",
             "--prompts", "a red circle moving left", "a cyan square moving up", "a yellow triangle moving down"]
     results = []
+    threads = torch.get_num_threads()
     for jobs in ("1", "2"):
         assert main([*args, "--jobs", jobs]) == 0
         results.append(json.loads(capsys.readouterr().out))
+        assert torch.get_num_threads() == threads  # --threads holds inside main() only
     serial, parallel = results
     assert parallel["config"]["jobs"] == 2 and parallel["config"]["threads"] == 1
     assert list(parallel["per_prompt"]) == list(serial["per_prompt"])

@@ -742,13 +742,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.update(source, device=args.device, seeds=seeds, num_prompts=len(prompts), jobs=args.jobs,
                       threads=threads)
         if args.jobs == 1:
-            saved_threads = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
+            from sf_sdk.generator import cpu_threads
+
+            with cpu_threads(threads):
                 result = run_benchmark(make_generate(), prompts, num_frames=args.frames, seeds=seeds, cfg=cfg,
                                        out_dir=args.out_dir, save_png=args.save_png)
-            finally:
-                torch.set_num_threads(saved_threads)  # main() may run inside a longer-lived process
         else:
             result = run_benchmark_parallel(make_generate, prompts, jobs=args.jobs, threads=threads,
                                             num_frames=args.frames, seeds=seeds, cfg=cfg, out_dir=args.out_dir,
