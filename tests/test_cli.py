@@ -105,9 +105,10 @@ def test_cli_bad_arguments(model_dir: Path, tmp_path: Path, capsys, args: list[s
 
 
 def test_cli_missing_models(tmp_path: Path, capsys, monkeypatch) -> None:
-    import sf_sdk.checkpoint as ckpt
+    from sf_sdk.checkpoint import folder
 
-    monkeypatch.setattr(ckpt, "ASSETS_DIR", tmp_path / "assets")  # an installation without shapes-tiny
+    # An installation without shapes-tiny: patched where resolve_model_path reads it.
+    monkeypatch.setattr(folder, "ASSETS_DIR", tmp_path / "assets")
     assert main([PROMPT, "--frames", "9", "--output", str(tmp_path / "x.mp4")]) == 2
     err = capsys.readouterr().err
     assert "bundled model 'shapes-tiny' is missing" in err and "python -m training.train" in err
