@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rss_growth_mb": (statistics.median(rss[-span:]) - statistics.median(rss[:span])) if None not in rss
         else None,
         "cuda_growth_mb": (torch.cuda.memory_allocated(gen.device) / 2**20 - baseline["cuda"]) if cuda else None,
-        "kv_cache_mb": gen._cache.nbytes() / 2**20 if gen._cache is not None else None,
+        "kv_cache_mb": gen._solo.cache.nbytes() / 2**20 if gen._solo is not None else None,
     }
     return out
 

@@ -37,6 +37,7 @@ from export.settings import (
 )
 from export.steps import STEP_FILES, StepGraph, chunk_step_graph, decode_step_graphs
 from export.verify import verify_chunk_model, verify_decoder
+from sf_sdk.models.dit import CHUNK_BATCH_AXES
 
 __all__ = ["export_onnx", "export_step_onnx", "load_onnxruntime", "OrtStep", "strip_float64", "main"]
 
@@ -77,11 +78,9 @@ def export_step_onnx(graph: StepGraph, path: Path, settings: ONNXSettings, *,
 
 
 def _batch_axes(name: str, arg: Tensor, batch: Any) -> dict[int, Any] | None:
-    """The batch axis of each chunk-step / decode-step input (None for batch-free inputs)."""
-    if name in ("cross_k", "cross_v", "k_cache", "v_cache"):
-        return {1: batch}  # [L, B, ...]
-    if name in ("write_slots", "kv_len", "cos_q", "sin_q"):
-        return None
+    """The batch axis of each chunk-step / decode-step input (ChunkInputs declares the chunk step's)."""
+    if name in CHUNK_BATCH_AXES:
+        return {CHUNK_BATCH_AXES[name]: batch}
     return {0: batch}
 
 

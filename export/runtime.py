@@ -10,7 +10,8 @@
 State lives in the :class:`sf_sdk.cache.KVCache` the caller owns. An in-place step (torch.compile,
 AOTInductor) writes its buffers directly. A functional step (ONNX Runtime, TensorRT) writes the
 updated caches into a second pair of buffers of the same shape, which then *become* the cache's
-buffers (``cache.k`` / ``cache.v`` are swapped, never copied): two buffers ping-pong per stream.
+buffers (:meth:`KVCache.swap`, never copied): two buffers ping-pong per stream. The inputs of
+every step are :class:`sf_sdk.models.dit.ChunkInputs` (one declaration for all backends).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch
 from torch import Tensor
 
 from export.settings import ChunkShapes, DecodeShapes
+from sf_sdk.attention import REFERENCE
 from sf_sdk.cache import ChunkPlan, KVCache
-from sf_sdk.models.dit import CrossAttnCache, StepAttention, WanDiT
+from sf_sdk.models.dit import ChunkInputs, CrossAttnCache, StepAttention, WanDiT
 
 __all__ = ["StepChunkModel", "StepDecoder", "InPlaceStep", "FunctionalStep", "DecodeRunner", "DecoderFactory",
            "BackendUnavailable"]
@@ -69,49 +71,41 @@ class StepChunkModel:
         self._inplace = inplace
         self._functional = functional
         self.device = torch.device(device) if device is not None else dit.patch_embedding.weight.device
-        self._kv_len: dict[int, Tensor] = {}
         # The spare buffers of each cache a functional step has run on.
         self._spares: weakref.WeakKeyDictionary[KVCache, tuple[Tensor, Tensor]] = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ ChunkModel
-    def step_attention(self, cache: KVCache, plan: ChunkPlan) -> StepAttention:
-        """The chunk's rotary tables, slots and valid length (a device tensor, made once per value)."""
+    def step_attention(self, cache: KVCache, plan: ChunkPlan, impl=None) -> StepAttention:
+        """The chunk's rotary tables, slots and valid lengths (the attention implementation is the
+        one captured in the graph; ``impl`` is ignored)."""
         if plan.key_positions is not None:
             raise ValueError("exported chunk steps implement position_mode='absolute' only; this cache is "
                              "'cache_relative': run it with backend='eager'")
-        attend = self.dit.step_attention(cache, plan)
-        attend.kv_len = self._kv_len_tensor(plan.kv_len)
-        return attend
+        return self.dit.step_attention(cache, plan, REFERENCE)
 
     def forward_chunk(self, x: Tensor, timestep: Tensor, cross: CrossAttnCache, cache: KVCache,
-                      start_frame: int, attend: StepAttention | None = None) -> Tensor:
+                      start_frame: int | ChunkPlan, attend: StepAttention | None = None) -> Tensor:
         """Predict the flow of one chunk; the cache is updated as by ``WanDiT.forward_chunk``."""
         if timestep.dim() == 1 and timestep.shape[0] == x.shape[0]:
             timestep = timestep.unsqueeze(1).expand(x.shape[0], x.shape[1])
         self._check(x, timestep, cross, cache)
-        plan = cache.plan_chunk(start_frame, x.shape[1])
-        if attend is None or attend.write_slots is not plan.write_slots or not isinstance(attend.kv_len, Tensor):
+        plan = start_frame if isinstance(start_frame, ChunkPlan) else cache.plan_chunk(start_frame, x.shape[1])
+        if plan.rows != cache.batch_size:
+            raise ValueError(f"the {self.name} chunk step runs all {cache.batch_size} rows of its cache at once, "
+                             f"the plan covers {plan.rows}")
+        if attend is None or attend.plan is not plan:
             attend = self.step_attention(cache, plan)
-        args = [x.contiguous(), timestep.contiguous(), cross.k, cross.v, cache.k, cache.v, attend.write_slots,
-                attend.kv_len, attend.cos_q, attend.sin_q]
+        args = ChunkInputs.from_plan(x, timestep, cross, cache, attend)
         if self._inplace is not None:
             return self._inplace(*args)
         k_out, v_out = self._spare(cache)
         flow = self._functional(args, k_out, v_out)
         if isinstance(flow, tuple):
             flow, k_out, v_out = flow
-        self._spares[cache] = (cache.k, cache.v)
-        cache.k, cache.v = k_out, v_out
+        self._spares[cache] = cache.swap(k_out, v_out)
         return flow
 
     # ------------------------------------------------------------------ helpers
-    def _kv_len_tensor(self, kv_len: int) -> Tensor:
-        t = self._kv_len.get(kv_len)
-        if t is None:
-            t = torch.tensor(kv_len, dtype=torch.int64, device=self.device)
-            self._kv_len[kv_len] = t
-        return t
-
     def _spare(self, cache: KVCache) -> tuple[Tensor, Tensor]:
         spare = self._spares.get(cache)
         if spare is None or spare[0].shape != cache.k.shape or spare[0].dtype != cache.k.dtype:

@@ -41,6 +41,7 @@ from sf_sdk.config import (
     from_dict,
     to_dict,
 )
+from sf_sdk.models.dit import CHUNK_OUTPUTS, ChunkInputs
 
 __all__ = [
     "ExportSettings",
@@ -112,12 +113,8 @@ def attention_backend(name: AttentionImpl) -> Iterator[None]:
     that needs no compiled extension); ``"kernel"`` / ``"auto"`` may capture the
     ``sf_sdk::cache_attention`` custom op.
     """
-    previous = attention_impl.get_backend()
-    attention_impl.set_backend(name)
-    try:
+    with attention_impl.default_backend(name):
         yield
-    finally:
-        attention_impl.set_backend(previous)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,9 +260,7 @@ class TensorSpec:
         return {"name": self.name, "shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch.")}
 
 
-CHUNK_INPUTS = ("x", "timestep", "cross_k", "cross_v", "k_cache", "v_cache", "write_slots", "kv_len",
-                "cos_q", "sin_q")
-CHUNK_OUTPUTS = ("flow", "new_k_cache", "new_v_cache")
+CHUNK_INPUTS: tuple[str, ...] = ChunkInputs._fields
 
 
 @dataclass(frozen=True)
@@ -309,9 +304,9 @@ class ChunkShapes:
     def inputs(self) -> list[TensorSpec]:
         b, f, dt = self.batch, self.chunk_frames, self.dtype
         cross = (self.num_layers, b, self.text_len, self.num_heads, self.head_dim)
-        rope = (self.chunk_tokens, self.head_dim // 2)
+        rope = (b, self.chunk_tokens, self.head_dim // 2)
         shapes = [self.latent_shape, (b, f), cross, cross, self.cache_shape, self.cache_shape,
-                  (self.chunk_tokens,), (), rope, rope]
+                  (b, self.chunk_tokens), (b,), rope, rope]
         dtypes = [dt, dt, dt, dt, dt, dt, torch.int64, torch.int64, dt, dt]
         return [TensorSpec(n, s, d) for n, s, d in zip(CHUNK_INPUTS, shapes, dtypes)]
 

@@ -9,7 +9,9 @@
   ``temporal_stride`` pixel frames out), the conv cache as explicit inputs and outputs.
 
 Example inputs come from a real cache plan for a chunk whose window is full and wrapped, so
-captured graphs see the same kind of values they will see while streaming.
+captured graphs see the same kind of values they will see while streaming; with a batch of
+several streams, the rows sit at different positions (a pool whose streams joined at different
+times). The inputs are :class:`sf_sdk.models.dit.ChunkInputs`, the declaration every backend shares.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from export.settings import ExportModel, ExportSettings
-from sf_sdk.models.dit import ChunkStep, WanDiT
+from sf_sdk.models.dit import ChunkInputs, ChunkStep, WanDiT
 from sf_sdk.models.vae import VAEDecodeStep
 
 __all__ = ["StepGraph", "chunk_step_graph", "decode_step_graphs", "check_exportable", "STEP_FILES"]
@@ -67,22 +69,25 @@ def chunk_step_graph(model: ExportModel, settings: ExportSettings, *, functional
         raise AssertionError(f"cache {tuple(cache.k.shape)} != profile {shapes.cache_shape}")
     with torch.no_grad():
         cross = dit.encode_context(_prompt(dit, shapes.batch, device, dtype))
-        # A chunk past the window's first wrap (or the last chunk of a global cache).
+        # Rows at different positions, each past the window's first wrap (or the last chunks of a
+        # global cache): row r is r chunks behind row 0 (as pooled streams that joined later).
         chunk = stream.num_frame_per_block
         frames = cache.layout.capacity_frames + chunk if stream.rolling else cache.layout.capacity_frames
-        start = (frames // chunk - 1) * chunk
-        for s in range(0, start + 1, chunk):
-            plan = cache.plan_chunk(s, chunk)
-        attend = dit.step_attention(cache, plan)
-    cache.k.normal_()
-    cache.v.normal_()
-    x = torch.randn(shapes.latent_shape, device=device, dtype=dtype)
-    t = torch.full((shapes.batch, chunk), 500.0, device=device, dtype=dtype)
-    kv_len = torch.tensor(plan.kv_len, dtype=torch.int64, device=device)
-    args = (x, t, cross.k, cross.v, cache.k, cache.v, plan.write_slots, kv_len, attend.cos_q, attend.sin_q)
+        last = (frames // chunk - 1) * chunk
+        starts = [max(0, last - chunk * (r % 2)) for r in range(shapes.batch)]
+        for s in range(0, last, chunk):
+            cache.plan_rows([s if s < st else None for st in starts], chunk)
+        plan = cache.plan_rows(starts, chunk)
+        x = torch.randn(shapes.latent_shape, device=device, dtype=dtype)
+        t = torch.full((shapes.batch, chunk), 500.0, device=device, dtype=dtype)
+        attend = dit.step_attention(cache, plan, "reference")
+        cache.k.normal_()
+        cache.v.normal_()
+        args = tuple(ChunkInputs.from_plan(x, t, cross, cache, attend))
     names = [spec.name for spec in shapes.inputs()]
     outputs = [spec.name for spec in shapes.outputs()] if functional else ["flow"]
-    return StepGraph("chunk", ChunkStep(dit, functional=functional).eval(), args, names, outputs)
+    step = ChunkStep(dit, functional=functional, attention=settings.attention).eval()
+    return StepGraph("chunk", step, args, names, outputs)
 
 
 def decode_step_graphs(model: ExportModel, settings: ExportSettings) -> list[StepGraph]:

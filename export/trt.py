@@ -40,6 +40,7 @@ from export.manifest import Manifest, read_manifest, update_manifest
 from export.onnx import export_onnx, strip_float64
 from export.runtime import BackendUnavailable, DecoderFactory, StepChunkModel, StepDecoder
 from export.settings import ChunkShapes, DecodeShapes, TensorSpec, TRTSettings, tolerance
+from sf_sdk.models.dit import CHUNK_BATCH_AXES
 
 __all__ = ["export_trt", "build_engines", "load_tensorrt", "trt_blockers", "engine_key", "EngineProfile",
            "profiles_for", "main", "EXIT_UNAVAILABLE"]
@@ -122,8 +123,7 @@ def _batched(specs: list[TensorSpec], batches: tuple[int, int, int], batch_axis:
     return EngineProfile(out)  # type: ignore[arg-type]
 
 
-_CHUNK_BATCH_AXIS = {"cross_k": 1, "cross_v": 1, "k_cache": 1, "v_cache": 1, "write_slots": None, "kv_len": None,
-                     "cos_q": None, "sin_q": None}
+_CHUNK_BATCH_AXIS: dict[str, int | None] = dict(CHUNK_BATCH_AXES)
 
 
 def profiles_for(chunk: ChunkShapes, decode: DecodeShapes | None, settings: TRTSettings) -> dict[str, EngineProfile]:

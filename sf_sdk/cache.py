@@ -43,6 +43,7 @@ Bookkeeping (``end_frame``) is plain Python ints on the host: the per-chunk path
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,7 @@ from torch import Tensor
 
 from sf_sdk.config import DiTConfig, StreamingConfig
 
-__all__ = ["CacheLayout", "ChunkPlan", "KVCache", "frame_visibility"]
+__all__ = ["CacheLayout", "ChunkPlan", "KVCache", "frame_visibility", "write_rows"]
 
 
 @dataclass(frozen=True)
@@ -107,19 +108,64 @@ class CacheLayout:
 
 @dataclass
 class ChunkPlan:
-    """Where one chunk goes in the cache and what it attends to.
+    """Where one chunk goes in the cache, row by row, and what it attends to.
 
-    Indices are small device tensors built from host ints (no device-to-host transfer).
-
-    A plan is made once per chunk and reused for all its calls (denoising steps and cache pass).
+    A cache row is one stream: rows of one plan may sit at different frame positions (pooled
+    streams that joined at different times). The plan covers the first ``rows`` rows of the cache.
+    Indices are small device tensors built from host ints (no device-to-host transfer). A plan is
+    made once per chunk and reused for all its calls (denoising steps and cache pass).
     """
 
-    start_frame: int
+    start_frames: tuple[int, ...]  # per row: first latent frame of the chunk (idle rows: 0)
     num_frames: int
-    write_slots: Tensor  # [F * T] int64, token slots of the chunk
-    kv_len: int  # valid prefix (tokens) after the chunk is written
-    query_positions: Tensor  # [F] int64, rotary frame position of each chunk frame
-    key_positions: Tensor | None  # [kv_len / T] int64 (cache_relative): position of each valid frame slot
+    write_slots: Tensor  # [rows, F * T] int64, token slots of each row's chunk
+    kv_lens: tuple[int, ...]  # per row: valid prefix (tokens) after the chunk is written
+    query_positions: Tensor  # [rows, F] int64, rotary frame position of each chunk frame
+    key_positions: Tensor | None  # [rows, K] int64 (cache_relative): position of each valid frame slot
+    active: tuple[bool, ...]  # per row: False for idle rows (computed, written to their own row, never read)
+    kv_len_tensor: Tensor  # [rows] int64, kv_lens on the cache's device
+
+    @property
+    def rows(self) -> int:
+        return len(self.start_frames)
+
+    @property
+    def uniform(self) -> bool:
+        """Every row writes the same slots and reads the same prefix (one stream, or a batch of
+        streams in lockstep): eager attention slices the cache instead of masking it."""
+        return len(set(self.start_frames)) == 1
+
+    @property
+    def start_frame(self) -> int:
+        if not self.uniform:
+            raise ValueError(f"the rows of this plan start at different frames {self.start_frames}")
+        return self.start_frames[0]
+
+    @property
+    def kv_len(self) -> int | Tensor:
+        """A Python int when the rows agree (eager slicing), else the per-row ``[rows]`` tensor."""
+        return self.kv_lens[0] if self.uniform else self.kv_len_tensor
+
+
+def write_rows(buffer: Tensor, slots: Tensor, new: Tensor, *, inplace: bool) -> Tensor:
+    """The cache's write rule: ``buffer[b, slots[b]] = new[b]`` for every row b.
+
+    buffer ``[B, cap, H, D]`` (one layer), new ``[B, n, H, D]``; slots ``[n]`` (every row the
+    same) or ``[B, n]`` (one slot list per row). ``inplace=False`` returns a new buffer and leaves
+    ``buffer`` untouched (graphs whose caches are outputs: ONNX, TensorRT).
+    """
+    new = new.to(buffer.dtype)
+    if slots.dim() == 1:
+        return buffer.index_copy_(1, slots, new) if inplace else buffer.index_copy(1, slots, new)
+    b, cap, h, d = buffer.shape
+    n = slots.shape[1]
+    rows = torch.arange(b, device=slots.device, dtype=slots.dtype).unsqueeze(1) * cap  # [B, 1]
+    flat = (rows + slots).reshape(b * n)  # [B*n] token index into [B*cap]
+    values = new.reshape(b * n, h, d)  # [B*n, H, D]
+    if inplace:
+        buffer.view(b * cap, h, d).index_copy_(0, flat, values)
+        return buffer
+    return buffer.reshape(b * cap, h, d).index_copy(0, flat, values).view(b, cap, h, d)
 
 
 def frame_visibility(num_frames: int, chunk: int, sink_frames: int = 0, ring_frames: int | None = None,
@@ -170,9 +216,9 @@ class KVCache:
         self.head_dim = head_dim
         self.position_mode = position_mode
         shape = (num_layers, batch_size, layout.capacity, num_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, cap, H, D]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, cap, H, D]
-        self.end_frame = 0  # frames [0, end_frame) have been written
+        self._k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, cap, H, D]
+        self._v = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, cap, H, D]
+        self.end_frames = [0] * batch_size  # per row: frames [0, end) have been written
         self._last: ChunkPlan | None = None
         self._slot_base = torch.arange(layout.tokens_per_frame, device=device)  # [T]
 
@@ -186,75 +232,145 @@ class KVCache:
 
     # ------------------------------------------------------------------ state
     @property
+    def k(self) -> Tensor:
+        """Key buffers ``[L, B, cap, H, D]`` (read-only from outside: :meth:`write`, :meth:`swap`)."""
+        return self._k
+
+    @property
+    def v(self) -> Tensor:
+        """Value buffers ``[L, B, cap, H, D]``."""
+        return self._v
+
+    @property
     def dtype(self) -> torch.dtype:
-        return self.k.dtype
+        return self._k.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.k.device
+        return self._k.device
 
-    def reset(self) -> None:
-        """Forget every frame (buffers are kept; stale slots are never read)."""
-        self.end_frame = 0
+    @property
+    def end_frame(self) -> int:
+        """Frames written so far, when every row agrees (one stream, or streams in lockstep)."""
+        if len(set(self.end_frames)) != 1:
+            raise ValueError(f"the rows of this cache are at different frames {self.end_frames}: read "
+                             f"end_frames[row]")
+        return self.end_frames[0]
+
+    def reset(self, rows: Sequence[int] | None = None) -> None:
+        """Forget every frame of ``rows`` (default: all); buffers are kept, stale slots are never read."""
+        for r in range(self.batch_size) if rows is None else rows:
+            if not 0 <= r < self.batch_size:
+                raise ValueError(f"row {r} does not exist: the cache has {self.batch_size} rows")
+            self.end_frames[r] = 0
         self._last = None
 
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return self._k.numel() * self._k.element_size() * 2
+
+    def valid_tokens(self, row: int) -> int:
+        """Tokens of row ``row`` that hold frames (a prefix of its buffer)."""
+        return min(self.end_frames[row], self.layout.capacity_frames) * self.layout.tokens_per_frame
+
+    # ------------------------------------------------------------------ writes
+    def write(self, layer: int, k: Tensor, v: Tensor, plan: ChunkPlan) -> None:
+        """Write a chunk's keys/values ``[rows, F*T, H, D]`` of ``layer`` into its slots, in place."""
+        rows = plan.rows
+        slots = plan.write_slots[0] if plan.uniform else plan.write_slots
+        write_rows(self._k[layer, :rows], slots, k.detach(), inplace=True)
+        write_rows(self._v[layer, :rows], slots, v.detach(), inplace=True)
+
+    def swap(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Make ``k`` / ``v`` (same shape and dtype; the outputs of a functional step) the buffers;
+        returns the previous ones, to be reused as the next call's outputs (ping-pong, no copy)."""
+        if k.shape != self._k.shape or v.shape != self._v.shape or k.dtype != self.dtype or v.dtype != self.dtype:
+            raise ValueError(f"swap needs buffers {tuple(self._k.shape)} of {self.dtype}, got "
+                             f"{tuple(k.shape)} / {tuple(v.shape)} of {k.dtype} / {v.dtype}")
+        old = (self._k, self._v)
+        self._k, self._v = k, v
+        return old
 
     # ------------------------------------------------------------------ planning
     def plan_chunk(self, start_frame: int, num_frames: int) -> ChunkPlan:
-        """Reserve slots for frames ``[start_frame, start_frame + num_frames)``.
+        """Reserve slots for frames ``[start_frame, start_frame + num_frames)`` in every row.
 
         A chunk is either the next one (``start_frame == end_frame``) or the last one again
         (same start and length: its slots are overwritten). Anything else is an error.
         """
+        return self.plan_rows([start_frame] * self.batch_size, num_frames)
+
+    def plan_rows(self, starts: Sequence[int | None], num_frames: int) -> ChunkPlan:
+        """Reserve slots for one chunk of ``num_frames`` frames per row: row ``r`` writes frames
+        ``[starts[r], starts[r] + num_frames)``; ``None`` marks an idle row (it is computed and
+        written into its own slots, never read: its next stream starts with :meth:`reset`).
+
+        The plan covers rows ``[0, len(starts))``. Each active row's chunk is its next one
+        (``starts[r] == end_frames[r]``), or the whole plan repeats the last one.
+        """
         lay = self.layout
         if num_frames <= 0:
             raise ValueError(f"a chunk needs at least one frame, got {num_frames}")
+        if not 0 < len(starts) <= self.batch_size:
+            raise ValueError(f"a plan covers 1..{self.batch_size} rows of this cache, got {len(starts)}")
+        active = tuple(s is not None for s in starts)
+        firsts = tuple(0 if s is None else int(s) for s in starts)
         last = self._last
-        if last is not None and start_frame == last.start_frame and num_frames == last.num_frames:
+        if (last is not None and firsts == last.start_frames and active == last.active
+                and num_frames == last.num_frames):
             return last
-        if start_frame != self.end_frame:
-            raise ValueError(
-                f"chunks must be streamed in order: the cache holds frames up to {self.end_frame}, "
-                f"got a chunk starting at frame {start_frame}; call reset() to start a new stream")
-        end = start_frame + num_frames
-        if num_frames > lay.ring_frames and end > lay.sink_frames:
-            raise ValueError(f"a chunk of {num_frames} frames does not fit the cache ring of "
-                             f"{lay.ring_frames} frames; raise local_attn_size")
-        if lay.global_attention and end > lay.capacity_frames:
-            raise ValueError(
-                f"global attention cache holds {lay.capacity_frames} latent frames, the stream reached "
-                f"{end}: give the stream length up front, or use a rolling window (local_attn_size)")
+        for r, (s, on) in enumerate(zip(firsts, active)):
+            if on and s != self.end_frames[r]:
+                raise ValueError(
+                    f"chunks must be streamed in order: row {r} of the cache holds frames up to "
+                    f"{self.end_frames[r]}, got a chunk starting at frame {s}; call reset() to start a new stream")
+            end = s + num_frames
+            if num_frames > lay.ring_frames and end > lay.sink_frames:
+                raise ValueError(f"a chunk of {num_frames} frames does not fit the cache ring of "
+                                 f"{lay.ring_frames} frames; raise local_attn_size")
+            if on and lay.global_attention and end > lay.capacity_frames:
+                raise ValueError(
+                    f"global attention cache holds {lay.capacity_frames} latent frames, the stream reached "
+                    f"{end}: give the stream length up front, or use a rolling window (local_attn_size)")
         dev = self.device
-        frames = torch.arange(start_frame, end, device=dev)  # [F], absolute frame indices
+        start = torch.tensor(firsts, device=dev).unsqueeze(1)  # [R, 1]
+        frames = start + torch.arange(num_frames, device=dev)  # [R, F], absolute frame indices
         slots = torch.where(frames < lay.sink_frames, frames,
-                            lay.sink_frames + (frames - lay.sink_frames) % lay.ring_frames)  # [F]
-        write = (slots.unsqueeze(1) * lay.tokens_per_frame + self._slot_base).reshape(-1)  # [F * T]
-        kv_frames = min(end, lay.capacity_frames)
+                            lay.sink_frames + (frames - lay.sink_frames) % lay.ring_frames)  # [R, F]
+        write = (slots.unsqueeze(2) * lay.tokens_per_frame + self._slot_base).flatten(1)  # [R, F * T]
+        ends = [s + num_frames for s in firsts]
+        kv_frames = [min(e, lay.capacity_frames) for e in ends]
         if self.position_mode == "absolute":
             query_pos, key_pos = frames, None
         else:
-            offset = lay.evicted(end)  # ring positions shift down by the evicted frame count
+            end_t = torch.tensor(ends, device=dev).unsqueeze(1)  # [R, 1]
+            offset = (end_t - lay.capacity_frames).clamp(min=0)  # ring positions shift down by the evictions
             query_pos = torch.where(frames < lay.sink_frames, frames, frames - offset)
-            s = torch.arange(kv_frames, device=dev)  # valid frame slots
-            r = s - lay.sink_frames
+            s_idx = torch.arange(max(kv_frames), device=dev).unsqueeze(0)  # [1, K] valid frame slots
+            r_idx = s_idx - lay.sink_frames
             # the newest frame f < end stored in ring slot r: (f - S) % R == r
-            newest = end - 1 - (end - 1 - lay.sink_frames - r) % lay.ring_frames
-            key_pos = torch.where(s < lay.sink_frames, s, newest - offset)
-        plan = ChunkPlan(start_frame, num_frames, write, kv_frames * lay.tokens_per_frame, query_pos, key_pos)
-        self.end_frame = end
+            newest = end_t - 1 - (end_t - 1 - lay.sink_frames - r_idx) % lay.ring_frames
+            key_pos = torch.where(s_idx < lay.sink_frames, s_idx, newest - offset)  # [R, K]
+        kv_lens = tuple(n * lay.tokens_per_frame for n in kv_frames)
+        plan = ChunkPlan(firsts, num_frames, write, kv_lens, query_pos, key_pos, active,
+                         torch.tensor(kv_lens, dtype=torch.int64, device=dev))
+        for r, on in enumerate(active):
+            if on:
+                self.end_frames[r] = ends[r]
         self._last = plan
         return plan
 
     # ------------------------------------------------------------------ checks
     def check_compatible(self, batch_size: int, num_layers: int, num_heads: int, head_dim: int,
-                         grid_hw: tuple[int, int], dtype: torch.dtype) -> None:
-        """Raise a clear error when this cache cannot serve a call with these properties."""
-        if batch_size != self.batch_size:
+                         grid_hw: tuple[int, int], dtype: torch.dtype, *, rows: int | None = None) -> None:
+        """Raise a clear error when this cache cannot serve a call with these properties
+        (``rows``: the call covers that many leading rows of the cache; default all)."""
+        rows = self.batch_size if rows is None else rows
+        if batch_size != rows:
             raise ValueError(f"the KV cache was built for batch size {self.batch_size}, the input has "
                              f"batch size {batch_size}: build a cache with KVCache.for_model(..., "
-                             f"batch_size={batch_size})")
+                             f"batch_size={batch_size})" if rows == self.batch_size else
+                             f"the chunk plan covers {rows} rows of the KV cache, the input has batch size "
+                             f"{batch_size}")
         if (num_layers, num_heads, head_dim) != (self.num_layers, self.num_heads, self.head_dim):
             raise ValueError(f"the KV cache has (layers, heads, head_dim) = "
                              f"{(self.num_layers, self.num_heads, self.head_dim)}, the model has "

@@ -3,38 +3,43 @@
 Stages of one stream (each a method, in this order):
 
 1. ``_check_request``   — validate prompt / embeddings / lengths / seed / initial video;
-2. ``_encode_prompt``   — text encoder (with its prompt cache) -> the DiT's cross-attention K/V;
-3. ``_kv_cache``        — reset the KV cache; a fresh streaming VAE decoder; seed the noise;
-4. the per-chunk loop   — :func:`sf_sdk.sampling.denoise_chunk` (the same code training runs), then
-   the streaming VAE decode of just that chunk;
-5. frames are yielded as soon as they exist.
+2. ``_padded_embeds``   — text encoder -> the prompt embedding (its cross-attention K/V per chunk);
+3. the stream's pool    — a :class:`~sf_sdk.pool.StreamPool` of one (its KV cache kept between
+   streams), a fresh streaming VAE decoder and noise generator per stream;
+4. the per-chunk step   — :func:`sf_sdk.sampling.denoise_chunk` and :func:`~sf_sdk.sampling.cache_pass`
+   (the code training runs), then the streaming VAE decode of just that chunk;
+5. frames are yielded as soon as they exist (:mod:`sf_sdk.stream`).
 
-A generator holds one KV cache, so one stream runs at a time: starting a stream supersedes the
-previous one (which then raises if iterated again). Grad mode is only switched off while a chunk
-is computed, never across a ``yield``, so the caller's code between chunks runs in its own mode.
+One stream at a time per :meth:`StreamingGenerator.stream` (starting a stream supersedes an
+unfinished one); many at once, batched, through :meth:`StreamingGenerator.pool`.
 
-Backends: ``backend="eager"`` runs the PyTorch modules; other names (``compile``, ``aoti``,
-``onnxruntime``, ``tensorrt``, ``torch_tensorrt``) are provided by the ``export`` package and
-registered under the same API (:func:`register_backend`).
+Backends (:mod:`sf_sdk.backends`): ``backend="eager"`` runs the PyTorch modules; other names
+(``compile``, ``aoti``, ``onnxruntime``, ``tensorrt``, ``torch_tensorrt``) are provided by the
+``export`` package and registered under the same API (:func:`register_backend`). Results are
+in :mod:`sf_sdk.results`.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from sf_sdk.cache import KVCache
+from sf_sdk.backends import (
+    Backend,
+    backend_names,
+    backend_status,
+    register_backend,
+    resolve_backend,
+)
 from sf_sdk.checkpoint import DEFAULT_FPS, LoadedModel, load_pretrained, resolve_dtype
 from sf_sdk.config import (
     DIT_PRESETS,
@@ -46,117 +51,28 @@ from sf_sdk.config import (
     VAEConfig,
     from_dict,
 )
-from sf_sdk.models.dit import CrossAttnCache, WanDiT
-from sf_sdk.sampling import ChunkModel, ChunkSchedule, denoise_chunk
+from sf_sdk.models.dit import WanDiT
+from sf_sdk.pool import PooledStream, StreamPool, StreamRequest
+from sf_sdk.results import (
+    DEFAULT_SPATIAL_STRIDE,
+    DEFAULT_TEMPORAL_STRIDE,
+    ChunkTiming,
+    Video,
+    VideoChunk,
+    latent_frames_floor,
+    latent_frames_for_video,
+    to_uint8,
+    video_frames_for_latents,
+)
+from sf_sdk.sampling import ChunkSchedule
+from sf_sdk.stream import VideoStream
 
-__all__ = ["StreamingGenerator", "VideoChunk", "Video", "ChunkTiming", "VideoStream", "Backend",
-           "register_backend", "backend_names", "backend_status", "video_frames_for_latents",
-           "latent_frames_for_video", "cpu_threads"]
+__all__ = ["StreamingGenerator", "VideoChunk", "Video", "ChunkTiming", "VideoStream", "StreamPool", "PooledStream",
+           "Backend", "register_backend", "backend_names", "backend_status", "video_frames_for_latents",
+           "latent_frames_for_video", "cpu_threads", "to_uint8", "DEFAULT_TEMPORAL_STRIDE",
+           "DEFAULT_SPATIAL_STRIDE"]
 
 log = logging.getLogger(__name__)
-
-# Without a VAE (latents only), frames are counted with the Wan2.1 VAE's strides.
-DEFAULT_TEMPORAL_STRIDE = 4
-DEFAULT_SPATIAL_STRIDE = 8
-
-
-# --------------------------------------------------------------------------------------------
-# Results
-# --------------------------------------------------------------------------------------------
-
-
-class ChunkTiming:
-    """Seconds one chunk spent in the DiT (denoising steps + cache pass) and in the VAE decode
-    (including the copy of the uint8 frames to the host; 0 when ``decode=False``).
-
-    On the CPU these are host-clock readings taken after the work. On CUDA they come from CUDA
-    events recorded around the work and are resolved when first read, which waits for the chunk's
-    work to finish: streaming itself never synchronizes for timing.
-    """
-
-    def __init__(self, dit_s: float = 0.0, decode_s: float = 0.0, *,
-                 events: tuple[Any, Any, Any] | None = None) -> None:
-        self._dit_s = dit_s
-        self._decode_s = decode_s
-        self._events = events
-
-    def _resolve(self) -> None:
-        if self._events is not None:
-            start, mid, end = self._events
-            end.synchronize()
-            self._dit_s = start.elapsed_time(mid) / 1e3
-            self._decode_s = mid.elapsed_time(end) / 1e3
-            self._events = None
-
-    @property
-    def dit_s(self) -> float:
-        self._resolve()
-        return self._dit_s
-
-    @property
-    def decode_s(self) -> float:
-        self._resolve()
-        return self._decode_s
-
-    @property
-    def total_s(self) -> float:
-        return self.dit_s + self.decode_s
-
-    def __repr__(self) -> str:
-        return f"ChunkTiming(dit_s={self.dit_s:.4f}, decode_s={self.decode_s:.4f})"
-
-
-class _Clock:
-    """Marks around a chunk's stages: host clock on the CPU, CUDA events on CUDA."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def mark(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def timing(self, start: Any, mid: Any, end: Any) -> ChunkTiming:
-        if self.cuda:
-            return ChunkTiming(events=(start, mid, end))
-        return ChunkTiming(mid - start, end - mid)
-
-
-@dataclass
-class VideoChunk:
-    """One streamed chunk."""
-
-    index: int
-    start_frame: int  # first latent frame of the chunk
-    latents: Tensor  # [F, C, h, w], normalized VAE latents
-    frames: np.ndarray | None  # uint8 [T, H, W, 3] (None when decode=False)
-    timing: ChunkTiming
-    is_initial: bool = False  # True for chunks that replay a given initial video/latent
-
-
-@dataclass
-class Video:
-    """A whole generated video."""
-
-    frames: np.ndarray | None  # uint8 [T, H, W, 3]
-    latents: Tensor  # [F, C, h, w]
-    fps: int
-    timings: list[ChunkTiming]
-
-
-def video_frames_for_latents(latent_frames: int, temporal_stride: int = DEFAULT_TEMPORAL_STRIDE) -> int:
-    """Pixel frames decoded from ``latent_frames`` causal latent frames (1 + 4 (T - 1))."""
-    return 0 if latent_frames <= 0 else 1 + temporal_stride * (latent_frames - 1)
-
-
-def latent_frames_for_video(video_frames: int, temporal_stride: int = DEFAULT_TEMPORAL_STRIDE) -> int:
-    """Latent frames of a causal video of ``video_frames`` = 1 + 4k frames."""
-    if video_frames <= 0 or (video_frames - 1) % temporal_stride:
-        raise ValueError(f"{video_frames} video frames is not 1 + {temporal_stride}k")
-    return (video_frames - 1) // temporal_stride + 1
 
 
 @contextmanager
@@ -170,120 +86,6 @@ def cpu_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(saved)
-
-
-def _latent_frames_floor(video_frames: int, temporal_stride: int) -> int:
-    """Latent frames whose decode fits in ``video_frames`` (at least 1)."""
-    return (max(video_frames, 1) - 1) // temporal_stride + 1
-
-
-def to_uint8(video: Tensor) -> np.ndarray:
-    """[B=1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
-    x = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [3, T, H, W]
-    return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
-
-
-# --------------------------------------------------------------------------------------------
-# Backends
-# --------------------------------------------------------------------------------------------
-
-
-class Decoder(Protocol):
-    def decode(self, z: Tensor) -> Tensor: ...
-
-    def reset(self) -> None: ...
-
-
-@dataclass
-class Backend:
-    """What the streaming loop runs: a chunk model and a streaming decoder factory."""
-
-    name: str
-    dit: ChunkModel
-    make_decoder: Callable[[], Decoder] | None
-
-
-BackendFactory = Callable[["StreamingGenerator", dict[str, Any]], Backend]
-# Returns None when the backend can run here, else the reason it cannot.
-AvailabilityCheck = Callable[[], "str | None"]
-_BACKENDS: dict[str, BackendFactory] = {}
-_AVAILABLE: dict[str, AvailabilityCheck] = {}
-# Backends living in the export package, imported on first use.
-_LAZY_BACKENDS = {
-    "compile": "export.backends",
-    "aoti": "export.backends",
-    "onnxruntime": "export.backends",
-    "tensorrt": "export.backends",
-    "torch_tensorrt": "export.backends",
-}
-_import_errors: dict[str, str] = {}
-
-
-def register_backend(name: str, factory: BackendFactory, *, available: AvailabilityCheck | None = None
-                     ) -> None:
-    """Make ``StreamingGenerator(..., backend=name)`` build its backend with ``factory``.
-
-    ``available`` (optional) returns None when the backend can run on this machine, else the
-    reason it cannot (e.g. "tensorrt is not installed"); benchmarks use it to skip backends.
-    """
-    _BACKENDS[name] = factory
-    if available is not None:
-        _AVAILABLE[name] = available
-    else:
-        _AVAILABLE.pop(name, None)
-
-
-def _eager_backend(gen: StreamingGenerator, options: dict[str, Any]) -> Backend:
-    if options:
-        raise ValueError(f"the eager backend takes no options, got {sorted(options)}")
-    make = gen.vae.streaming_decoder if gen.vae is not None else None
-    return Backend("eager", gen.dit, make)
-
-
-register_backend("eager", _eager_backend)
-
-
-def _import_backend_module(name: str) -> None:
-    module = _LAZY_BACKENDS.get(name)
-    if name in _BACKENDS or module is None or module in _import_errors:
-        return
-    try:
-        importlib.import_module(module)
-    except ImportError as exc:
-        _import_errors[module] = f"{module} cannot be imported ({exc})"
-
-
-def backend_names() -> list[str]:
-    """Every backend name: registered ones and the ones the export package provides."""
-    for name in _LAZY_BACKENDS:
-        _import_backend_module(name)
-    return ["eager"] + sorted((set(_BACKENDS) | set(_LAZY_BACKENDS)) - {"eager"})
-
-
-def backend_status(name: str) -> str | None:
-    """None when backend ``name`` can run here, else the reason it cannot."""
-    _import_backend_module(name)
-    if name not in _BACKENDS:
-        module = _LAZY_BACKENDS.get(name)
-        if module is None:
-            return f"unknown backend {name!r}"
-        return _import_errors.get(module, f"{module} does not register {name!r}")
-    check = _AVAILABLE.get(name)
-    if check is None:
-        return None
-    try:
-        return check()
-    except Exception as exc:  # an availability probe must not break listing
-        return f"availability check failed: {type(exc).__name__}: {exc}"
-
-
-def _resolve_backend(name: str) -> BackendFactory:
-    _import_backend_module(name)
-    if name not in _BACKENDS:
-        reason = backend_status(name)
-        known = sorted(set(_BACKENDS) | set(_LAZY_BACKENDS))
-        raise ValueError(f"backend {name!r} is not available ({reason}); choose one of {known}")
-    return _BACKENDS[name]
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,8 +146,8 @@ class StreamingGenerator:
         if streaming.latent_height % ph or streaming.latent_width % pw:
             raise ValueError(f"latent size {streaming.latent_height}x{streaming.latent_width} is not "
                              f"divisible by the DiT patch size {ph}x{pw}: change latent_height/latent_width")
-        self._cache: KVCache | None = None
-        self._cache_key: tuple | None = None
+        self._solo: StreamPool | None = None  # the pool of one that stream() runs in
+        self._solo_key: tuple | None = None
         self._active: VideoStream | None = None
         self.backend = Backend("none", dit, None)
         self.use_backend(backend, backend_options)
@@ -446,7 +248,7 @@ class StreamingGenerator:
 
     def use_backend(self, name: str, options: dict[str, Any] | None = None) -> None:
         """Run later streams on backend ``name`` (``"eager"``, or one from the export package)."""
-        backend = _resolve_backend(name)(self, dict(options or {}))
+        backend = resolve_backend(name)(self, dict(options or {}))
         self._close_active()
         self.backend = backend
 
@@ -481,7 +283,7 @@ class StreamingGenerator:
     def valid_num_frames(self, near: int, count: int = 2) -> list[int]:
         """Video frame counts this model can produce (whole chunks), nearest to ``near``."""
         c = self.streaming.num_frame_per_block
-        lat = max(c, math.ceil(_latent_frames_floor(near, self.temporal_stride) / c) * c)
+        lat = max(c, math.ceil(latent_frames_floor(near, self.temporal_stride) / c) * c)
         cands = {video_frames_for_latents(x, self.temporal_stride) for x in (lat - c, lat, lat + c) if x > 0}
         return sorted(cands, key=lambda n: (abs(n - near), n))[:count]
 
@@ -533,6 +335,23 @@ class StreamingGenerator:
         latents = torch.cat([c.latents for c in chunks], dim=0)
         return Video(frames, latents, self.fps, [c.timing for c in chunks])
 
+    def pool(self, max_streams: int, *, max_frames: int | None = None) -> StreamPool:
+        """A pool of ``max_streams`` streams advanced together in one batched DiT call per step
+        (see :mod:`sf_sdk.pool`). ``max_frames`` (video frames): the longest stream a global-attention
+        model's pool holds (default: the streaming config's ``global_cache_frames``); rolling-window
+        models need none. A pool is independent of :meth:`stream` (its own KV cache)."""
+        capacity = None
+        if not self.streaming.rolling:
+            if max_frames is None:
+                capacity = self.streaming.global_cache_frames
+            else:
+                if not isinstance(max_frames, int) or isinstance(max_frames, bool) or max_frames <= 0:
+                    raise ValueError(f"max_frames must be a positive int (video frames), got {max_frames!r}")
+                capacity = latent_frames_floor(max_frames, self.temporal_stride)
+                c = self.streaming.num_frame_per_block
+                capacity = math.ceil(capacity / c) * c
+        return StreamPool(self, max_streams, latent_capacity=capacity)
+
     # ------------------------------------------------------------------ stages
     def _check_prompt(self, prompt: Any) -> None:
         if not isinstance(prompt, str):
@@ -541,7 +360,7 @@ class StreamingGenerator:
             raise ValueError("prompt is empty: describe the video to generate")
 
     def _check_request(self, prompt, prompt_embeds, num_frames, seed, decode, initial_latent,
-                       initial_frames) -> _Request:
+                       initial_frames) -> StreamRequest:
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("give exactly one of prompt (a string) or prompt_embeds ([L, text_dim])")
         if prompt is not None:
@@ -560,7 +379,7 @@ class StreamingGenerator:
             if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames <= 0:
                 raise ValueError(f"num_frames must be a positive int (video frames) or None, got {num_frames!r}")
             ok = (num_frames - 1) % self.temporal_stride == 0
-            latent_total = _latent_frames_floor(num_frames, self.temporal_stride)
+            latent_total = latent_frames_floor(num_frames, self.temporal_stride)
             if not ok or latent_total % c:
                 raise ValueError(f"{num_frames} video frames is not a whole number of chunks "
                                  f"({c} latent frames = {self.chunk_frames} video frames each, the first "
@@ -574,7 +393,7 @@ class StreamingGenerator:
             raise ValueError(f"the initial video already has {init.shape[0]} latent frames "
                              f"({video_frames_for_latents(init.shape[0], self.temporal_stride)} video frames); "
                              f"num_frames = {num_frames} asks for {latent_total} in total: ask for more")
-        return _Request(prompt, prompt_embeds, latent_total, seed, decode, init, init_frames)
+        return StreamRequest(prompt, prompt_embeds, latent_total, seed, decode, init, init_frames)
 
     def _check_embeds(self, embeds: Any) -> Tensor:
         cfg = self.dit.config
@@ -608,7 +427,7 @@ class StreamingGenerator:
             if frames.dtype != torch.uint8:
                 raise ValueError(f"initial_frames must be uint8, got {frames.dtype}")
             t, s = frames.shape[0], self.temporal_stride
-            latents = _latent_frames_floor(t, s)
+            latents = latent_frames_floor(t, s)
             if (t - 1) % s or latents % c:
                 valid = [n for n in self.valid_num_frames(t, 3) if n >= 1]
                 raise ValueError(f"initial_frames has {t} frames; it must be whole chunks of {c} latent frames "
@@ -633,139 +452,44 @@ class StreamingGenerator:
                              f"of {c})")
         return initial_latent.to(self.device, self.dtype), kept_frames
 
-    def _encode_prompt(self, req: _Request) -> CrossAttnCache:
-        emb = req.prompt_embeds if req.prompt_embeds is not None else self.text_encoder.encode(req.prompt)[0]
-        return self.dit.encode_context(emb.to(self.device, self.dtype).unsqueeze(0))  # K/V [L, 1, Lt, H, D]
+    def _padded_embeds(self, prompt: str | None, prompt_embeds: Tensor | None) -> Tensor:
+        """The prompt (a string, or checked embeddings) as a zero-padded [text_len, text_dim]
+        embedding on the model's device and dtype."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("give exactly one of prompt (a string) or prompt_embeds ([L, text_dim])")
+        if prompt is not None:
+            self._check_prompt(prompt)
+            if self.text_encoder is None:
+                raise ValueError("this model has no text encoder: pass prompt_embeds instead of a prompt")
+            with torch.inference_mode():
+                emb = self.text_encoder.encode(prompt)[0]
+        else:
+            emb = self._check_embeds(prompt_embeds)
+        emb = emb.to(self.device, self.dtype)
+        return F.pad(emb, (0, 0, 0, self.dit.config.text_len - emb.shape[0]))  # [text_len, text_dim]
 
-    def _kv_cache(self, latent_total: int | None) -> KVCache:
-        frames = None if self.streaming.rolling else latent_total
-        key = (frames, self.streaming, self.dtype, self.device)
-        if self._cache is None or self._cache_key != key:
-            self._cache = self.dit.new_cache(self.streaming, 1, num_frames=frames)
-            self._cache_key = key
-        self._cache.reset()
-        return self._cache
+    def _solo_pool_for(self, req: StreamRequest) -> StreamPool:
+        """The pool of one that single streams run in, kept while its geometry and backend stay."""
+        frames = None if self.streaming.rolling else req.latent_frames
+        key = (frames, self.streaming, self.dtype, self.device, id(self.backend))
+        if self._solo is None or self._solo_key != key:
+            self._solo = StreamPool(self, 1, latent_capacity=frames)
+            self._solo_key = key
+        return self._solo
 
-    def _cache_pass(self, clean: Tensor, cross: CrossAttnCache, cache: KVCache, start: int,
-                    rng: torch.Generator) -> None:
-        """Write a given (initial) chunk into the cache, as denoise_chunk's cache pass does."""
-        b, f = clean.shape[:2]
-        tc = torch.full((b, f), self.steps.context_noise, device=clean.device, dtype=clean.dtype)
-        if self.steps.context_noise > 0:
-            fresh = torch.randn(clean.shape, generator=rng, device=clean.device, dtype=clean.dtype)
-            clean = self.steps.schedule.add_noise(clean, fresh, tc)
-        self.backend.dit.forward_chunk(clean, tc, cross, cache, start)
-
-    def _activate(self, stream: VideoStream) -> None:
+    def _open_solo(self, stream: VideoStream) -> PooledStream:
         if self._active is not None and self._active is not stream and not self._active.closed:
             log.debug("a new stream supersedes the running one (they share the KV cache)")
             self._active._superseded = True
+            if self._active._handle is not None:
+                self._active._handle.close()
         self._active = stream
+        return self._solo_pool_for(stream._req)._open(stream._req)
 
     def _close_active(self) -> None:
         if self._active is not None:
             self._active.close()
             self._active = None
-
-
-@dataclass
-class _Request:
-    prompt: str | None
-    prompt_embeds: Tensor | None
-    latent_frames: int | None
-    seed: int
-    decode: bool
-    initial_latent: Tensor | None
-    initial_frames: np.ndarray | None  # uint8 [T, H, W, 3], returned as-is for the initial chunks
-
-
-class VideoStream:
-    """An iterator of :class:`VideoChunk`; a context manager that stops the stream on exit.
-
-    Each chunk is computed when it is asked for. Starting another stream on the same generator
-    supersedes this one (they share the KV cache): iterating it afterwards raises RuntimeError.
-    """
-
-    def __init__(self, gen: StreamingGenerator, req: _Request) -> None:
-        self._gen = gen
-        self._req = req
-        self._it: Iterator[VideoChunk] | None = None
-        self._superseded = False
-        self.chunks_done = 0
-        self.closed = False
-
-    def __enter__(self) -> VideoStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __iter__(self) -> VideoStream:
-        return self
-
-    def __next__(self) -> VideoChunk:
-        if self.closed:
-            raise StopIteration
-        if self._superseded:
-            raise RuntimeError("this stream was superseded by a newer stream of the same generator (one KV "
-                               "cache per generator): finish or close a stream before starting the next")
-        if self._it is None:
-            self._gen._activate(self)
-            self._it = self._run()
-        try:
-            chunk = next(self._it)
-        except BaseException:
-            self.close()
-            raise
-        self.chunks_done += 1
-        return chunk
-
-    def close(self) -> None:
-        """Stop the stream; the generator can start another one."""
-        if self._it is not None:
-            self._it.close()
-        self.closed = True
-        if self._gen._active is self:
-            self._gen._active = None
-
-    def _run(self) -> Iterator[VideoChunk]:
-        gen, req = self._gen, self._req
-        st, dev = gen.streaming, gen.device
-        c = st.num_frame_per_block
-        s = gen.temporal_stride
-        clock = _Clock(dev)
-        with torch.inference_mode():
-            cross = gen._encode_prompt(req)
-            cache = gen._kv_cache(req.latent_frames)
-            decoder = gen.backend.make_decoder() if req.decode and gen.backend.make_decoder else None
-            rng = torch.Generator(device=dev).manual_seed(req.seed)
-        shape = (1, c, gen.dit.config.in_dim, st.latent_height, st.latent_width)
-        init = req.initial_latent
-        index, start = 0, 0
-        while req.latent_frames is None or start < req.latent_frames:
-            # Grad mode is switched off per chunk, never across the yield below.
-            with torch.inference_mode():
-                t0 = clock.mark()
-                is_initial = init is not None and start < init.shape[0]
-                if is_initial:
-                    latents = init[start:start + c].unsqueeze(0)  # [1, c, C, h, w]
-                    gen._cache_pass(latents, cross, cache, start, rng)
-                else:
-                    noise = torch.randn(shape, generator=rng, device=dev, dtype=gen.dtype)
-                    latents = denoise_chunk(gen.backend.dit, noise, cross, cache, start, gen.steps,
-                                            generator=rng)
-                t1 = clock.mark()
-                frames = None
-                if decoder is not None:
-                    pixels = decoder.decode(latents.transpose(1, 2))  # [1, 3, T, H, W]
-                    frames = to_uint8(pixels)
-                    if is_initial and req.initial_frames is not None:
-                        first = video_frames_for_latents(start, s)
-                        frames = req.initial_frames[first:first + frames.shape[0]]  # the given frames, as given
-                t2 = clock.mark()
-            yield VideoChunk(index, start, latents[0], frames, clock.timing(t0, t1, t2), is_initial)
-            index += 1
-            start += c
 
 
 def _preset(presets: dict[str, Any], value: Any, what: str) -> Any:

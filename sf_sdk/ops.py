@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sf_sdk.attention import reference_cache_attention
+from sf_sdk.reference import reference_cache_attention
 
 __all__ = [
     "KERNEL_DTYPES",

@@ -17,26 +17,32 @@ gradients; inference exits at the last step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from sf_sdk.cache import KVCache
-from sf_sdk.models.dit import CrossAttnCache, StepAttention
+from sf_sdk.cache import ChunkPlan, KVCache
+from sf_sdk.models.dit import CrossAttnCache, StepAttention, WanDiT
 from sf_sdk.scheduler import FlowMatchSchedule
 
-__all__ = ["ChunkModel", "ChunkSchedule", "denoise_chunk"]
+__all__ = ["ChunkModel", "ChunkSchedule", "Generators", "cache_pass", "denoise_chunk", "kept_frames", "recache",
+           "randn_rows"]
+
+# One generator for the whole batch, one per row (None: that row draws nothing and gets zeros), or
+# None (torch's default generator).
+Generators = torch.Generator | Sequence[torch.Generator | None] | None
 
 
 class ChunkModel(Protocol):
     """What :func:`denoise_chunk` needs of a model (eager DiT or an exported backend)."""
 
-    def step_attention(self, cache: KVCache, plan) -> StepAttention: ...
+    def step_attention(self, cache: KVCache, plan: ChunkPlan, impl=None) -> StepAttention: ...
 
     def forward_chunk(self, x: Tensor, timestep: Tensor, cross: CrossAttnCache, cache: KVCache,
-                      start_frame: int, attend: StepAttention | None = None) -> Tensor: ...
+                      start_frame: int | ChunkPlan, attend: StepAttention | None = None) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -55,49 +61,116 @@ class ChunkSchedule:
         return cls(ts, float(stream.context_noise), sched)
 
 
+def randn_rows(shape: Sequence[int], generator: Generators, *, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Gaussian noise of ``shape`` [B, ...]: from one generator at once, or row by row from one
+    generator per row (a row draws exactly what it would draw alone: pooled streams stay equal
+    to solo ones; a None row gets zeros and draws nothing)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} rows")
+    row = (1, *shape[1:])
+    return torch.cat([torch.randn(row, generator=g, device=device, dtype=dtype) if g is not None
+                      else torch.zeros(row, device=device, dtype=dtype) for g in generator])
+
+
+def _plan(cache: KVCache, start: int | ChunkPlan, frames: int) -> ChunkPlan:
+    return start if isinstance(start, ChunkPlan) else cache.plan_chunk(start, frames)
+
+
+def cache_pass(model: ChunkModel, clean: Tensor, cross: CrossAttnCache, cache: KVCache, start: int | ChunkPlan,
+               steps: ChunkSchedule, *, generator: Generators = None, attend: StepAttention | None = None,
+               attention: str | None = None) -> None:
+    """Write a clean chunk ``clean`` [B, F, C, H, W] into the cache: one call at timestep
+    ``context_noise`` (re-noised to it first when it is > 0), whose keys/values stay for the
+    chunks after it. Inference, video extension and the training rollout all write with it. Never
+    carries gradients."""
+    b, f = clean.shape[:2]
+    with torch.no_grad():
+        plan = _plan(cache, start, f)
+        if attend is None or attend.plan is not plan:
+            attend = model.step_attention(cache, plan, attention)
+        clean = clean.detach()
+        tc = torch.full((b, f), steps.context_noise, device=clean.device, dtype=clean.dtype)
+        if steps.context_noise > 0:
+            fresh = randn_rows(clean.shape, generator, device=clean.device, dtype=clean.dtype)
+            clean = steps.schedule.add_noise(clean, fresh, tc)
+        model.forward_chunk(clean, tc, cross, cache, plan, attend)
+
+
 def denoise_chunk(
     model: ChunkModel,
     noise: Tensor,
     cross: CrossAttnCache,
     cache: KVCache,
-    start_frame: int,
+    start_frame: int | ChunkPlan,
     steps: ChunkSchedule,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     exit_step: int | None = None,
     grad_at_exit: bool = False,
     update_cache: bool = True,
+    attention: str | None = None,
 ) -> Tensor:
-    """Denoise the chunk ``noise`` [B, F, C, H, W] starting at latent frame ``start_frame``.
+    """Denoise the chunk ``noise`` [B, F, C, H, W] starting at latent frame ``start_frame`` (every
+    row), or placed row by row by a :class:`~sf_sdk.cache.ChunkPlan` (pooled streams).
 
     Returns x0 at ``exit_step`` (default: the last step). With ``grad_at_exit`` only the exit
     step runs with autograd; every other call (and the cache pass) runs under ``no_grad``.
+    ``generator``: see :data:`Generators`. ``attention``: the cache-attention implementation name
+    (None: the default), chosen once for the chunk's calls.
     """
     n = len(steps.timesteps)
     exit_step = n - 1 if exit_step is None else exit_step
     if not 0 <= exit_step < n:
         raise ValueError(f"exit_step must lie in [0, {n}), got {exit_step}")
     b, f = noise.shape[:2]
-    plan = cache.plan_chunk(start_frame, f)
+    plan = _plan(cache, start_frame, f)
     with torch.no_grad():
-        attend = model.step_attention(cache, plan)
+        attend = model.step_attention(cache, plan, attention)
     x = noise
     x0 = noise
     for i in range(exit_step + 1):
         t = torch.full((b, f), steps.timesteps[i], device=noise.device, dtype=noise.dtype)
         with torch.set_grad_enabled(grad_at_exit and i == exit_step and torch.is_grad_enabled()):
-            flow = model.forward_chunk(x, t, cross, cache, start_frame, attend)
+            flow = model.forward_chunk(x, t, cross, cache, plan, attend)
             x0 = steps.schedule.x0_from_flow(flow, x, t)
         if i < exit_step:
-            fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            fresh = randn_rows(x0.shape, generator, device=x0.device, dtype=x0.dtype)
             t_next = torch.full((b, f), steps.timesteps[i + 1], device=noise.device, dtype=noise.dtype)
             x = steps.schedule.add_noise(x0, fresh, t_next)
     if update_cache:
-        with torch.no_grad():
-            clean = x0.detach()
-            tc = torch.full((b, f), steps.context_noise, device=noise.device, dtype=noise.dtype)
-            if steps.context_noise > 0:
-                fresh = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
-                clean = steps.schedule.add_noise(clean, fresh, tc)
-            model.forward_chunk(clean, tc, cross, cache, start_frame, attend)
+        cache_pass(model, x0, cross, cache, plan, steps, generator=generator, attend=attend)
     return x0
+
+
+def kept_frames(cache: KVCache, row: int) -> list[int]:
+    """The absolute latent frames row ``row`` of the cache holds, oldest first (sinks, then the
+    ring's frames in order)."""
+    lay, end = cache.layout, cache.end_frames[row]
+    sinks = list(range(min(lay.sink_frames, end)))
+    ring = list(range(max(lay.sink_frames, end - lay.ring_frames), end))
+    return sinks + ring
+
+
+@torch.no_grad()
+def recache(dit: WanDiT, latents: Tensor, cross: CrossAttnCache, cache: KVCache, row: int, steps: ChunkSchedule,
+            chunk: int, *, generator: torch.Generator | None = None) -> None:
+    """Recompute the keys/values row ``row`` holds under a new prompt ``cross`` (batch 1).
+
+    ``latents`` [N, C, H, W]: the clean latents of :func:`kept_frames` (same order). They run as
+    one sequence at timestep ``context_noise`` (re-noised to it first when it is > 0), block-causal
+    by chunk, and their keys/values replace the old ones in place: the next chunk continues the
+    same frames under the new text (LongLive's KV re-cache). Cost: one forward over the window.
+    """
+    frames = kept_frames(cache, row)
+    if latents.shape[0] != len(frames):
+        raise ValueError(f"row {row} holds {len(frames)} frames, got latents for {latents.shape[0]}")
+    if not frames:
+        return
+    x = latents.unsqueeze(0)  # [1, N, C, H, W]
+    t = torch.full(x.shape[:2], steps.context_noise, device=x.device, dtype=x.dtype)
+    if steps.context_noise > 0:
+        fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = steps.schedule.add_noise(x, fresh, t)
+    dit.recache(x, t, cross, cache, row, torch.tensor(frames, device=x.device), chunk)

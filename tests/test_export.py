@@ -28,6 +28,7 @@ from export.settings import (
 from sf_sdk import StreamingGenerator
 from sf_sdk.checkpoint import save_pretrained
 from sf_sdk.config import DIT_PRESETS, VAE_PRESETS, StreamingConfig
+from sf_sdk.models.dit import ChunkInputs
 
 LATENT_HW = ("4", "6")
 WINDOW = 6  # latent frames: chunks of 3 evict from the third chunk on
@@ -78,7 +79,10 @@ def test_shape_profiles_derive_from_configs():
     names = [s.name for s in shapes.inputs()]
     assert names == ["x", "timestep", "cross_k", "cross_v", "k_cache", "v_cache", "write_slots", "kv_len",
                      "cos_q", "sin_q"]
-    assert shapes.inputs()[7].shape == () and shapes.inputs()[7].dtype == torch.int64
+    assert names == list(ChunkInputs._fields)  # one declaration for every backend
+    # every input has a batch (stream) axis: per-row slots, valid lengths and rotary tables
+    assert shapes.inputs()[6].shape == (2, 3 * tokens) and shapes.inputs()[7].shape == (2,)
+    assert shapes.inputs()[7].dtype == torch.int64 and shapes.inputs()[8].shape == (2, 3 * tokens, dit.head_dim // 2)
     glob = ChunkShapes.from_configs(dit, StreamingConfig(latent_height=4, latent_width=6), num_frames=9)
     assert glob.cache_capacity == 9 * tokens
 
@@ -89,7 +93,7 @@ def test_shape_profiles_derive_from_configs():
     profiles = profiles_for(decode_model.chunk_shapes(settings), decode_model.decode_shapes(settings), settings)
     lo, opt, hi = profiles["chunk"].shapes["k_cache"]
     assert (lo[1], opt[1], hi[1]) == (1, 2, 4) and lo[2] == 6 * tokens
-    assert profiles["chunk"].shapes["kv_len"] == ((), (), ())
+    assert profiles["chunk"].shapes["kv_len"] == ((1,), (2,), (4,))
     assert profiles["vae_step"].shapes["z"][2][0] == 4
     assert settings.dynamic_batch and not TRTSettings().dynamic_batch
 

@@ -226,8 +226,8 @@ class _CountingBackend:
         self.dit = dit
         self.calls = 0
 
-    def step_attention(self, cache, plan):
-        return self.dit.step_attention(cache, plan)
+    def step_attention(self, cache, plan, impl=None):
+        return self.dit.step_attention(cache, plan, impl)
 
     def forward_chunk(self, *args, **kwargs):
         self.calls += 1

@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from sf_sdk.attention import get_backend
+from sf_sdk.cache import ChunkPlan
 from sf_sdk.config import DIT_PRESETS, StreamingConfig
 from sf_sdk.models.dit import WanDiT, block_causal_mask
 from sf_sdk.sampling import ChunkSchedule, denoise_chunk
@@ -149,7 +150,8 @@ def _spy_forward_chunk(model: WanDiT) -> list[tuple[int, float, bool]]:
     real = model.forward_chunk
 
     def recorded(x, timestep, cross, cache, start_frame, attend=None):
-        calls.append((start_frame, float(timestep[0, 0]), torch.is_grad_enabled()))
+        start = start_frame.start_frame if isinstance(start_frame, ChunkPlan) else start_frame
+        calls.append((start, float(timestep[0, 0]), torch.is_grad_enabled()))
         return real(x, timestep, cross, cache, start_frame, attend)
 
     model.forward_chunk = recorded

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -27,13 +28,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from sf_sdk.attention import attention, cache_attention
-from sf_sdk.cache import ChunkPlan, KVCache, frame_visibility
+from sf_sdk.attention import REFERENCE, CacheAttention, attention, select_cache_attention
+from sf_sdk.cache import ChunkPlan, KVCache, frame_visibility, write_rows
 from sf_sdk.config import DiTConfig, StreamingConfig
 
 __all__ = [
     "WanDiT",
     "ChunkStep",
+    "ChunkInputs",
+    "CHUNK_BATCH_AXES",
+    "CHUNK_OUTPUTS",
+    "RecacheAttention",
     "CrossAttnCache",
     "StepAttention",
     "RotaryEmbedding",
@@ -108,26 +113,31 @@ class RotaryEmbedding:
 
     def table(self, frame_positions: Tensor, grid_hw: tuple[int, int], dtype: torch.dtype
               ) -> tuple[Tensor, Tensor]:
-        """cos, sin [F*h*w, head_dim/2] for frames at ``frame_positions`` [F] and the full grid."""
+        """cos, sin for frames at ``frame_positions`` and the full grid: [F*h*w, head_dim/2] for
+        positions [F], or [R, F*h*w, head_dim/2] for positions [R, F] (one table per row)."""
         device = frame_positions.device
         h, w = grid_hw
-        af = torch.outer(frame_positions.to(torch.float64), self._inv_freq(0, device))  # [F, df/2]
+        rows = frame_positions.shape[:-1]  # () or (R,)
+        af = frame_positions.to(torch.float64).unsqueeze(-1) * self._inv_freq(0, device)  # [..., F, df/2]
         ah, aw = self._hw_angles(grid_hw, device)
-        nf = af.shape[0]
+        nf = af.shape[-2]
+        lead = (1,) * len(rows)
         angles = torch.cat([
-            af.view(nf, 1, 1, -1).expand(nf, h, w, -1),
-            ah.view(1, h, 1, -1).expand(nf, h, w, -1),
-            aw.view(1, 1, w, -1).expand(nf, h, w, -1),
-        ], dim=-1).reshape(nf * h * w, -1)  # [F*h*w, head_dim/2]
+            af.view(*rows, nf, 1, 1, -1).expand(*rows, nf, h, w, -1),
+            ah.view(*lead, 1, h, 1, -1).expand(*rows, nf, h, w, -1),
+            aw.view(*lead, 1, 1, w, -1).expand(*rows, nf, h, w, -1),
+        ], dim=-1).reshape(*rows, nf * h * w, -1)  # [..., F*h*w, head_dim/2]
         return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate channel pairs of x [B, L, H, D] by angles whose cos/sin are [L, D/2]."""
+    """Rotate channel pairs of x [B, L, H, D] by angles whose cos/sin are [L, D/2] (every row the
+    same) or [B, L, D/2] (one table per row)."""
     b, n, h, d = x.shape
     xp = x.reshape(b, n, h, d // 2, 2)  # [B, L, H, D/2, 2]
     x0, x1 = xp.unbind(-1)
-    c, s = cos.view(1, n, 1, -1), sin.view(1, n, 1, -1)
+    rows = cos.shape[0] if cos.dim() == 3 else 1
+    c, s = cos.view(rows, n, 1, -1), sin.view(rows, n, 1, -1)
     out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)  # [B, L, H, D/2, 2]
     return out.reshape(b, n, h, d)
 
@@ -164,51 +174,103 @@ class SequenceAttention:
 
 @dataclass
 class StepAttention:
-    """One chunk's self-attention through the KV cache buffers (explicit tensors: export-ready).
+    """One chunk's self-attention through the KV cache (explicit tensors: export-ready).
 
-    The chunk's keys/values are written into ``write_slots`` of layer ``layer``'s buffers, then
-    its queries attend over the valid prefix ``[0, kv_len)``. The cache never carries gradients:
+    The chunk's keys/values are written into ``write_slots`` of layer ``layer``'s buffers (the
+    cache's write rule, :func:`sf_sdk.cache.write_rows`; through :meth:`KVCache.write` in eager
+    streaming), then its queries attend over each row's valid prefix ``[0, kv_len)`` with the
+    implementation ``impl`` chosen when the step was set up. The cache never carries gradients:
     with autograd on, the chunk attends to a copy of the cache holding its own (differentiable)
     keys, while the buffer receives detached ones.
+
+    Rows: the first ``write_slots.shape[0]`` rows of the buffers (one stream each). Per-row
+    tensors (``write_slots`` [B, F*T], ``kv_len`` [B], rotary tables [B, F*T, D/2]) let pooled
+    streams at different positions share one call; a uniform plan passes 1-D slots, an int
+    ``kv_len`` and shared tables instead.
     """
 
     k_cache: Tensor  # [L, B, cap, H, D]
     v_cache: Tensor  # [L, B, cap, H, D]
-    write_slots: Tensor  # [F*T] int64
-    kv_len: int | Tensor  # int (eager) or 0-dim int64 tensor (exported graphs)
-    cos_q: Tensor  # [F*T, D/2]
+    write_slots: Tensor  # [F*T] or [B, F*T] int64
+    kv_len: int | Tensor  # int (eager, uniform rows) or int64 tensor, 0-dim or [B]
+    cos_q: Tensor  # [F*T, D/2] or [B, F*T, D/2]
     sin_q: Tensor
-    cos_k: Tensor | None = None  # [kv_len, D/2] (cache_relative: keys rotated at attention time)
+    cos_k: Tensor | None = None  # [kv_len, D/2] or [B, K*T, D/2] (cache_relative: keys rotated at attention time)
     sin_k: Tensor | None = None
+    impl: CacheAttention = REFERENCE
+    rows: int | None = None  # rows of the buffers this call covers (None: all)
+    # The eager cache object (writes go through KVCache.write) and its plan; None in captured graphs.
+    cache: KVCache | None = None
+    plan: ChunkPlan | None = None
     # functional=True (ONNX / TensorRT graphs): the buffers are not written in place; the updated
     # per-layer caches are collected in new_k / new_v instead.
     functional: bool = False
     new_k: list[Tensor] | None = None
     new_v: list[Tensor] | None = None
 
+    def _buffers(self, layer: int) -> tuple[Tensor, Tensor]:
+        kc, vc = self.k_cache[layer], self.v_cache[layer]  # [B, cap, H, D]
+        if self.rows is not None:
+            kc, vc = kc[:self.rows], vc[:self.rows]  # a prefix of rows: still contiguous
+        return kc, vc
+
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         relative = self.cos_k is not None
         q = apply_rotary(q, self.cos_q, self.sin_q)
         if not relative:
             k = apply_rotary(k, self.cos_q, self.sin_q)
-        kc, vc = self.k_cache[layer], self.v_cache[layer]  # [B, cap, H, D]
         if self.functional:
-            kc = kc.index_copy(1, self.write_slots, k.to(kc.dtype))
-            vc = vc.index_copy(1, self.write_slots, v.to(vc.dtype))
+            kc, vc = self._buffers(layer)
+            kc = write_rows(kc, self.write_slots, k, inplace=False)
+            vc = write_rows(vc, self.write_slots, v, inplace=False)
             self.new_k = (self.new_k or []) + [kc]
             self.new_v = (self.new_v or []) + [vc]
         else:
-            kc.index_copy_(1, self.write_slots, k.detach().to(kc.dtype))
-            vc.index_copy_(1, self.write_slots, v.detach().to(vc.dtype))
+            if self.cache is not None:
+                self.cache.write(layer, k, v, self.plan)
+                kc, vc = self._buffers(layer)
+            else:
+                kc, vc = self._buffers(layer)
+                write_rows(kc, self.write_slots, k.detach(), inplace=True)
+                write_rows(vc, self.write_slots, v.detach(), inplace=True)
         keys, values = kc, vc
         if not self.functional and torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            keys = kc.index_copy(1, self.write_slots, k)
-            values = vc.index_copy(1, self.write_slots, v)
+            keys = write_rows(kc, self.write_slots, k, inplace=False)
+            values = write_rows(vc, self.write_slots, v, inplace=False)
         if relative:
-            n = self.cos_k.shape[0]
+            n = self.cos_k.shape[-2]
             keys = apply_rotary(keys[:, :n], self.cos_k, self.sin_k)
             values = values[:, :n]
-        return cache_attention(q, keys, values, self.kv_len)
+        return self.impl(q, keys, values, self.kv_len)
+
+
+@dataclass
+class RecacheAttention:
+    """Re-cache pass: frames already in the cache, run again as one sequence, write their
+    keys/values back into their slots and attend to each other block-causally.
+
+    Used when a stream's prompt changes (``transition="recache"``): every kept frame (sinks and
+    the ring, oldest first) is re-encoded under the new prompt, each attending to the kept frames
+    of its own and earlier chunks. Keys are written as the cache stores them (rotated at their
+    absolute positions, or unrotated in ``cache_relative`` mode).
+    """
+
+    cache: KVCache
+    row: int
+    write_slots: Tensor  # [N*T] token slots of the kept frames, in sequence order
+    cos: Tensor  # [N*T, D/2] rotary tables of the sequence (attention positions)
+    sin: Tensor
+    mask: Tensor  # [N*T, N*T] bool
+    store_rotated: bool
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        q_rot = apply_rotary(q, self.cos, self.sin)
+        k_rot = apply_rotary(k, self.cos, self.sin)
+        kc = self.cache.k[layer, self.row:self.row + 1]  # [1, cap, H, D]
+        vc = self.cache.v[layer, self.row:self.row + 1]
+        write_rows(kc, self.write_slots, (k_rot if self.store_rotated else k).detach(), inplace=True)
+        write_rows(vc, self.write_slots, v.detach(), inplace=True)
+        return attention(q_rot, k_rot, v, self.mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,33 +518,80 @@ class WanDiT(nn.Module):
                              f"{tuple(mask.shape)}")
         return self._run_blocks(x, timestep, cross, SequenceAttention(cos, sin, mask), grid_hw)
 
-    def step_attention(self, cache: KVCache, plan: ChunkPlan) -> StepAttention:
-        """The attention strategy of one chunk (its rotary tables, slots, valid length)."""
+    def step_attention(self, cache: KVCache, plan: ChunkPlan, impl: CacheAttention | str | None = None
+                       ) -> StepAttention:
+        """The attention of one chunk: rotary tables, slots, valid lengths and the cache-attention
+        implementation (a chosen :class:`~sf_sdk.attention.CacheAttention`, or a name for
+        :func:`~sf_sdk.attention.select_cache_attention`; None: the default name)."""
         grid_hw = cache.layout.grid_hw
-        cos_q, sin_q = self.rope.table(plan.query_positions, grid_hw, cache.dtype)
+        uniform = plan.uniform
+        positions = plan.query_positions[0] if uniform else plan.query_positions  # [F] or [R, F]
+        cos_q, sin_q = self.rope.table(positions, grid_hw, cache.dtype)
         cos_k = sin_k = None
         if plan.key_positions is not None:
-            cos_k, sin_k = self.rope.table(plan.key_positions, grid_hw, cache.dtype)
-        return StepAttention(cache.k, cache.v, plan.write_slots, plan.kv_len, cos_q, sin_q, cos_k, sin_k)
+            keys = plan.key_positions[0, :plan.kv_lens[0] // cache.layout.tokens_per_frame] if uniform \
+                else plan.key_positions
+            cos_k, sin_k = self.rope.table(keys, grid_hw, cache.dtype)
+        if not isinstance(impl, CacheAttention):
+            shape = (plan.rows, plan.write_slots.shape[1], self.config.num_heads, self.config.head_dim)
+            example = torch.empty(1, dtype=cache.dtype, device=cache.device).expand(shape)  # metadata only
+            impl = select_cache_attention(impl, example, masked=not uniform)
+        slots = plan.write_slots[0] if uniform else plan.write_slots
+        return StepAttention(cache.k, cache.v, slots, plan.kv_len, cos_q, sin_q, cos_k, sin_k, impl=impl,
+                             rows=plan.rows, cache=cache, plan=plan)
 
     def forward_chunk(self, x: Tensor, timestep: Tensor, cross: CrossAttnCache, cache: KVCache,
-                      start_frame: int, attend: StepAttention | None = None) -> Tensor:
-        """Predict the flow of one chunk of frames starting at latent frame ``start_frame``.
+                      start_frame: int | ChunkPlan, attend: StepAttention | None = None) -> Tensor:
+        """Predict the flow of one chunk of frames starting at latent frame ``start_frame`` (every
+        row), or placed by a :class:`~sf_sdk.cache.ChunkPlan` (rows at their own positions).
 
         The chunk's keys/values are written into the cache (overwriting the slots of the same
         chunk if it was called before). Pass ``attend`` (from :meth:`step_attention`) to reuse
-        the chunk's rotary tables across its denoising steps.
+        the chunk's rotary tables and attention implementation across its denoising steps.
         """
         timestep = self._check_latents(x, timestep)
         b, f, _, h, w = x.shape
         cfg = self.config
-        cache.check_compatible(b, cfg.num_layers, cfg.num_heads, cfg.head_dim, self.grid(h, w), x.dtype)
+        plan = start_frame if isinstance(start_frame, ChunkPlan) else None
+        rows = plan.rows if plan is not None else cache.batch_size
+        cache.check_compatible(b, cfg.num_layers, cfg.num_heads, cfg.head_dim, self.grid(h, w), x.dtype,
+                               rows=rows)
         if cross.batch_size != b:
             raise ValueError(f"prompt batch {cross.batch_size} != latent batch {b}")
-        plan = cache.plan_chunk(start_frame, f)
-        if attend is None or attend.write_slots is not plan.write_slots:
-            attend = self.step_attention(cache, plan)
+        if plan is None:
+            plan = cache.plan_chunk(start_frame, f)
+        elif plan.num_frames != f:
+            raise ValueError(f"the plan is for chunks of {plan.num_frames} frames, the latents have {f}")
+        if attend is None or attend.plan is not plan:
+            attend = self.step_attention(cache, plan, attend.impl if attend is not None else None)
         return self._run_blocks(x, timestep, cross, attend, cache.layout.grid_hw)
+
+    def recache(self, x: Tensor, timestep: Tensor, cross: CrossAttnCache, cache: KVCache, row: int,
+                frames: Tensor, chunk: int) -> None:
+        """Re-encode the frames a cache row holds (see :class:`RecacheAttention`).
+
+        x [1, N, C, H, W]: the clean latents of the kept frames, oldest first; ``frames`` [N]
+        their absolute frame indices; ``chunk`` the frames per chunk (block-causal groups).
+        """
+        timestep = self._check_latents(x, timestep)
+        lay = cache.layout
+        n = x.shape[1]
+        if tuple(frames.shape) != (n,):
+            raise ValueError(f"frames must list the {n} frame indices of x, got shape {tuple(frames.shape)}")
+        slots = torch.where(frames < lay.sink_frames, frames,
+                            lay.sink_frames + (frames - lay.sink_frames) % lay.ring_frames)  # [N]
+        write = (slots.unsqueeze(1) * lay.tokens_per_frame
+                 + torch.arange(lay.tokens_per_frame, device=frames.device)).reshape(-1)  # [N*T]
+        if cache.position_mode == "absolute":
+            positions, rotated = frames, True
+        else:  # the cache's logical order: sinks 0..S-1, then the ring frames in order
+            positions, rotated = torch.arange(n, device=frames.device), False
+        cos, sin = self.rope.table(positions, lay.grid_hw, x.dtype)
+        blocks = frames // chunk  # [N]
+        vis = blocks.unsqueeze(0) <= blocks.unsqueeze(1)  # [N, N] query frame i sees key frame j
+        mask = vis.repeat_interleave(lay.tokens_per_frame, 0).repeat_interleave(lay.tokens_per_frame, 1)
+        attend = RecacheAttention(cache, row, write, cos, sin, mask, rotated)
+        self._run_blocks(x, timestep, cross, attend, lay.grid_hw)
 
     def new_cache(self, stream: StreamingConfig, batch_size: int, num_frames: int | None = None
                   ) -> KVCache:
@@ -501,27 +610,74 @@ class WanDiT(nn.Module):
         return c.num_layers * per_layer + 2 * c.dim * c.out_dim * math.prod(c.patch_size)
 
 
+class ChunkInputs(NamedTuple):
+    """The inputs of one chunk-step call, in graph order: the one declaration that eager
+    streaming, torch.compile, AOTInductor, ONNX and TensorRT share (names, order, batch axes).
+
+    Every tensor has a batch axis (:data:`CHUNK_BATCH_AXES`): one row per stream, so a pool of
+    streams at different positions runs as one call. Shapes (T tokens per frame, cap the cache
+    capacity in tokens, Lt text_len):
+    """
+
+    x: Tensor  # [B, F, C, H, W] latents
+    timestep: Tensor  # [B, F]
+    cross_k: Tensor  # [L, B, Lt, H, D] the prompt's cross-attention keys
+    cross_v: Tensor  # [L, B, Lt, H, D]
+    k_cache: Tensor  # [L, B, cap, H, D]
+    v_cache: Tensor  # [L, B, cap, H, D]
+    write_slots: Tensor  # [B, F*T] int64, each row's token slots
+    kv_len: Tensor  # [B] int64, each row's valid prefix after the write
+    cos_q: Tensor  # [B, F*T, D/2] rotary tables of each row's chunk
+    sin_q: Tensor  # [B, F*T, D/2]
+
+    @classmethod
+    def from_plan(cls, x: Tensor, timestep: Tensor, cross: CrossAttnCache, cache: KVCache,
+                  attend: StepAttention) -> ChunkInputs:
+        """The graph inputs of one call of an eager plan (tables and slots expanded to every row)."""
+        b = x.shape[0]
+        slots = attend.write_slots if attend.write_slots.dim() == 2 else attend.write_slots.expand(b, -1)
+        kv_len = attend.plan.kv_len_tensor
+        cos = attend.cos_q if attend.cos_q.dim() == 3 else attend.cos_q.expand(b, -1, -1)
+        sin = attend.sin_q if attend.sin_q.dim() == 3 else attend.sin_q.expand(b, -1, -1)
+        return cls(x.contiguous(), timestep.contiguous(), cross.k, cross.v, cache.k, cache.v,
+                   slots.contiguous(), kv_len, cos.contiguous(), sin.contiguous())
+
+
+# Axis of the batch (stream) dimension of every ChunkInputs field.
+CHUNK_BATCH_AXES: dict[str, int] = {"x": 0, "timestep": 0, "cross_k": 1, "cross_v": 1, "k_cache": 1,
+                                    "v_cache": 1, "write_slots": 0, "kv_len": 0, "cos_q": 0, "sin_q": 0}
+# Outputs of the functional chunk step, and their batch axes.
+CHUNK_OUTPUTS: tuple[str, ...] = ("flow", "new_k_cache", "new_v_cache")
+CHUNK_OUTPUT_BATCH_AXES: dict[str, int] = {"flow": 0, "new_k_cache": 1, "new_v_cache": 1}
+
+
 class ChunkStep(nn.Module):
-    """The per-chunk DiT call with all of its state as explicit tensors.
+    """The per-chunk DiT call with all of its state as explicit tensors (:class:`ChunkInputs`).
 
     This is the graph that export backends capture (torch.export, ONNX, TensorRT): static shapes
-    for a given resolution and chunk size, no Python-side state, no data-dependent control flow.
-    Inputs: latents x [B, F, C, H, W], timestep [B, F], the prompt's cross K/V [L, B, Lt, H, D],
-    the cache buffers [L, B, cap, H, D], the chunk's token slots [F*T] (int64), the valid length
-    ``kv_len`` (0-dim int64 tensor) and the chunk's rotary tables [F*T, D/2].
+    for a given resolution, chunk size and batch of streams, no Python-side state, no
+    data-dependent control flow. Rows may sit at different positions (per-row slots, valid
+    lengths and rotary tables); idle rows of a pool are computed and ignored.
 
     ``functional=False``: the cache buffers are updated in place and only the flow is returned.
     ``functional=True``: returns ``(flow, new_k_cache, new_v_cache)`` and leaves inputs untouched.
+    ``attention``: the cache-attention implementation captured in the graph (None: the default).
     """
 
-    def __init__(self, model: WanDiT, functional: bool = False) -> None:
+    def __init__(self, model: WanDiT, functional: bool = False, attention: str | None = None) -> None:
         super().__init__()
         self.model = model
         self.functional = functional
+        self.attention = attention
 
     def forward(self, x: Tensor, timestep: Tensor, cross_k: Tensor, cross_v: Tensor, k_cache: Tensor,
                 v_cache: Tensor, write_slots: Tensor, kv_len: Tensor, cos_q: Tensor, sin_q: Tensor):
-        attend = StepAttention(k_cache, v_cache, write_slots, kv_len, cos_q, sin_q,
+        impl = REFERENCE
+        if self.attention != "reference":
+            cfg = self.model.config
+            example = x.new_empty(1).expand(write_slots.shape[0], write_slots.shape[1], cfg.num_heads, cfg.head_dim)
+            impl = select_cache_attention(self.attention, example, masked=True)
+        attend = StepAttention(k_cache, v_cache, write_slots, kv_len, cos_q, sin_q, impl=impl,
                                functional=self.functional)
         grid_hw = self.model.grid(x.shape[3], x.shape[4])
         flow = self.model._run_blocks(x, timestep, CrossAttnCache(cross_k, cross_v), attend, grid_hw)

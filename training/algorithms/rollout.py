@@ -40,7 +40,7 @@ from sf_sdk.attention import get_backend, set_backend
 from sf_sdk.cache import KVCache
 from sf_sdk.config import StreamingConfig
 from sf_sdk.models.dit import CrossAttnCache
-from sf_sdk.sampling import ChunkModel, ChunkSchedule, denoise_chunk
+from sf_sdk.sampling import ChunkModel, ChunkSchedule, cache_pass, denoise_chunk
 
 __all__ = ["ROLLOUT_MODES", "draw_exit_step", "rollout"]
 
@@ -140,20 +140,17 @@ def _write_ground_truth(student: ChunkModel, clean: Tensor, cross: CrossAttnCach
                         start: int, steps: ChunkSchedule, mode: str,
                         generator: torch.Generator | None) -> None:
     """The cache pass of teacher / diffusion forcing: the chunk's slots get ground-truth K/V."""
+    if mode == "teacher_forcing":  # the inference cache pass, on the ground truth
+        cache_pass(student, clean, cross, cache, start, steps, generator=generator)
+        return
+    # diffusion_forcing: one random table timestep per sample for the whole chunk
     b, f = clean.shape[:2]
     sched = steps.schedule
     gen_device = generator.device if generator is not None else clean.device
-    if mode == "teacher_forcing":
-        t = torch.full((b, f), steps.context_noise, device=clean.device, dtype=clean.dtype)
-        noisy_level = steps.context_noise > 0
-    else:  # diffusion_forcing: one random table timestep per sample for the whole chunk
-        index = torch.randint(sched.num_train_timesteps, (b, 1), generator=generator, device=gen_device)
-        t = sched.timesteps.to(gen_device)[index].to(clean.device, clean.dtype).expand(b, f)  # [B, F]
-        noisy_level = True
-    context = clean
-    if noisy_level:
-        fresh = torch.randn(clean.shape, generator=generator, device=gen_device, dtype=clean.dtype)
-        context = sched.add_noise(clean, fresh.to(clean.device), t)
+    index = torch.randint(sched.num_train_timesteps, (b, 1), generator=generator, device=gen_device)
+    t = sched.timesteps.to(gen_device)[index].to(clean.device, clean.dtype).expand(b, f)  # [B, F]
+    fresh = torch.randn(clean.shape, generator=generator, device=gen_device, dtype=clean.dtype)
+    context = sched.add_noise(clean, fresh.to(clean.device), t)
     student.forward_chunk(context, t, cross, cache, start)
 
 

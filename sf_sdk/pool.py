@@ -1,0 +1,371 @@
+"""Many streams in one batched DiT call, and prompt changes while a stream runs.
+
+A :class:`StreamPool` holds ``max_streams`` slots over one KV cache of as many rows. Every
+:meth:`StreamPool.step` advances each open stream by one chunk: ONE batched DiT call per
+denoising step (and one for the cache pass) for all of them, then each stream's own VAE decode.
+Streams join (:meth:`StreamPool.open`) and leave (:meth:`PooledStream.close`, or the end of
+their frames) at any chunk boundary; each keeps its own prompt, seed, frame position (rows sit
+at different positions: per-row cache slots, valid lengths and rotary tables), window, decoder
+state and timing. The guarantee: a stream's chunks equal those of the same stream run alone
+(same prompt, seed and settings), up to float rounding (1e-4 max abs in float32 in the tests),
+whatever else shares the batch and whenever it joined or left.
+
+A full pool raises :class:`PoolFullError` (it does not queue: a server decides whom to queue).
+A pool is driven by one thread; :class:`sf_sdk.StreamingGenerator.stream` is a pool of one.
+
+Prompt transitions (:meth:`PooledStream.set_prompt`) take effect at the next chunk boundary:
+
+* ``"recache"`` (LongLive's KV re-cache): the frames the cache holds (sinks and window) are
+  re-encoded under the new prompt in one forward pass (:func:`sf_sdk.sampling.recache`), so the
+  next chunk continues the same scene under the new text;
+* ``"blend"``: the prompt embedding moves linearly from the old to the new one over ``chunks``
+  chunks (chunk k of the blend uses ``(1 - k/n) old + (k/n) new`` of the zero-padded
+  embeddings), the cache untouched;
+* ``"cut"``: the new prompt from the next chunk on, the cache kept as it is.
+
+:meth:`PooledStream.reset` starts the stream afresh at frame 0 (cache row and decoder cleared)
+with its current prompt; its noise generator runs on, so the new start differs from the first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sf_sdk.attention import CacheAttention, select_cache_attention
+from sf_sdk.cache import KVCache
+from sf_sdk.models.dit import CrossAttnCache
+from sf_sdk.results import Clock, VideoChunk, to_uint8, video_frames_for_latents
+from sf_sdk.sampling import cache_pass, denoise_chunk, kept_frames, randn_rows, recache
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sf_sdk.generator import StreamingGenerator
+
+__all__ = ["StreamPool", "PooledStream", "PoolFullError", "StreamRequest", "TRANSITIONS"]
+
+log = logging.getLogger(__name__)
+
+TRANSITIONS = ("recache", "blend", "cut")
+DEFAULT_BLEND_CHUNKS = 3
+
+
+class PoolFullError(RuntimeError):
+    """Every slot of a stream pool is taken."""
+
+
+@dataclass
+class StreamRequest:
+    """A validated stream request (see :meth:`sf_sdk.StreamingGenerator.stream`)."""
+
+    prompt: str | None
+    prompt_embeds: Tensor | None
+    latent_frames: int | None
+    seed: int
+    decode: bool
+    initial_latent: Tensor | None
+    initial_frames: np.ndarray | None  # uint8 [T, H, W, 3], returned as-is for the initial chunks
+
+
+@dataclass
+class _Transition:
+    kind: str
+    prompt: str | None
+    embeds: Tensor  # [text_len, text_dim], zero-padded
+    chunks: int = 1
+    done: int = 0
+    source: Tensor | None = None  # blend: the embedding it starts from
+
+
+class PooledStream:
+    """One stream of a :class:`StreamPool`: a handle to steer it (``set_prompt``, ``reset``,
+    ``close``) and read its state (``chunks_done``, ``next_frame``, ``closed``, ``prompt``)."""
+
+    def __init__(self, pool: StreamPool, row: int, req: StreamRequest, embeds: Tensor) -> None:
+        gen = pool._gen
+        self._pool = pool
+        self.row = row
+        self._req = req
+        self.prompt = req.prompt
+        self._embeds = embeds  # [text_len, text_dim], the prompt in effect
+        self._rng = torch.Generator(device=gen.device).manual_seed(req.seed)
+        self._decoder = gen.backend.make_decoder() if req.decode and gen.backend.make_decoder else None
+        self._pending: _Transition | None = None
+        self._blend: _Transition | None = None
+        self._reset_pending = False
+        self.next_frame = 0  # first latent frame of the next chunk
+        self.chunks_done = 0
+        self.closed = False
+        self.finished = False  # closed because it produced all of its frames
+        pool._set_cross(row, embeds)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"at frame {self.next_frame}"
+        return f"PooledStream(row={self.row}, {self.chunks_done} chunks, {state})"
+
+    # ------------------------------------------------------------------ steering
+    def set_prompt(self, prompt: str | None = None, *, prompt_embeds: Tensor | None = None,
+                   transition: str = "recache", chunks: int = DEFAULT_BLEND_CHUNKS) -> None:
+        """Change the prompt from the next chunk on; ``transition``: ``"recache"``, ``"blend"``
+        (over ``chunks`` chunks) or ``"cut"`` (module docstring). A later call replaces a
+        transition that has not started yet."""
+        self._check_open("set_prompt")
+        if transition not in TRANSITIONS:
+            raise ValueError(f"transition must be one of {list(TRANSITIONS)}, got {transition!r}")
+        if transition == "blend" and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
+            raise ValueError(f"a blend needs chunks >= 1 (chunks over which the prompt moves), got {chunks!r}")
+        embeds = self._pool._prompt_embeds(prompt, prompt_embeds)
+        self._pending = _Transition(transition, prompt, embeds, chunks if transition == "blend" else 1)
+
+    def reset(self) -> None:
+        """Start again at frame 0 from the next chunk on (cache and decoder cleared), same prompt."""
+        self._check_open("reset")
+        self._reset_pending = True
+
+    def close(self) -> None:
+        """Leave the pool; the slot is free for the next stream at once."""
+        if not self.closed:
+            self.closed = True
+            self._pool._release(self)
+
+    def _check_open(self, what: str) -> None:
+        if self.closed:
+            raise RuntimeError(f"{what}() on a closed stream (row {self.row}, {self.chunks_done} chunks done"
+                               f"{', finished' if self.finished else ''}): open a new one")
+
+    # ------------------------------------------------------------------ at the chunk boundary
+    def _apply_boundary(self) -> None:
+        pool = self._pool
+        if self._reset_pending:
+            self._reset_pending = False
+            pool._cache.reset([self.row])
+            if self._decoder is not None:
+                self._decoder.reset()
+            self.next_frame = 0
+        t = self._pending
+        if t is not None:
+            self._pending = None
+            self.prompt = t.prompt
+            if t.kind == "blend":
+                t.source = self._embeds  # where the prompt is now (mid-blend, if one was running)
+                self._blend = t
+            else:
+                self._blend = None
+                self._set_embeds(t.embeds)
+                if t.kind == "recache":
+                    pool._recache(self)
+        if self._blend is not None:
+            b = self._blend
+            b.done += 1
+            w = b.done / b.chunks
+            self._set_embeds(b.embeds if b.done >= b.chunks else torch.lerp(b.source, b.embeds, w))
+            if b.done >= b.chunks:
+                self._blend = None
+
+    def _set_embeds(self, embeds: Tensor) -> None:
+        self._embeds = embeds
+        self._pool._set_cross(self.row, embeds)
+
+    @property
+    def _initial(self) -> Tensor | None:
+        init = self._req.initial_latent
+        return init if init is not None and self.next_frame < init.shape[0] else None
+
+
+class StreamPool:
+    """``max_streams`` streams advanced together, one batched DiT call per denoising step.
+
+    Build it with :meth:`sf_sdk.StreamingGenerator.pool`. ``max_frames`` (video frames) sizes
+    the cache of a model with global attention (the longest stream it can hold); rolling-window
+    models need none. Iterating the pool repeats :meth:`step` while any stream is open.
+    """
+
+    def __init__(self, gen: StreamingGenerator, max_streams: int, *, latent_capacity: int | None = None) -> None:
+        if not isinstance(max_streams, int) or isinstance(max_streams, bool) or max_streams < 1:
+            raise ValueError(f"max_streams must be a positive int, got {max_streams!r}")
+        self._gen = gen
+        self.max_streams = max_streams
+        self.backend = gen.backend
+        static = getattr(gen.backend.dit, "shapes", None)
+        if static is not None and static.batch != max_streams:
+            raise ValueError(f"the {gen.backend.name} backend's chunk step was exported for a batch of {static.batch} "
+                             f"stream(s); a pool of {max_streams} needs an export with --batch {max_streams}")
+        self._static_rows = static is not None
+        st, cfg = gen.streaming, gen.dit.config
+        self._cache: KVCache = gen.dit.new_cache(st, max_streams, num_frames=None if st.rolling else latent_capacity)
+        lay = self._cache.layout
+        dev, dt = gen.device, gen.dtype
+        cross = (cfg.num_layers, max_streams, cfg.text_len, cfg.num_heads, cfg.head_dim)
+        self._cross_k = torch.zeros(cross, device=dev, dtype=dt)  # [L, N, Lt, H, D]
+        self._cross_v = torch.zeros(cross, device=dev, dtype=dt)
+        # The clean latents each cache row was written from, per frame slot (for re-caching).
+        self._latents = torch.zeros(max_streams, lay.capacity_frames, cfg.in_dim, st.latent_height,
+                                    st.latent_width, device=dev, dtype=dt)  # [N, frames, C, h, w]
+        self._slots: list[PooledStream | None] = [None] * max_streams
+        self._impl: dict[bool, CacheAttention] = {}
+        self._clock = Clock(dev)
+
+    # ------------------------------------------------------------------ streams
+    @property
+    def streams(self) -> list[PooledStream]:
+        """The open streams, by slot."""
+        return [s for s in self._slots if s is not None]
+
+    @property
+    def free_slots(self) -> int:
+        return sum(s is None for s in self._slots)
+
+    @property
+    def cache(self) -> KVCache:
+        return self._cache
+
+    def open(self, prompt: str | None = None, *, prompt_embeds: Tensor | None = None, seed: int = 0,
+             num_frames: int | None = None, decode: bool = True, initial_latent: Tensor | None = None,
+             initial_frames: np.ndarray | Tensor | None = None) -> PooledStream:
+        """Add a stream (arguments as :meth:`sf_sdk.StreamingGenerator.stream`); it computes its first
+        chunk at the next :meth:`step`. Raises :class:`PoolFullError` when every slot is taken."""
+        req = self._gen._check_request(prompt, prompt_embeds, num_frames, seed, decode, initial_latent,
+                                       initial_frames)
+        return self._open(req)
+
+    def _open(self, req: StreamRequest) -> PooledStream:
+        lay = self._cache.layout
+        if lay.global_attention and (req.latent_frames is None or req.latent_frames > lay.capacity_frames):
+            cap = video_frames_for_latents(lay.capacity_frames, self._gen.temporal_stride)
+            raise ValueError(f"this pool's global-attention cache holds {cap} video frames; the stream asks for "
+                             f"{'an unbounded stream' if req.latent_frames is None else str(req.latent_frames) + ' latent frames'}"
+                             f": build the pool with a larger max_frames, or load the model with a rolling window")
+        free = [r for r, s in enumerate(self._slots) if s is None]
+        if not free:
+            raise PoolFullError(f"all {self.max_streams} slots of the stream pool are in use: close a stream, or "
+                                f"build a larger pool (gen.pool(max_streams=...))")
+        row = free[0]
+        embeds = self._prompt_embeds(req.prompt, req.prompt_embeds)
+        self._cache.reset([row])
+        stream = PooledStream(self, row, req, embeds)
+        self._slots[row] = stream
+        return stream
+
+    def _release(self, stream: PooledStream) -> None:
+        if self._slots[stream.row] is stream:
+            self._slots[stream.row] = None
+
+    def close(self) -> None:
+        """Close every stream."""
+        for s in self.streams:
+            s.close()
+
+    def __enter__(self) -> StreamPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[dict[PooledStream, VideoChunk]]:
+        while self.streams:
+            yield self.step()
+
+    # ------------------------------------------------------------------ prompts
+    def _prompt_embeds(self, prompt: str | None, prompt_embeds: Tensor | None) -> Tensor:
+        return self._gen._padded_embeds(prompt, prompt_embeds)
+
+    def _set_cross(self, row: int, embeds: Tensor) -> None:
+        with torch.inference_mode():
+            cross = self._gen.dit.encode_context(embeds.unsqueeze(0))  # K/V [L, 1, Lt, H, D]
+            self._cross_k[:, row] = cross.k[:, 0]
+            self._cross_v[:, row] = cross.v[:, 0]
+
+    def _row_cross(self, row: int) -> CrossAttnCache:
+        return CrossAttnCache(self._cross_k[:, row:row + 1], self._cross_v[:, row:row + 1])
+
+    def _recache(self, stream: PooledStream) -> None:
+        frames = kept_frames(self._cache, stream.row)
+        if not frames:
+            return
+        lay = self._cache.layout
+        slots = torch.tensor([lay.frame_slot(f) for f in frames], device=self._latents.device)
+        with torch.inference_mode():
+            latents = self._latents[stream.row].index_select(0, slots)  # [N, C, h, w]
+            recache(self._gen.dit, latents, self._row_cross(stream.row), self._cache, stream.row,
+                    self._gen.steps, self._gen.streaming.num_frame_per_block, generator=stream._rng)
+
+    # ------------------------------------------------------------------ the batched step
+    def _attention(self, masked: bool, rows: int) -> CacheAttention:
+        impl = self._impl.get(masked)
+        if impl is None:  # chosen once per pool (per kind of call), never per layer call
+            cfg, lay = self._gen.dit.config, self._cache.layout
+            tokens = self._gen.streaming.num_frame_per_block * lay.tokens_per_frame
+            example = torch.empty(1, dtype=self._gen.dtype, device=self._gen.device).expand(
+                rows, tokens, cfg.num_heads, cfg.head_dim)
+            impl = self._impl[masked] = select_cache_attention(None, example, masked=masked)
+        return impl
+
+    def step(self) -> dict[PooledStream, VideoChunk]:
+        """Advance every open stream by one chunk; returns each stream's chunk."""
+        active = [s for s in self._slots if s is not None]
+        if not active:
+            return {}
+        gen, cache, clock = self._gen, self._cache, self._clock
+        st = gen.streaming
+        c = st.num_frame_per_block
+        rows = self.max_streams if self._static_rows else 1 + max(s.row for s in active)
+        by_row: list[PooledStream | None] = self._slots[:rows]
+        with torch.inference_mode():
+            t0 = clock.mark()
+            for s in active:
+                s._apply_boundary()
+            plan = cache.plan_rows([s.next_frame if s is not None else None for s in by_row], c)
+            initial = [s._initial if s is not None else None for s in by_row]
+            # Rows replaying a given video draw no noise for the denoising steps (as alone).
+            noise_gens = [s._rng if s is not None and initial[r] is None else None for r, s in enumerate(by_row)]
+            shape = (rows, c, gen.dit.config.in_dim, st.latent_height, st.latent_width)
+            noise = randn_rows(shape, noise_gens, device=gen.device, dtype=gen.dtype)
+            cross = CrossAttnCache(self._cross_k[:, :rows], self._cross_v[:, :rows])
+            impl = self._attention(not plan.uniform, rows)
+            model = self.backend.dit
+            if any(i is None for i, s in zip(initial, by_row) if s is not None):
+                x0 = denoise_chunk(model, noise, cross, cache, plan, gen.steps, generator=noise_gens,
+                                   update_cache=False, attention=impl)
+            else:  # every stream replays given latents: only the cache pass
+                x0 = noise
+            for r, init in enumerate(initial):
+                if init is not None:
+                    x0[r] = init[by_row[r].next_frame:by_row[r].next_frame + c]
+            cache_gens = [s._rng if s is not None else None for s in by_row]
+            cache_pass(model, x0, cross, cache, plan, gen.steps, generator=cache_gens, attention=impl)
+            lay = cache.layout
+            for s in active:
+                slots = [lay.frame_slot(f) for f in range(s.next_frame, s.next_frame + c)]
+                self._latents[s.row, slots] = x0[s.row]
+            t1 = clock.mark()
+            out: dict[PooledStream, VideoChunk] = {}
+            for s in active:
+                out[s] = self._finish_chunk(s, x0[s.row:s.row + 1], t0, t1, initial[s.row] is not None)
+        return out
+
+    def _finish_chunk(self, s: PooledStream, latents: Tensor, t0: Any, t1: Any, is_initial: bool) -> VideoChunk:
+        gen, clock = self._gen, self._clock
+        c = gen.streaming.num_frame_per_block
+        d0 = clock.mark()
+        frames = None
+        if s._decoder is not None:
+            pixels = s._decoder.decode(latents.transpose(1, 2))  # [1, 3, T, H, W]
+            frames = to_uint8(pixels)
+            if is_initial and s._req.initial_frames is not None:
+                first = video_frames_for_latents(s.next_frame, gen.temporal_stride)
+                frames = s._req.initial_frames[first:first + frames.shape[0]]  # the given frames, as given
+        d1 = clock.mark()
+        chunk = VideoChunk(s.chunks_done, s.next_frame, latents[0].clone(), frames, clock.timing(t0, t1, d1, d0),
+                           is_initial)
+        s.chunks_done += 1
+        s.next_frame += c
+        total = s._req.latent_frames
+        if total is not None and s.next_frame >= total:
+            s.finished = True
+            s.close()
+        return chunk
