@@ -399,10 +399,11 @@ class ExportModel:
                                         num_frames=settings.num_frames, dtype=settings.torch_dtype)
 
     def decode_shapes(self, settings: ExportSettings) -> DecodeShapes | None:
+        """The decode steps' profile: one stream per call (each stream of a pool decodes with its
+        own conv cache), whatever the chunk step's batch of streams."""
         if self.vae is None:
             return None
-        return DecodeShapes.from_vae(self.vae, self.streaming, batch=settings.batch_size,
-                                     dtype=settings.torch_dtype)
+        return DecodeShapes.from_vae(self.vae, self.streaming, batch=1, dtype=settings.torch_dtype)
 
 
 def config_hash(*parts: Any) -> str:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from export.settings import ExportModel, ExportSettings, attention_backend, tolerance
-from sf_sdk.sampling import ChunkModel, ChunkSchedule, denoise_chunk
+from sf_sdk.sampling import ChunkModel, ChunkSchedule, denoise_chunk, randn_rows
 
 __all__ = ["VerifyResult", "verify_chunk_model", "verify_decoder", "verify_chunks", "VerificationError"]
 
@@ -63,33 +63,45 @@ def verify_chunks(model: ExportModel, settings: ExportSettings) -> tuple[int, in
 
 def verify_chunk_model(model: ExportModel, candidate: ChunkModel, settings: ExportSettings, *,
                        seed: int = 0, name: str = "chunk", tol: float | None = None) -> VerifyResult:
-    """Stream the same noise through ``candidate`` and the eager DiT; max abs error over x0 and cache."""
+    """Stream the same noise through ``candidate`` and the eager DiT; max abs error over x0 and cache.
+
+    With a batch of several streams the check runs a pool: row ``r`` joins ``r % 2`` chunks late
+    (idle rows are computed and ignored), so rows sit at different frame positions and wrap the
+    ring at different chunks, as pooled streams do.
+    """
     dit, stream = model.dit, model.streaming
     shapes = model.chunk_shapes(settings)
     chunks, evicted = verify_chunks(model, settings)
     steps = ChunkSchedule.from_config(stream)
     device = torch.device(settings.device)
     prompt = torch.Generator(device="cpu").manual_seed(seed)
+    rows = shapes.batch
+    late = [r % 2 for r in range(rows)]  # chunks each row waits before it joins
+    if rows > 1 and not stream.rolling:
+        late = [0] * rows  # a global cache holds exactly the stream: no room to stagger
     with torch.no_grad(), attention_backend(settings.attention):
-        emb = torch.randn(shapes.batch, max(1, dit.config.text_len // 2), dit.config.text_dim, generator=prompt)
+        emb = torch.randn(rows, max(1, dit.config.text_len // 2), dit.config.text_dim, generator=prompt)
         cross = dit.encode_context(emb.to(device, shapes.dtype))
-        caches = [dit.new_cache(stream, shapes.batch, num_frames=settings.num_frames) for _ in range(2)]
-        gens = [torch.Generator(device=device).manual_seed(seed + 1) for _ in range(2)]
+        caches = [dit.new_cache(stream, rows, num_frames=settings.num_frames) for _ in range(2)]
+        gens = [[torch.Generator(device=device).manual_seed(seed + 1 + r) for r in range(rows)] for _ in range(2)]
         err = 0.0
         c = stream.num_frame_per_block
-        for i in range(chunks):
+        for i in range(chunks + max(late)):
+            starts = [(i - w) * c if 0 <= i - w < chunks else None for w in late]
             outs = []
-            for runner, cache, gen in zip((dit, candidate), caches, gens):
-                noise = torch.randn(shapes.latent_shape, generator=gen, device=device, dtype=shapes.dtype)
-                outs.append(denoise_chunk(runner, noise, cross, cache, i * c, steps, generator=gen))
-            chunk_err = (outs[0].float() - outs[1].float()).abs().max().item()
-            log.info("verify %s: chunk %d (frames %d-%d) max abs error %.3g", name, i, i * c, i * c + c - 1,
-                     chunk_err)
+            for runner, cache, row_gens in zip((dit, candidate), caches, gens):
+                plan = cache.plan_rows(starts, c)
+                active = [g if s is not None else None for g, s in zip(row_gens, starts)]
+                noise = randn_rows(shapes.latent_shape, active, device=device, dtype=shapes.dtype)
+                outs.append(denoise_chunk(runner, noise, cross, cache, plan, steps, generator=active))
+            on = torch.tensor([s is not None for s in starts], device=device)
+            chunk_err = (outs[0].float() - outs[1].float())[on].abs().max().item()
+            log.info("verify %s: step %d (row starts %s) max abs error %.3g", name, i, starts, chunk_err)
             err = max(err, chunk_err)
-        valid = caches[0].layout.capacity if caches[0].end_frame >= caches[0].layout.capacity_frames else \
-            caches[0].end_frame * caches[0].layout.tokens_per_frame
-        for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
-            err = max(err, (a[:, :, :valid].float() - b[:, :, :valid].float()).abs().max().item())
+        for r in range(rows):
+            valid = caches[0].valid_tokens(r)
+            for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
+                err = max(err, (a[:, r, :valid].float() - b[:, r, :valid].float()).abs().max().item())
     return VerifyResult(name, err, tol if tol is not None else tolerance(shapes.dtype), chunks, evicted)
 
 

@@ -220,6 +220,7 @@ class KVCache:
         self._v = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, cap, H, D]
         self.end_frames = [0] * batch_size  # per row: frames [0, end) have been written
         self._last: ChunkPlan | None = None
+        self._fused: bool | None = None  # write rotated keys with the fused op (decided on first use)
         self._slot_base = torch.arange(layout.tokens_per_frame, device=device)  # [T]
 
     @classmethod
@@ -273,12 +274,37 @@ class KVCache:
         return min(self.end_frames[row], self.layout.capacity_frames) * self.layout.tokens_per_frame
 
     # ------------------------------------------------------------------ writes
-    def write(self, layer: int, k: Tensor, v: Tensor, plan: ChunkPlan) -> None:
-        """Write a chunk's keys/values ``[rows, F*T, H, D]`` of ``layer`` into its slots, in place."""
+    def write(self, layer: int, k: Tensor, v: Tensor, plan: ChunkPlan,
+              rope: tuple[Tensor, Tensor] | None = None) -> None:
+        """Write a chunk's keys/values ``[rows, F*T, H, D]`` of ``layer`` into its slots, in place.
+
+        ``rope`` (cos, sin tables of the plan): ``k`` is unrotated and is stored rotated. One
+        stream's write (a uniform plan) then runs the fused ``sf_sdk::cache_write_rope`` op where
+        it is faster (:func:`sf_sdk.ops.fused_write_available`); otherwise rotate, then copy.
+        """
         rows = plan.rows
+        kc, vc = self._k[layer, :rows], self._v[layer, :rows]  # [rows, cap, H, D], contiguous
+        k, v = k.detach(), v.detach()
+        if rope is not None:
+            cos, sin = rope
+            if plan.uniform and cos.dim() == 2 and self._fused_write():
+                from sf_sdk import ops
+
+                ops.cache_write_rope(kc, vc, k.contiguous(), v.contiguous(), plan.write_slots[0], cos, sin)
+                return
+            from sf_sdk.models.dit import apply_rotary  # the rotary rule lives with the model
+
+            k = apply_rotary(k, cos, sin)
         slots = plan.write_slots[0] if plan.uniform else plan.write_slots
-        write_rows(self._k[layer, :rows], slots, k.detach(), inplace=True)
-        write_rows(self._v[layer, :rows], slots, v.detach(), inplace=True)
+        write_rows(kc, slots, k, inplace=True)
+        write_rows(vc, slots, v, inplace=True)
+
+    def _fused_write(self) -> bool:
+        if self._fused is None:  # decided once per cache
+            from sf_sdk import ops
+
+            self._fused = ops.fused_write_available(self.device, self.dtype)
+        return self._fused
 
     def swap(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Make ``k`` / ``v`` (same shape and dtype; the outputs of a functional step) the buffers;

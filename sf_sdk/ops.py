@@ -60,6 +60,7 @@ __all__ = [
     "cache_write",
     "cache_write_rope",
     "kernel_available",
+    "fused_write_available",
     "loaded_libraries",
     "unavailable_reason",
     "reference_cache_write",
@@ -540,6 +541,20 @@ def kernel_available(q: Tensor, required: bool, *, masked: bool = False) -> bool
     if required:
         raise RuntimeError(f"attention backend 'kernel' requested but {reason}; {_BUILD_HINT}")
     return False
+
+
+def fused_write_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a cache should write rotated keys with ``cache_write_rope`` (one fused pass) instead
+    of ``apply_rotary`` then ``index_copy_``.
+
+    ``benchmarks/cache_write.py`` on this project's 2-core CPU (float32, one thread): the fused
+    kernel is 8-10x faster for the tiny model's chunk (48 tokens), a batch of 8 of them and a
+    Wan-1.3B chunk at 480x832 (4680 tokens). So: wherever the compiled CPU kernel is loaded. CUDA is
+    not measured yet: there the plain ops stay.
+    """
+    if device.type != "cpu" or dtype not in KERNEL_DTYPES:
+        return False
+    return _kernels_loaded("cpu")
 
 
 # --------------------------------------------------------------------------------------------

@@ -248,12 +248,12 @@ def test_onnxruntime_backend_streams_like_eager_without_copies(onnx_dir, sdk_fol
     got = _stream(ort_gen)
     _assert_same_stream(got, _stream(eager))
     # The KV cache ping-pongs between two buffers that ONNX Runtime reads and writes in place.
-    cache = ort_gen._cache
+    cache = ort_gen._solo.cache
     seen = {cache.k.data_ptr()}
     _stream(ort_gen, 1)
-    seen.add(ort_gen._cache.k.data_ptr())
+    seen.add(ort_gen._solo.cache.k.data_ptr())
     _stream(ort_gen, 2)
-    seen.add(ort_gen._cache.k.data_ptr())
+    seen.add(ort_gen._solo.cache.k.data_ptr())
     assert len(seen) == 2
 
 

@@ -24,7 +24,7 @@ namespace sf_sdk::cpu {
 namespace {
 
 // Token rows copied per parallel task at least (small writes stay on the calling thread).
-constexpr int64_t kMinBytesPerTask = 1 << 16;
+constexpr int64_t kMinBytesPerTask = 1 << 20;  // below ~1 MiB a second thread costs more than it saves
 
 // Checks every slot index on the host; returns the slots as a pointer into `slots`.
 const int64_t* checked_slots(const at::Tensor& slots_in, at::Tensor& holder, int64_t capacity) {

@@ -217,24 +217,27 @@ class StepAttention:
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         relative = self.cos_k is not None
         q = apply_rotary(q, self.cos_q, self.sin_q)
-        if not relative:
-            k = apply_rotary(k, self.cos_q, self.sin_q)
-        if self.functional:
+        differentiable = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+        if self.cache is not None and not self.functional:
+            # The cache stores keys rotated (absolute positions) or as they are (cache_relative).
+            self.cache.write(layer, k, v, self.plan, None if relative else (self.cos_q, self.sin_q))
             kc, vc = self._buffers(layer)
-            kc = write_rows(kc, self.write_slots, k, inplace=False)
-            vc = write_rows(vc, self.write_slots, v, inplace=False)
-            self.new_k = (self.new_k or []) + [kc]
-            self.new_v = (self.new_v or []) + [vc]
+            if differentiable and not relative:
+                k = apply_rotary(k, self.cos_q, self.sin_q)
         else:
-            if self.cache is not None:
-                self.cache.write(layer, k, v, self.plan)
-                kc, vc = self._buffers(layer)
+            if not relative:
+                k = apply_rotary(k, self.cos_q, self.sin_q)
+            kc, vc = self._buffers(layer)
+            if self.functional:
+                kc = write_rows(kc, self.write_slots, k, inplace=False)
+                vc = write_rows(vc, self.write_slots, v, inplace=False)
+                self.new_k = (self.new_k or []) + [kc]
+                self.new_v = (self.new_v or []) + [vc]
             else:
-                kc, vc = self._buffers(layer)
                 write_rows(kc, self.write_slots, k.detach(), inplace=True)
                 write_rows(vc, self.write_slots, v.detach(), inplace=True)
         keys, values = kc, vc
-        if not self.functional and torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+        if not self.functional and differentiable:
             keys = write_rows(kc, self.write_slots, k, inplace=False)
             values = write_rows(vc, self.write_slots, v, inplace=False)
         if relative:
