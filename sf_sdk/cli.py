@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wan-dir", type=Path, help="the official Wan2.1-T2V-1.3B folder (for a .pt --model)")
     p.add_argument("--no-ema", action="store_true", help="official checkpoints: the 'generator' weights, "
                                                          "not 'generator_ema'")
+    p.add_argument("--prompt-at", action="append", default=[], metavar="FRAME:PROMPT",
+                   help="switch to PROMPT at video frame FRAME (at the first chunk boundary at or after it); "
+                        "repeatable, e.g. --prompt-at 40:\"a blue circle moving left\"")
+    p.add_argument("--transition", choices=("recache", "blend", "cut"), default="recache",
+                   help="how --prompt-at switches: recache (default: the cached frames re-encoded under the new "
+                        "prompt), blend (the prompt moves to the new one over --blend-chunks chunks) or cut")
+    p.add_argument("--blend-chunks", type=int, default=3, help="chunks a blend takes (default 3)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own, one per core)")
     p.add_argument("--backend", default="eager", help="eager (default), compile, aoti, onnxruntime, ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -149,6 +156,9 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str, Path]:
         raise UserError(f"--window must be a positive number of latent frames, got {args.window}")
     if args.sink is not None and (args.sink < 0 or args.window is None):
         raise UserError("--sink needs --window and must be >= 0")
+    args.switches = _parse_switches(args.prompt_at)
+    if args.blend_chunks <= 0:
+        raise UserError(f"--blend-chunks must be a positive number of chunks, got {args.blend_chunks}")
     if args.threads is not None and args.threads <= 0:
         raise UserError(f"--threads must be a positive number of CPU threads, got {args.threads}")
     import torch
@@ -168,6 +178,25 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str, Path]:
     if existing is not None and not os.access(existing, os.W_OK):
         raise UserError(f"cannot write {output}: {existing} is not writable")
     return device, dtype, output
+
+
+def _parse_switches(items: Sequence[str]) -> list[tuple[int, str]]:
+    """``--prompt-at FRAME:PROMPT`` values -> [(frame, prompt)] sorted by frame."""
+    out: dict[int, str] = {}
+    for item in items:
+        frame, sep, prompt = item.partition(":")
+        if not sep or not frame.strip().isdigit():
+            raise UserError(f"--prompt-at needs FRAME:PROMPT (a video frame number, a colon, a prompt), got {item!r}")
+        if not prompt.strip():
+            raise UserError(f"--prompt-at {item!r}: the prompt after the colon is empty")
+        n = int(frame)
+        if n <= 0:
+            raise UserError(f"--prompt-at {item!r}: the frame must be after the start (> 0); the first prompt is "
+                            f"the positional one")
+        if n in out:
+            raise UserError(f"--prompt-at gives two prompts for frame {n}")
+        out[n] = prompt.strip()
+    return sorted(out.items())
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -202,8 +231,12 @@ def _generate(args: argparse.Namespace, device: str, dtype: str, output: Path) -
     if not st.rolling and latent > st.global_cache_frames:
         log.warning("%d latent frames with global attention: longer than the %d the model streams by default; "
                     "for long videos use a rolling window (--window N)", latent, st.global_cache_frames)
+    late = [f for f, _ in args.switches if f >= frames]
+    if late:
+        raise UserError(f"--prompt-at frame {late[0]} is not before the end of the video ({frames} frames)")
     with gen.stream(args.prompt, num_frames=frames, seed=args.seed) as stream:
-        return _write(stream, gen, frames, output, progress=not (args.no_progress or args.quiet))
+        return _write(stream, gen, frames, output, progress=not (args.no_progress or args.quiet),
+                      switches=args.switches, transition=args.transition, blend_chunks=args.blend_chunks)
 
 
 def _num_frames(args: argparse.Namespace, gen) -> int:
@@ -218,13 +251,15 @@ def _num_frames(args: argparse.Namespace, gen) -> int:
     return gen.round_up_frames(DEFAULT_FRAMES)
 
 
-def _write(stream, gen, total: int, output: Path, *, progress: bool) -> int:
+def _write(stream, gen, total: int, output: Path, *, progress: bool, switches: Sequence[tuple[int, str]] = (),
+           transition: str = "recache", blend_chunks: int = 3) -> int:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from sf_sdk.video import Mp4Writer
 
     written = 0
+    pending = list(switches)
     dit_s = decode_s = 0.0
     start = time.perf_counter()
     bar = tqdm(total=total, unit="frame", desc="generating", disable=not progress, file=sys.stderr,
@@ -239,6 +274,11 @@ def _write(stream, gen, total: int, output: Path, *, progress: bool) -> int:
                 decode_s += chunk.timing.decode_s
                 elapsed = time.perf_counter() - start
                 bar.update(chunk.frames.shape[0])
+                while pending and pending[0][0] <= written < total:
+                    asked, prompt = pending.pop(0)
+                    stream.set_prompt(prompt, transition=transition, chunks=blend_chunks)
+                    log.info("frame %d%s: %s %r", written, f" (asked {asked})" if asked != written else "",
+                             transition, prompt)
                 bar.set_postfix_str(f"{written / elapsed:.1f} FPS, {written / elapsed / gen.fps:.2f}x real time")
     except KeyboardInterrupt:
         log.warning("interrupted: %s holds the %d frames written so far", output, written)

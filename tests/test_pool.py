@@ -196,3 +196,51 @@ def test_pool_memory_stays_flat_over_200_chunks(gen: StreamingGenerator) -> None
         rss.append(_rss_mb())
     early, late = sorted(rss[40:60])[10], sorted(rss[180:200])[10]
     assert late - early < 8, (early, late)
+
+
+@pytest.fixture(scope="module")
+def shapes_tiny() -> StreamingGenerator:
+    return StreamingGenerator.from_pretrained("shapes-tiny", streaming={"local_attn_size": 6})
+
+
+@pytest.mark.parametrize("transition", ["recache", "blend", "cut"])
+def test_switching_red_to_green_turns_the_object_green(shapes_tiny: StreamingGenerator, transition: str) -> None:
+    """With the bundled model, a red circle switched to a green one is green within two chunks
+    (the shapes evaluator's colour check), whichever transition."""
+    from training.eval.shapes_bench import score_video
+
+    red, green = "a red circle moving right", "a green circle moving right"
+    with shapes_tiny.stream(red, seed=0, num_frames=_frames(5)) as s:
+        chunks = []
+        for i, chunk in enumerate(s):
+            chunks.append(chunk.frames)
+            if i == 1:
+                s.set_prompt(green, transition=transition, chunks=2)
+    assert score_video(chunks[1], red).checks["colour"] >= 0.8
+    assert score_video(chunks[1], green).checks["colour"] <= 0.2
+    after = chunks[3]  # the second chunk after the switch
+    assert score_video(after, green).checks["colour"] >= 0.8, transition
+
+
+def test_cli_prompt_at_switches_the_prompt(tmp_path, capsys) -> None:
+    """One command, two prompts: sf-generate --prompt-at writes a video that turns green."""
+    from sf_sdk.cli import main
+    from sf_sdk.video import read_video
+    from training.eval.shapes_bench import score_video
+
+    out = tmp_path / "switch.mp4"
+    code = main(["a red circle moving right", "--frames", "57", "--window", "6", "--prompt-at",
+                 "20:a green circle moving right", "--output", str(out), "--no-progress", "--threads", "1"])
+    assert code == 0
+    frames = read_video(out)
+    assert frames.shape[0] == 57
+    assert score_video(frames[:9], "a red circle moving right").checks["colour"] >= 0.8
+    assert score_video(frames[-12:], "a green circle moving right").checks["colour"] >= 0.8
+    for bad, message in ((["--prompt-at", "twenty:a blue square"], "FRAME:PROMPT"),
+                         (["--prompt-at", "12:"], "prompt after the colon is empty"),
+                         (["--prompt-at", "0:a blue square moving up"], "after the start"),
+                         (["--prompt-at", "90:a blue square moving up"], "not before the end")):
+        capsys.readouterr()
+        assert main(["a red circle moving right", "--frames", "57", "--output", str(tmp_path / "x.mp4"),
+                     "--no-progress", *bad]) == 2
+        assert message in capsys.readouterr().err
