@@ -257,6 +257,60 @@ def test_onnxruntime_backend_streams_like_eager_without_copies(onnx_dir, sdk_fol
     assert len(seen) == 2
 
 
+@pytest.mark.slow
+def test_onnxruntime_runs_a_stream_pool(tmp_path, sdk_folder):
+    """An export with a batch of 2 streams is verified as a pool (rows at different positions) and
+    runs a StreamPool whose streams join at different chunks, as the eager pool does."""
+    from export import onnx as onnx_export
+
+    out = tmp_path / "onnx-pool"
+    assert onnx_export.main(["--model", str(sdk_folder), "--out", str(out), "--batch", "2", "--verify"]) == 0
+    verify = {r["step"]: r for r in json.loads((out / "export.json").read_text())["verify"]}
+    assert verify["chunk"]["ok"] and verify["chunk"]["evictions"] > 0
+    gens = [StreamingGenerator.from_pretrained(sdk_folder, load_text_encoder=False),
+            StreamingGenerator.from_pretrained(sdk_folder, load_text_encoder=False, backend="onnxruntime",
+                                               backend_options={"artifact_dir": str(out)})]
+    with pytest.raises(ValueError, match="--batch 3"):
+        gens[1].pool(3)
+    runs = [_pool_run(gen) for gen in gens]
+    for i in (0, 1):
+        _assert_same_stream(runs[1][i], runs[0][i])
+
+
+def _pool_run(gen: StreamingGenerator) -> dict[int, list]:
+    """Two pooled streams: the second joins one chunk late, the first switches prompt (recache)."""
+    pool = gen.pool(2)
+    emb = [torch.randn(5, gen.dit.config.text_dim, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    first = pool.open(prompt_embeds=emb[0], seed=0)
+    got: dict[int, list] = {0: [], 1: []}
+    second = None
+    for step in range(STREAM_CHUNKS + 1):
+        if step == 1:
+            second = pool.open(prompt_embeds=emb[1], seed=1)
+        if step == 3:
+            first.set_prompt(prompt_embeds=emb[1], transition="recache")
+        res = pool.step()
+        got[0].append(res[first])
+        if second is not None:
+            got[1].append(res[second])
+    return got
+
+
+@pytest.mark.slow
+def test_aoti_runs_a_stream_pool(tmp_path):
+    from export import aoti
+
+    out = tmp_path / "aoti-pool"
+    assert aoti.main(["--model", "tiny", "--random-init", "--latent-hw", *LATENT_HW, "--window", str(WINDOW),
+                      "--out", str(out), "--batch", "2", "--verify", "--fast-compile"]) == 0
+    verify = {r["step"]: r for r in json.loads((out / "export.json").read_text())["verify"]}
+    assert verify["chunk"]["ok"] and verify["chunk"]["evictions"] > 0
+    model = _tiny_model()
+    runs = [_pool_run(_generator(model)), _pool_run(_generator(model, "aoti", artifact_dir=str(out)))]
+    for i in (0, 1):
+        _assert_same_stream(runs[1][i], runs[0][i])
+
+
 # --------------------------------------------------------------------------------------------
 # TensorRT: ONNX written, engines need a GPU
 # --------------------------------------------------------------------------------------------
