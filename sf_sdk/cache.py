@@ -37,7 +37,21 @@ never exceed the window, whatever the stream length (the KV-relative RoPE of lon
 streaming work). Without sinks the attention scores equal the absolute mode's, since RoPE only
 sees relative offsets; with sinks the sink-to-chunk distance stays bounded.
 
-Bookkeeping (``end_frame``) is plain Python ints on the host: the per-chunk path needs no
+Rows
+----
+Batch row ``b`` is one stream, with its own write position (``end_frames[b]``): a pool of streams
+that joined at different times shares one cache. :meth:`KVCache.plan_rows` places one chunk per
+row (per-row slots, valid lengths and positions; ``None`` for an idle row, computed and never
+read); :meth:`KVCache.plan_chunk` is the single-position case. A call covers a prefix of the rows.
+
+Ownership
+---------
+The cache does its own writes: :meth:`KVCache.write` in eager mode (rotating keys on the way, with
+the fused ``sf_sdk::cache_write_rope`` op where it is faster), :func:`write_rows` (the same rule on
+explicit buffers) inside captured graphs, and :meth:`KVCache.swap` when a functional graph's
+outputs become the buffers. Nothing else assigns its buffers.
+
+Bookkeeping (``end_frames``) is plain Python ints on the host: the per-chunk path needs no
 ``.item()`` and no device synchronisation.
 """
 
