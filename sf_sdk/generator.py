@@ -361,14 +361,7 @@ class StreamingGenerator:
 
     def _check_request(self, prompt, prompt_embeds, num_frames, seed, decode, initial_latent,
                        initial_frames) -> StreamRequest:
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("give exactly one of prompt (a string) or prompt_embeds ([L, text_dim])")
-        if prompt is not None:
-            self._check_prompt(prompt)
-            if self.text_encoder is None:
-                raise ValueError("this model has no text encoder: pass prompt_embeds instead of a prompt")
-        if prompt_embeds is not None:
-            prompt_embeds = self._check_embeds(prompt_embeds)
+        prompt_embeds = self._check_prompt_args(prompt, prompt_embeds)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"seed must be an int, got {seed!r}")
         if decode and self.vae is None:
@@ -394,6 +387,18 @@ class StreamingGenerator:
                              f"({video_frames_for_latents(init.shape[0], self.temporal_stride)} video frames); "
                              f"num_frames = {num_frames} asks for {latent_total} in total: ask for more")
         return StreamRequest(prompt, prompt_embeds, latent_total, seed, decode, init, init_frames)
+
+    def _check_prompt_args(self, prompt: Any, prompt_embeds: Any) -> Tensor | None:
+        """Exactly one of a text prompt (this model must have a text encoder) or embeddings;
+        returns the checked embeddings (None for a text prompt)."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("give exactly one of prompt (a string) or prompt_embeds ([L, text_dim])")
+        if prompt is not None:
+            self._check_prompt(prompt)
+            if self.text_encoder is None:
+                raise ValueError("this model has no text encoder: pass prompt_embeds instead of a prompt")
+            return None
+        return self._check_embeds(prompt_embeds)
 
     def _check_embeds(self, embeds: Any) -> Tensor:
         cfg = self.dit.config
@@ -455,16 +460,10 @@ class StreamingGenerator:
     def _padded_embeds(self, prompt: str | None, prompt_embeds: Tensor | None) -> Tensor:
         """The prompt (a string, or checked embeddings) as a zero-padded [text_len, text_dim]
         embedding on the model's device and dtype."""
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("give exactly one of prompt (a string) or prompt_embeds ([L, text_dim])")
-        if prompt is not None:
-            self._check_prompt(prompt)
-            if self.text_encoder is None:
-                raise ValueError("this model has no text encoder: pass prompt_embeds instead of a prompt")
+        emb = self._check_prompt_args(prompt, prompt_embeds)
+        if emb is None:
             with torch.inference_mode():
                 emb = self.text_encoder.encode(prompt)[0]
-        else:
-            emb = self._check_embeds(prompt_embeds)
         emb = emb.to(self.device, self.dtype)
         return F.pad(emb, (0, 0, 0, self.dit.config.text_len - emb.shape[0]))  # [text_len, text_dim]
 
