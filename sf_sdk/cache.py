@@ -301,7 +301,7 @@ class KVCache:
         k, v = k.detach(), v.detach()
         if rope is not None:
             cos, sin = rope
-            if plan.uniform and cos.dim() == 2 and self._fused_write():
+            if plan.uniform and cos.dim() == 2 and cos.dtype in (torch.float32, torch.float64) and self._fused_write():
                 from sf_sdk import ops
 
                 ops.cache_write_rope(kc, vc, k.contiguous(), v.contiguous(), plan.write_slots[0], cos, sin)
