@@ -1,24 +1,40 @@
-"""The shapes evaluator: calibration on real clips, noise and blank videos, failure modes,
-robustness to a generative model's blur and colour drift, the benchmark loop and the CLI."""
+"""The shapes evaluator: the strict checks (the default) on rendered clips, noise and blank
+videos and wrong captions; the failure cases a person sees and the old scoring passed; the bounce
+rule and the stuck rate; robustness to a generative model's mild blur and colour drift; the
+benchmark loop and the CLI."""
 
 from __future__ import annotations
 
 import json
 import struct
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from training.data.shapes import COLOURS, ShapesConfig, all_captions, make_clip, parse_caption
+from training.data.shapes import (
+    COLOURS,
+    ShapeAttributes,
+    ShapesConfig,
+    _coverage,
+    all_captions,
+    make_clip,
+    parse_caption,
+)
 from training.eval.shapes_bench import (
     CHECKS,
+    FAILURE_CASES,
+    FAILURE_SHAPES,
+    OLD_CHECKS,
     BenchConfig,
     _label_components,
+    _template_coverage,
     contact_sheet,
     main,
+    render_failure,
     run_benchmark,
     score_video,
 )
@@ -71,20 +87,41 @@ def test_connected_components_match_a_flood_fill(density: float) -> None:
     np.testing.assert_array_equal(_label_components(mask), _flood_fill_labels(mask))
 
 
+def test_templates_are_the_renderers_geometry() -> None:
+    """The strict shape check fits the renderer's own antialiased shapes: a rendered frame is its template."""
+    rng = np.random.default_rng(0)
+    cfg = ShapesConfig()
+    for shape in ("circle", "square", "triangle"):
+        for _ in range(5):
+            size, x, y = rng.uniform(12, 20), rng.uniform(10, 54), rng.uniform(10, 54)
+            attrs = ShapeAttributes(shape=shape, colour="red", direction="left", size=size, speed=1.0, x0=x, y0=y)
+            expected = _coverage(attrs, np.array([x]), np.array([y]), cfg)  # [1, H, W]
+            got = _template_coverage(shape, np.array([[x, y, size]]), np.arange(cfg.width), np.arange(cfg.height))
+            np.testing.assert_array_equal(got, expected)
+
+
+# Tiny clips: 17 frames hold the start and, for about half of them, a bounce.
+CLIP = ShapesConfig(num_frames=17)
+
+
 @pytest.fixture(scope="module")
 def real_clips() -> list[tuple[str, np.ndarray]]:
-    return [(caption, make_clip(0, i, caption=caption).frames) for i, caption in enumerate(all_captions())]
+    return [(caption, make_clip(0, i, CLIP, caption=caption).frames) for i, caption in enumerate(all_captions())]
 
 
 def test_real_clips_score_high(real_clips: list[tuple[str, np.ndarray]]) -> None:
     results = [score_video(frames, caption) for caption, frames in real_clips]
     scores = np.array([r.score for r in results])
-    assert scores.mean() >= 0.95
-    assert scores.min() >= 0.8
+    assert scores.mean() >= 0.97
+    assert scores.min() >= 0.9
     assert set(results[0].checks) == set(CHECKS)
+    assert sum(r.details["bounces"] for r in results) >= 20  # the bounce rule was exercised
     for r, (caption, _) in zip(results, real_clips):
         prompt = parse_caption(caption)
         assert (r.details["colour"], r.details["shape"]) == (prompt.colour, prompt.shape)
+        assert r.details["stuck_rate"] == 0.0 and r.details["wrong_way_steps"] == 0
+    old = [score_video(frames, caption, strict=False) for caption, frames in real_clips[::6]]
+    assert set(old[0].checks) == set(OLD_CHECKS) and min(r.score for r in old) >= 0.95
 
 
 def test_noise_and_blank_score_low() -> None:
@@ -100,7 +137,7 @@ def test_noise_and_blank_score_low() -> None:
 
 def test_wrong_colour_shape_or_direction_loses_the_score(real_clips: list[tuple[str, np.ndarray]]) -> None:
     colours = list(COLOURS)
-    for caption, frames in real_clips[::5]:
+    for caption, frames in real_clips[::8]:
         p = parse_caption(caption)
         wrong_colour = f"a {colours[(colours.index(p.colour) + 2) % 6]} {p.shape} moving {p.direction}"
         wrong_shape = f"a {p.colour} {'circle' if p.shape != 'circle' else 'square'} moving {p.direction}"
@@ -111,7 +148,9 @@ def test_wrong_colour_shape_or_direction_loses_the_score(real_clips: list[tuple[
             result = score_video(frames, bad)
             assert result.score <= 0.1, (bad, result)
             assert result.checks[check] <= 0.1
-            assert result.mean_check >= 0.8  # only that one check failed
+            # Only that check failed, or for a direction the motion checks, which all read the caption's axis.
+            related = {check, "bounce", "speed"} if check == "direction" else {check}
+            assert min(v for c, v in result.checks.items() if c not in related) >= 0.95, (bad, result.checks)
 
 
 def test_partial_failures_show_in_their_checks() -> None:
@@ -125,6 +164,7 @@ def test_partial_failures_show_in_their_checks() -> None:
     static = np.repeat(frames[:1], len(frames), axis=0)
     r = score_video(static, caption)
     assert r.checks["direction"] == 0.0 and r.checks["shape"] == 1.0
+    assert r.checks["speed"] == 0.0 and r.details["stuck_rate"] == 1.0
 
     second = make_clip(0, 3, caption="a red circle moving up").frames
     r = score_video(np.maximum(frames, second), caption)
@@ -140,20 +180,92 @@ def test_partial_failures_show_in_their_checks() -> None:
     assert r.checks["background"] <= 0.1
 
 
+# The check that catches each failure case, and what it reads.
+CAUGHT_BY = {"rounded_square": "shape", "arrowhead": "shape", "blurred": "sharpness", "stuck_at_border": "speed",
+             "fragment": "single_object"}
+
+
+@pytest.mark.parametrize("kind", list(FAILURE_CASES))
+def test_failure_cases_fail_and_the_old_scoring_passed_them(kind: str) -> None:
+    """What a person sees as wrong scores low on the strict checks; the old scoring passed it."""
+    captions = [c for c in all_captions() if parse_caption(c).shape == FAILURE_SHAPES.get(kind, parse_caption(c).shape)]
+    domain = ShapesConfig()  # 33 frames: the stuck object stands still for 24 of its 32 steps
+    for caption in captions[1::len(captions) // 3]:  # three clips
+        attrs = make_clip(0, all_captions().index(caption), domain, caption=caption).attributes
+        frames = render_failure(kind, attrs, domain)
+        strict, old = score_video(frames, caption), score_video(frames, caption, strict=False)
+        assert old.score >= 0.9, (kind, caption, old.checks)
+        assert strict.score <= 0.35 and strict.checks[CAUGHT_BY[kind]] <= 0.35, (kind, caption, strict.checks)
+        failures = strict.details["shape_failures"]
+        if kind == "rounded_square":
+            assert failures["corners"] >= 0.9 * len(frames)
+        elif kind == "arrowhead":
+            assert failures["template"] + failures["solidity"] == len(frames)
+        elif kind == "stuck_at_border":
+            assert strict.details["stuck_rate"] >= 0.6 and strict.checks["bounce"] == 1.0
+    with pytest.raises(ValueError, match="square"):
+        render_failure("rounded_square", make_clip(0, 0, caption="a red circle moving left").attributes, domain)
+
+
+def _render_track(attrs: ShapeAttributes, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """uint8 frames [T, 64, 64, 3] of the object of ``attrs`` with its centre at x [T], y [T]."""
+    params = np.stack([x, y, np.full_like(x, attrs.size)], axis=1)
+    cover = _template_coverage(attrs.shape, params, np.arange(64), np.arange(64))  # [T, H, W]
+    return np.rint(cover[..., None] * np.asarray(attrs.rgb, dtype=np.float64)).astype(np.uint8)
+
+
+def test_motion_over_the_whole_video_follows_the_bounce_rule() -> None:
+    caption = "a green circle moving right"
+    long = ShapesConfig(num_frames=81)
+    clip = make_clip(0, 5, long, caption=caption)
+    r = score_video(clip.frames, caption)
+    assert r.details["bounces"] >= 2 and r.score >= 0.97
+    assert (r.checks["bounce"], r.checks["speed"], r.details["stuck_rate"]) == (1.0, 1.0, 0.0)
+
+    attrs = replace(clip.attributes, x0=16.0, speed=1.5)
+    t = np.arange(49, dtype=np.float64)
+    y = np.full_like(t, attrs.y0)
+    # Turns back half-way across the frame, with no border near: 24 of its 48 steps go the wrong way.
+    early = attrs.x0 + attrs.speed * np.minimum(t, 48 - t)
+    r = score_video(_render_track(attrs, early, y), caption)
+    assert r.details["wrong_way_steps"] == 24 and r.checks["bounce"] == 0.5 and r.details["bounces"] == 0
+    # Stops every fourth step (a judder): a quarter of the steps stand still.
+    judder = attrs.x0 + attrs.speed * (t[:33] - t[:33] // 4)
+    r = score_video(_render_track(attrs, judder, y[:33]), caption)
+    assert r.details["stuck_rate"] == pytest.approx(8 / 32) and r.checks["speed"] == pytest.approx(24 / 32)
+    # Drifts at a third of the domain's slowest speed: moving, but too slow.
+    slow = attrs.x0 + 0.6 * t
+    r = score_video(_render_track(attrs, slow, y), caption)
+    assert r.details["stuck_rate"] == 0.0 and r.checks["speed"] == 0.0 and r.checks["bounce"] == 1.0
+
+
 def test_robust_to_blur_and_colour_drift(real_clips: list[tuple[str, np.ndarray]]) -> None:
+    """A mild blur (sigma 1 px, the VAE's softness), colour crosstalk and a dim noisy background pass;
+    a sigma 1.5 px blur is the ``blurred`` failure case."""
     rng = np.random.default_rng(1)
     scores = [score_video(_model_like(frames, rng), caption).score for caption, frames in real_clips[::4]]
     assert np.mean(scores) >= 0.9
 
 
-def test_survives_an_mp4_round_trip(tmp_path: Path, real_clips: list[tuple[str, np.ndarray]]) -> None:
+def test_survives_an_mp4_round_trip(tmp_path: Path) -> None:
+    """H.264 (4:2:0) keeps luma at full resolution and halves chroma. Objects whose edges the luma
+    carries keep their strict scores; a pure red or blue triangle's edges come back in 2x2 chroma
+    blocks, which the strict shape check reads as misshapen (the benchmark scores decoded frames;
+    MP4s are only written for viewing). The old scoring survived either."""
     from sf_sdk.video import Mp4Writer, read_video
 
-    for i, (caption, frames) in enumerate(real_clips[::12]):
+    clip = ShapesConfig(num_frames=17)
+    captions = ["a yellow triangle moving up", "a cyan square moving left", "a green circle moving down",
+                "a red square moving right", "a red triangle moving left"]
+    for i, caption in enumerate(captions):
+        frames = make_clip(0, i, clip, caption=caption).frames
         path = tmp_path / f"{i}.mp4"
         with Mp4Writer(path, fps=16) as writer:
             writer.write(frames)
-        assert score_video(read_video(path), caption).score >= 0.95
+        decoded = read_video(path)
+        assert score_video(decoded, caption, strict=False).score >= 0.95
+        if "red triangle" not in caption:
+            assert score_video(decoded, caption).score >= 0.9, caption
 
 
 def test_input_validation() -> None:
@@ -170,6 +282,10 @@ def test_input_validation() -> None:
         score_video(frames, "a red blob moving left")
     with pytest.raises(ValueError):
         BenchConfig(fg_threshold=0.6)
+    with pytest.raises(ValueError, match="min_solidity"):
+        BenchConfig(min_solidity=1.5)
+    with pytest.raises(ValueError, match="stuck_speed"):
+        BenchConfig(stuck_speed=0.9)
 
 
 def _read_png(path: Path) -> np.ndarray:
@@ -193,8 +309,10 @@ def test_run_benchmark_with_an_oracle_and_a_noise_generator(tmp_path: Path) -> N
     result = run_benchmark(oracle, prompts, num_frames=17, seeds=[0, 1], cfg=cfg, out_dir=tmp_path,
                            save_png=True)
     json.dumps(result)
-    assert result["mean_score"] >= 0.95 and result["num_videos"] == 2 * len(prompts)
+    assert result["mean_score"] >= 0.97 and result["num_videos"] == 2 * len(prompts)
     assert set(result["checks"]) == set(CHECKS) and set(result["per_prompt"]) == set(prompts)
+    assert result["stuck_rate"] == 0.0
+    assert all("stuck_rate" in s["details"] for entry in result["per_prompt"].values() for s in entry["seeds"])
     entry = result["per_prompt"][prompts[0]]
     assert [s["seed"] for s in entry["seeds"]] == [0, 1]
     assert len(list(tmp_path.glob("*.mp4"))) == len(list(tmp_path.glob("*.png"))) == 2 * len(prompts)
@@ -209,18 +327,30 @@ def test_run_benchmark_with_an_oracle_and_a_noise_generator(tmp_path: Path) -> N
     noise = run_benchmark(lambda p, n, s: rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8), prompts,
                           num_frames=17, seeds=[0], cfg=cfg)
     assert noise["mean_score"] <= 0.1
+    old = run_benchmark(oracle, prompts, num_frames=17, seeds=[0], cfg=cfg, strict=False)
+    assert set(old["checks"]) == set(OLD_CHECKS) and "stuck_rate" not in old
     with pytest.raises(ValueError):
         run_benchmark(oracle, ["not a caption"], num_frames=17, seeds=[0], cfg=cfg)
 
 
-def test_cli_calibrate_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--calibrate", "--json", "--frames", "9"]) == 0
+def test_cli_calibrate_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Rendered clips pass, every failure case fails; ``--old`` passes the failure cases."""
+    prompts = ["a red circle moving left", "a cyan square moving up", "a yellow triangle moving down"]
+    args = ["--calibrate", "--json", "--frames", "25", "--prompts", *prompts]
+    assert main([*args, "--out-dir", str(tmp_path), "--save-png"]) == 0
     out = json.loads(capsys.readouterr().out)
     figures = out["calibration"]
-    assert figures["real"]["mean_score"] >= 0.95 and figures["real"]["num_videos"] == 72
+    assert figures["real"]["mean_score"] >= 0.97 and figures["real"]["num_videos"] == 3
     for name in ("noise", "blank", "wrong_colour", "wrong_direction"):
         assert figures[name]["mean_score"] <= 0.1
-    assert out["config"]["frames"] == 9
+    for name in FAILURE_CASES:  # the fragment shows in 16 of the 25 frames
+        assert figures[name]["max_score"] <= 0.4, (name, figures[name])
+    assert figures["rounded_square"]["num_videos"] == 1 and figures["fragment"]["num_videos"] == 3
+    assert out["config"]["frames"] == 25 and out["config"]["strict"] is True
+    assert {p.stem for p in tmp_path.glob("*.png")} == set(figures)
+    assert main([*args, "--old"]) == 0
+    old = json.loads(capsys.readouterr().out)["calibration"]
+    assert all(old[name]["min_score"] >= 0.9 for name in ("real", *FAILURE_CASES)), old
     with pytest.raises(SystemExit):
         main(["--json"])  # neither --model nor --calibrate
 
@@ -254,12 +384,17 @@ def test_cli_jobs_score_as_one_process(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_the_bundled_model_draws_what_the_prompt_says(capsys: pytest.CaptureFixture[str]) -> None:
-    """shapes-tiny through the SDK's sampling path: right colour, moving the right way, one object on
-    a clean background in every video (its full-benchmark score is in docs/training.md)."""
+    """shapes-tiny through the SDK's sampling path: right colour, the right initial direction, an
+    object on a clean background in every video (a speck beside it in a few frames at most). Its
+    shapes and its motion over the clip are what the strict checks fail (docs/training.md, "Strict
+    evaluator"): the floors here only catch a regression."""
     prompts = all_captions()[::5]
     assert main(["--model", "shapes-tiny", "--json", "--prompts", *prompts]) == 0
     result = json.loads(capsys.readouterr().out)
     for prompt, entry in result["per_prompt"].items():
-        for check in ("presence", "single_object", "background", "colour", "direction"):
+        for check in ("presence", "background", "colour", "direction"):
             assert entry["checks"][check] >= 0.9, (prompt, check, entry["checks"])
-    assert result["mean_score"] >= 0.6, result["checks"]
+        assert entry["checks"]["single_object"] >= 0.8, (prompt, entry["checks"])
+    assert result["checks"]["single_object"] >= 0.95
+    assert result["mean_score"] >= 0.15, result["checks"]
+    assert result["checks"]["bounce"] >= 0.8 and result["stuck_rate"] <= 0.2, result["checks"]
