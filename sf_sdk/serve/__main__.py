@@ -1,0 +1,5 @@
+import sys
+
+from sf_sdk.serve.cli import main
+
+sys.exit(main())
