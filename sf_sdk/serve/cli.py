@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ log = logging.getLogger("sf_sdk.serve")
 
 DEFAULT_WINDOW = 6
 SHUTDOWN_GRACE_S = 0.5  # time the senders get to deliver the shutdown notice
+SEND_BUFFER_BYTES = 32 * 1024  # kernel send buffer per connection (Linux doubles it)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,9 +95,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if engine.accepting and not self.should_exit:
                 log.info("stopping: finishing the chunk in flight and telling the clients")
                 engine.begin_shutdown()
-                threading.Timer(SHUTDOWN_GRACE_S, super().handle_exit, (sig, frame)).start()
+                threading.Timer(SHUTDOWN_GRACE_S, self._stop, (sig, frame)).start()
             else:
-                super().handle_exit(sig, frame)
+                self._stop(sig, frame)
+
+        def _stop(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises captured signals once it has shut down (the process then dies by the
+            # signal); a stop we handled ends with exit code 0 instead.
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
 
     uv = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", ws="websockets-sansio",
                         ws_max_size=1 << 20, lifespan="on", timeout_graceful_shutdown=5)
@@ -113,8 +123,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                       flush=True)
 
     server.startup = startup
-    server.run()
+    try:
+        sock = _listen(args.host, args.port)
+    except OSError as exc:
+        print(f"sf-serve: error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    server.run(sockets=[sock])
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, with a bounded kernel send buffer that accepted connections inherit:
+    what a client that stops reading can hold up in the kernel stays small, so its frames back up
+    into its (bounded, dropping) frame buffer instead."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+    sock.bind(addr)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
 
 
 if __name__ == "__main__":

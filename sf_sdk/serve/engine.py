@@ -5,8 +5,8 @@ each engine step advances all of them in one batched DiT call. The engine thread
 one that touches the pool (commands from the web side are queued and run between steps).
 
 Flow control: each session has a bounded frame buffer (``buffer_frames``) that its sender drains
-at the video's frame rate. The engine steps when some streaming session's buffer runs low (less
-than one chunk queued), so generation runs ahead of playback by at most the buffer and never
+at the video's frame rate. The engine steps when some streaming session's buffer has room for a
+whole chunk, so generation runs ahead of playback by at most the buffer and never
 waits for a slow client: a session whose buffer is full when new frames arrive drops its oldest
 frames (counted, reported to the client, exported as a metric). Memory stays bounded by
 ``max_sessions x buffer_frames`` JPEG frames.
@@ -159,6 +159,9 @@ class Engine:
         self.accepting = True
         self.started_at = time.time()
         self.chunk_frames = gen.chunk_frames
+        if config.buffer_frames < self.chunk_frames:
+            raise ValueError(f"buffer_frames ({config.buffer_frames}) must hold at least one chunk "
+                             f"({self.chunk_frames} frames)")
         self.error: BaseException | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -271,7 +274,9 @@ class Engine:
                 return
 
     def _wants_frames(self) -> bool:
-        return any(s.streaming and s.queued() < self.chunk_frames for s in self.sessions.values())
+        """Some streaming session has room for a whole chunk (so a reader that keeps up never drops)."""
+        room = self.config.buffer_frames - self.chunk_frames
+        return any(s.streaming and s.queued() <= room for s in self.sessions.values())
 
     def _run(self) -> None:
         try:
