@@ -127,3 +127,38 @@ def test_long_clip_phase(tmp_path: Path) -> None:
         VAEStageConfig(steps=10, long_from_step=10)
     with pytest.raises(ValueError, match="long_lr"):
         VAEStageConfig(long_lr=-1.0)
+
+
+def test_gradient_l1_sees_blurred_edges_not_offsets() -> None:
+    from training.algorithms.edges import gradient_l1
+
+    target = torch.zeros(1, 3, 2, 16, 16)
+    target[..., 4:12, 4:12] = 1.0  # a square
+    assert gradient_l1(target, target) == 0
+    assert gradient_l1(target + 0.3, target) < 1e-6  # a constant offset has the same gradients
+    blurred = torch.nn.functional.avg_pool3d(target, (1, 3, 3), stride=1, padding=(0, 1, 1))
+    assert gradient_l1(blurred, target) > 0.01
+    # A constant weight changes nothing; an object weight counts the edge pairs more.
+    assert torch.allclose(gradient_l1(blurred, target, torch.full((1, 1, 2, 16, 16), 3.0)),
+                          gradient_l1(blurred, target))
+    weight = 1.0 + 10.0 * (target[:, :1] > 0.5).float()
+    assert gradient_l1(blurred, target, weight) > gradient_l1(blurred, target)
+
+
+def test_grad_weight_adds_the_edge_loss_and_changes_training(tmp_path: Path) -> None:
+    """vae_decoder.grad_weight > 0: the stage logs loss_grad and trains other weights than without it
+    (grad_weight=0, the default, is the old loss exactly: the existing tests' checkpoints)."""
+    import json
+
+    common = ("stages=[vae,vae_decoder]", "vae.steps=1", "vae_decoder.steps=2")
+    _run(tmp_path / "plain", *common)
+    _run(tmp_path / "edges", *common, "vae_decoder.grad_weight=1.0")
+    lines = [json.loads(line) for line in (tmp_path / "edges" / "vae_decoder" / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["loss_grad"] > 0 for line in lines)
+    plain_lines = (tmp_path / "plain" / "vae_decoder" / "metrics.jsonl").read_text()
+    assert "loss_grad" not in plain_lines
+    name = "vae_decoder/checkpoints/ckpt-00000002.safetensors"
+    a, b = load_file(tmp_path / "plain" / name), load_file(tmp_path / "edges" / name)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("model.vae.decoder"))
+    with pytest.raises(ValueError, match="grad_weight"):
+        VAEStageConfig(grad_weight=-1.0)

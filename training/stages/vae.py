@@ -23,6 +23,7 @@ from sf_sdk.checkpoint import load_into, load_state_dict, read_index
 from sf_sdk.config import VAEConfig, from_dict, to_dict
 from sf_sdk.models.vae import WanVAE
 from sf_sdk.video import Mp4Writer
+from training.algorithms.edges import gradient_l1
 from training.data.shapes import ShapesDataset, tensor_to_frames
 from training.utils.checkpoint import TrainState, atomic_save_file
 from training.utils.config import TrainConfig, VAEStageConfig
@@ -103,15 +104,23 @@ class Autoencoder(nn.Module):
 
 
 def reconstruction_loss(recon: Tensor, video: Tensor, fg_weight: float, l1_weight: float,
-                        mse_weight: float) -> tuple[Tensor, dict[str, Metric]]:
+                        mse_weight: float, grad_weight: float = 0.0) -> tuple[Tensor, dict[str, Metric]]:
+    """Object-weighted L1 and MSE, and with ``grad_weight`` an L1 on the spatial image gradients
+    (:func:`training.algorithms.edges.gradient_l1`, the same weighting), which keeps edges."""
     fg = (video.amax(dim=1, keepdim=True) > FOREGROUND_LEVEL).to(video.dtype)  # [B, 1, T, H, W]
     weight = 1.0 + fg_weight * fg
     err = recon - video
     l1 = (weight * err.abs()).mean() / weight.mean()
     mse = (weight * err.square()).mean() / weight.mean()
+    loss = l1_weight * l1 + mse_weight * mse
+    metrics: dict[str, Metric] = {"loss_l1": l1.detach(), "loss_mse": mse.detach()}
+    if grad_weight:
+        grad = gradient_l1(recon, video, weight)
+        loss = loss + grad_weight * grad
+        metrics["loss_grad"] = grad.detach()
     with torch.no_grad():
-        psnr = -10 * torch.log10(err.detach().clamp(-2, 2).square().mean() / 4 + 1e-12)
-    return l1_weight * l1 + mse_weight * mse, {"loss_l1": l1.detach(), "loss_mse": mse.detach(), "psnr": psnr}
+        metrics["psnr"] = -10 * torch.log10(err.detach().clamp(-2, 2).square().mean() / 4 + 1e-12)
+    return loss, metrics
 
 
 def _batch(ds: ShapesDataset, stage_step: int, micro: int, batch: int, dist: DistInfo, accum: int,
@@ -262,11 +271,11 @@ def _train_autoencoder(cfg: TrainConfig, st: VAEStageConfig, run: StageRun, vae:
                     metrics: dict[str, Metric] = {}
                     if recon is not None:
                         part, metrics = reconstruction_loss(recon.float(), video, st.fg_weight, st.l1_weight,
-                                                            st.mse_weight)
+                                                            st.mse_weight, st.grad_weight)
                         loss = loss + st.decoder_weight * part
                     if aux_recon is not None:
                         part, aux_metrics = reconstruction_loss(aux_recon.float(), video, st.fg_weight,
-                                                                st.l1_weight, st.mse_weight)
+                                                                st.l1_weight, st.mse_weight, st.grad_weight)
                         loss = loss + st.aux_weight * part
                         metrics.update({f"aux_{k}": v for k, v in aux_metrics.items()})
                     reg = mu.float().square().mean()

@@ -86,6 +86,9 @@ class VAEStageConfig(StageConfig):
     fg_weight: float = 4.0
     l1_weight: float = 1.0
     mse_weight: float = 1.0
+    # Weight of an L1 on the spatial image gradients (training.algorithms.edges.gradient_l1, the
+    # same object weighting; 0: off): it keeps edges and corners that L1 / MSE alone blur (docs/vae.md).
+    grad_weight: float = 0.0
     # Gaussian noise added to the posterior mean before decoding (a fixed-variance VAE) and an
     # L2 pull of the mean toward 0: both keep the latent smooth and bounded for the DiT.
     latent_noise: float = 0.1
@@ -117,6 +120,9 @@ class VAEStageConfig(StageConfig):
         if self.long_batch_size <= 0 or self.long_num_frames <= 0:
             raise ValueError(f"long_batch_size and long_num_frames must be positive, got {self.long_batch_size} "
                              f"and {self.long_num_frames}")
+        if min(self.l1_weight, self.mse_weight, self.grad_weight) < 0:
+            raise ValueError(f"vae l1_weight, mse_weight and grad_weight must be >= 0, got {self.l1_weight}, "
+                             f"{self.mse_weight} and {self.grad_weight}")
         if self.decoder_weight < 0 or self.aux_weight < 0 or self.aux_decoder_dim < 0:
             raise ValueError("vae decoder_weight, aux_weight and aux_decoder_dim must be >= 0")
         if self.decoder_weight == 0 and (self.aux_decoder_dim == 0 or self.aux_weight == 0):
