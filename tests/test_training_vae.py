@@ -162,3 +162,40 @@ def test_grad_weight_adds_the_edge_loss_and_changes_training(tmp_path: Path) -> 
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("model.vae.decoder"))
     with pytest.raises(ValueError, match="grad_weight"):
         VAEStageConfig(grad_weight=-1.0)
+
+
+def test_patch_discriminator_scores_every_frame_by_patches() -> None:
+    from training.algorithms.patch_gan import PatchDiscriminator, discriminator_hinge_loss, generator_hinge_loss
+
+    disc = PatchDiscriminator(dim=4, levels=3)
+    logits = disc(torch.randn(2, 3, 5, 32, 32))
+    assert logits.shape == (10, 1, 4, 4)  # one logit map per frame, a patch per 8x8 pixels
+    real, fake = torch.full((4,), 2.0), torch.full((4,), -2.0)
+    assert discriminator_hinge_loss(real, fake) == 0  # both beyond the margin
+    assert generator_hinge_loss(fake) == 2.0
+    with pytest.raises(ValueError, match="dim > 0"):
+        PatchDiscriminator(dim=0)
+
+
+def test_gan_weight_trains_a_discriminator_and_resumes_exactly(tmp_path: Path) -> None:
+    """vae_decoder.gan_weight > 0: the discriminator and its optimizer are in the checkpoint, the
+    stage logs loss_gan / loss_disc, and a kill + restart resumes to the same weights."""
+    import json
+
+    gan = ("vae_decoder.gan_weight=0.1", "vae_decoder.gan_dim=4", "vae_decoder.grad_weight=1.0")
+    common = ("stages=[vae,vae_decoder]", "vae.steps=1")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _run(straight, *common, "vae_decoder.steps=2", *gan)
+    _run(resumed, *common, "vae_decoder.steps=1", *gan)
+    _run(resumed, *common, "vae_decoder.steps=2", *gan)
+    name = "vae_decoder/checkpoints/ckpt-00000002.safetensors"
+    a, b = load_file(straight / name), load_file(resumed / name)
+    assert any(k.startswith("model.discriminator.") for k in a)
+    assert any(k.startswith("optim.opt_disc.") for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines = [json.loads(line) for line in (straight / "vae_decoder" / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss_gan" in line and "loss_disc" in line for line in lines)
+    with pytest.raises(ValueError, match="gan_weight"):
+        VAEStageConfig(gan_weight=-1.0)
+    with pytest.raises(ValueError, match="needs decoder_weight"):
+        VAEStageConfig(gan_weight=0.1, decoder_weight=0.0, aux_decoder_dim=4)

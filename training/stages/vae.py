@@ -3,7 +3,9 @@
 The autoencoder is trained as a fixed-variance VAE: the decoder sees the posterior mean plus
 Gaussian noise (``latent_noise``) and the mean is pulled gently toward 0 (``latent_l2``). The
 reconstruction loss is L1 + MSE with the object's pixels weighted up (the shapes cover ~5% of
-each frame). Finally ``latents_mean`` / ``latents_std`` are measured per channel over
+each frame), optionally with terms that keep edges (docs/vae.md): an L1 on the spatial image
+gradients (``grad_weight``) and a patch-GAN term on the Wan decoder's frames (``gan_weight``; its
+discriminator is checkpointed beside the autoencoder, so resume stays exact). Finally ``latents_mean`` / ``latents_std`` are measured per channel over
 ``stats_clips`` clips and written into the VAEConfig of ``final/`` so that normalized latents
 are ~N(0, 1) for the DiT.
 """
@@ -24,6 +26,7 @@ from sf_sdk.config import VAEConfig, from_dict, to_dict
 from sf_sdk.models.vae import WanVAE
 from sf_sdk.video import Mp4Writer
 from training.algorithms.edges import gradient_l1
+from training.algorithms.patch_gan import PatchDiscriminator, discriminator_hinge_loss, generator_hinge_loss
 from training.data.shapes import ShapesDataset, tensor_to_frames
 from training.utils.checkpoint import TrainState, atomic_save_file
 from training.utils.config import TrainConfig, VAEStageConfig
@@ -246,7 +249,14 @@ def _train_autoencoder(cfg: TrainConfig, st: VAEStageConfig, run: StageRun, vae:
     params = [p for p in auto.parameters() if p.requires_grad]
     opt = make_optimizer(params, st)
     modules: dict[str, nn.Module] = {"vae": vae} if aux is None else {"vae": vae, "aux_decoder": aux}
-    state = TrainState(modules=modules, optimizers={"opt": opt})
+    optimizers: dict[str, torch.optim.Optimizer] = {"opt": opt}
+    disc: nn.Module | None = None
+    if st.gan_weight:
+        disc = PatchDiscriminator(st.gan_dim).to(dist.device)
+        modules["discriminator"], optimizers["opt_disc"] = disc, make_optimizer(disc.parameters(), st,
+                                                                                 lr=st.gan_lr or st.lr)
+        disc = wrap_ddp(disc, cfg, dist)
+    state = TrainState(modules=modules, optimizers=optimizers)
     run.resume(state)
     log.info("%s: %.2fM trainable parameters, clips of %d frames, batch %d x %d x %d", run.name,
              sum(p.numel() for p in params) / 1e6, st.num_frames, st.batch_size, st.grad_accum, dist.world_size)
@@ -258,8 +268,11 @@ def _train_autoencoder(cfg: TrainConfig, st: VAEStageConfig, run: StageRun, vae:
         set_lr(opt, (st.long_lr or st.lr) if in_long else st.lr, state.step, st)
         gen = step_generator(cfg.seed, run.name, state.step, dist.rank)
         ds, batch = (long, st.long_batch_size) if in_long else (short, st.batch_size)
+        gan_on = disc is not None and state.step >= st.gan_from_step
+        pairs: list[tuple[Tensor, Tensor]] = []  # (real, fake) clips of the step, for the discriminator
 
-        def micro(i: int, gen: torch.Generator = gen, ds: ShapesDataset = ds, batch: int = batch):
+        def micro(i: int, gen: torch.Generator = gen, ds: ShapesDataset = ds, batch: int = batch,
+                  gan_on: bool = gan_on, pairs: list[tuple[Tensor, Tensor]] = pairs):
             def fn() -> tuple[Tensor, dict[str, Metric]]:
                 video = _batch(ds, state.step, i, batch, dist, st.grad_accum, st.crop, gen).to(dist.device)
                 with autocast(cfg, dist.device):
@@ -273,6 +286,13 @@ def _train_autoencoder(cfg: TrainConfig, st: VAEStageConfig, run: StageRun, vae:
                         part, metrics = reconstruction_loss(recon.float(), video, st.fg_weight, st.l1_weight,
                                                             st.mse_weight, st.grad_weight)
                         loss = loss + st.decoder_weight * part
+                        if gan_on:
+                            disc.requires_grad_(False)  # the generator's term reaches the decoder only
+                            gan = generator_hinge_loss(disc(recon.float()))
+                            disc.requires_grad_(True)
+                            loss = loss + st.decoder_weight * st.gan_weight * gan
+                            metrics["loss_gan"] = gan.detach()
+                            pairs.append((video, recon.detach().float()))
                     if aux_recon is not None:
                         part, aux_metrics = reconstruction_loss(aux_recon.float(), video, st.fg_weight,
                                                                 st.l1_weight, st.mse_weight, st.grad_weight)
@@ -286,12 +306,28 @@ def _train_autoencoder(cfg: TrainConfig, st: VAEStageConfig, run: StageRun, vae:
         metrics = accumulate(model, [micro(i) for i in range(st.grad_accum)])
         if (norm := optimizer_step(opt, params, st.grad_clip)) is not None:
             metrics["grad_norm"] = norm
+        if gan_on:
+            metrics["loss_disc"] = _discriminator_step(disc, optimizers["opt_disc"], pairs, st, state.step)
         state.step += 1
         run.log_step(state, metrics)
         if st.sample_every and state.step % st.sample_every == 0 and dist.is_main:
             write_reconstruction(vae, long or short, run.samples_dir / f"recon-{state.step:06d}.mp4", cfg.data.fps)
         run.maybe_checkpoint(state, force=state.step == st.steps)
     run.finish()
+
+
+def _discriminator_step(disc: nn.Module, opt: torch.optim.Optimizer, pairs: list[tuple[Tensor, Tensor]],
+                        st: VAEStageConfig, step: int) -> Tensor:
+    """One update of the patch discriminator on the step's real clips and (detached) reconstructions."""
+    set_lr(opt, st.gan_lr or st.lr, step, st)
+    total = torch.zeros((), device=pairs[0][0].device)
+    for real, fake in pairs:
+        logits = disc(torch.cat([real, fake]))  # [2*B*T, 1, h, w]: one forward for both
+        loss = discriminator_hinge_loss(*logits.chunk(2)) / len(pairs)
+        loss.backward()
+        total = total + loss.detach()
+    optimizer_step(opt, list(disc.parameters()), st.grad_clip)
+    return total
 
 
 @torch.no_grad()

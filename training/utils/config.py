@@ -89,6 +89,13 @@ class VAEStageConfig(StageConfig):
     # Weight of an L1 on the spatial image gradients (training.algorithms.edges.gradient_l1, the
     # same object weighting; 0: off): it keeps edges and corners that L1 / MSE alone blur (docs/vae.md).
     grad_weight: float = 0.0
+    # Weight of a patch-GAN term on the Wan decoder's frames (training.algorithms.patch_gan, hinge
+    # losses; 0: off), from step ``gan_from_step`` on, its discriminator of width ``gan_dim``
+    # trained at ``gan_lr`` (0: ``lr``) beside the autoencoder.
+    gan_weight: float = 0.0
+    gan_dim: int = 32
+    gan_from_step: int = 0
+    gan_lr: float = 0.0
     # Gaussian noise added to the posterior mean before decoding (a fixed-variance VAE) and an
     # L2 pull of the mean toward 0: both keep the latent smooth and bounded for the DiT.
     latent_noise: float = 0.1
@@ -123,6 +130,11 @@ class VAEStageConfig(StageConfig):
         if min(self.l1_weight, self.mse_weight, self.grad_weight) < 0:
             raise ValueError(f"vae l1_weight, mse_weight and grad_weight must be >= 0, got {self.l1_weight}, "
                              f"{self.mse_weight} and {self.grad_weight}")
+        if self.gan_weight < 0 or self.gan_lr < 0 or self.gan_from_step < 0 or self.gan_dim <= 0:
+            raise ValueError(f"vae gan_weight, gan_lr and gan_from_step must be >= 0 and gan_dim > 0, got "
+                             f"{self.gan_weight}, {self.gan_lr}, {self.gan_from_step} and {self.gan_dim}")
+        if self.gan_weight and not self.decoder_weight:
+            raise ValueError("vae.gan_weight > 0 needs decoder_weight > 0: the GAN term is on the Wan decoder's frames")
         if self.decoder_weight < 0 or self.aux_weight < 0 or self.aux_decoder_dim < 0:
             raise ValueError("vae decoder_weight, aux_weight and aux_decoder_dim must be >= 0")
         if self.decoder_weight == 0 and (self.aux_decoder_dim == 0 or self.aux_weight == 0):
