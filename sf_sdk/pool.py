@@ -41,6 +41,7 @@ from torch import Tensor
 from sf_sdk.attention import CacheAttention, select_cache_attention
 from sf_sdk.cache import KVCache
 from sf_sdk.models.dit import CrossAttnCache
+from sf_sdk.models.vae import StreamingDecoder, decode_streams
 from sf_sdk.results import Clock, VideoChunk, to_uint8, video_frames_for_latents
 from sf_sdk.sampling import cache_pass, denoise_chunk, kept_frames, randn_rows, recache
 
@@ -343,24 +344,49 @@ class StreamPool:
                 slots = [lay.frame_slot(f) for f in range(s.next_frame, s.next_frame + c)]
                 self._latents[s.row, slots] = x0[s.row]
             t1 = clock.mark()
+            pixels = self._decode(active, x0)
             out: dict[PooledStream, VideoChunk] = {}
             for s in active:
-                out[s] = self._finish_chunk(s, x0[s.row:s.row + 1], t0, t1, initial[s.row] is not None)
+                out[s] = self._finish_chunk(s, x0[s.row:s.row + 1], pixels.get(s), t0, t1, initial[s.row] is not None)
         return out
 
-    def _finish_chunk(self, s: PooledStream, latents: Tensor, t0: Any, t1: Any, is_initial: bool) -> VideoChunk:
+    def _decode(self, active: list[PooledStream], x0: Tensor) -> dict[PooledStream, tuple[Tensor, Any, Any, float]]:
+        """Each decoding stream's pixels [1, 3, T, H, W], the clock marks around its decode and its
+        share of that time.
+
+        The eager VAE's streams decode together in batched passes (:func:`decode_streams`: each
+        stream's ``decode_s`` is its share of the pass), other decoders one stream at a time."""
+        clock = self._clock
+        decoding = [s for s in active if s._decoder is not None]
+        batched = [s for s in decoding if isinstance(s._decoder, StreamingDecoder)]
+        out: dict[PooledStream, tuple[Tensor, Any, Any, float]] = {}
+        if len(batched) > 1:
+            d0 = clock.mark()
+            rows = torch.tensor([s.row for s in batched], device=x0.device)
+            pixels = decode_streams([s._decoder for s in batched], x0.index_select(0, rows).transpose(1, 2))
+            d1 = clock.mark()
+            out.update({s: (p, d0, d1, 1.0 / len(batched)) for s, p in zip(batched, pixels)})
+        for s in decoding:
+            if s not in out:
+                d0 = clock.mark()
+                p = s._decoder.decode(x0[s.row:s.row + 1].transpose(1, 2))  # [1, 3, T, H, W]
+                out[s] = (p, d0, clock.mark(), 1.0)
+        return out
+
+    def _finish_chunk(self, s: PooledStream, latents: Tensor, decoded: tuple[Tensor, Any, Any, float] | None,
+                      t0: Any, t1: Any, is_initial: bool) -> VideoChunk:
         gen, clock = self._gen, self._clock
         c = gen.streaming.num_frame_per_block
-        d0 = clock.mark()
         frames = None
-        if s._decoder is not None:
-            pixels = s._decoder.decode(latents.transpose(1, 2))  # [1, 3, T, H, W]
+        d0 = d1 = t1
+        share = 1.0
+        if decoded is not None:
+            pixels, d0, d1, share = decoded
             frames = to_uint8(pixels)
             if is_initial and s._req.initial_frames is not None:
                 first = video_frames_for_latents(s.next_frame, gen.temporal_stride)
                 frames = s._req.initial_frames[first:first + frames.shape[0]]  # the given frames, as given
-        d1 = clock.mark()
-        chunk = VideoChunk(s.chunks_done, s.next_frame, latents[0].clone(), frames, clock.timing(t0, t1, d1, d0),
+        chunk = VideoChunk(s.chunks_done, s.next_frame, latents[0].clone(), frames, clock.timing(t0, t1, d1, d0, share),
                            is_initial)
         s.chunks_done += 1
         s.next_frame += c

@@ -29,10 +29,11 @@ class ChunkTiming:
     """
 
     def __init__(self, dit_s: float = 0.0, decode_s: float = 0.0, *,
-                 events: tuple[Any, ...] | None = None) -> None:
+                 events: tuple[Any, ...] | None = None, decode_share: float = 1.0) -> None:
         self._dit_s = dit_s
-        self._decode_s = decode_s
+        self._decode_s = decode_s * (decode_share if events is None else 1.0)
         self._events = events
+        self._share = decode_share  # the part of a batched decode pass that is this stream's
 
     def _resolve(self) -> None:
         if self._events is not None:
@@ -40,7 +41,7 @@ class ChunkTiming:
             decode_start, end = (mid, rest[0]) if len(rest) == 1 else rest
             end.synchronize()
             self._dit_s = start.elapsed_time(mid) / 1e3
-            self._decode_s = decode_start.elapsed_time(end) / 1e3
+            self._decode_s = decode_start.elapsed_time(end) / 1e3 * self._share
             self._events = None
 
     @property
@@ -74,12 +75,14 @@ class Clock:
             return event
         return time.perf_counter()
 
-    def timing(self, start: Any, mid: Any, end: Any, decode_start: Any = None) -> ChunkTiming:
-        """DiT from ``start`` to ``mid``; decode from ``decode_start`` (default ``mid``) to ``end``."""
+    def timing(self, start: Any, mid: Any, end: Any, decode_start: Any = None, decode_share: float = 1.0
+               ) -> ChunkTiming:
+        """DiT from ``start`` to ``mid``; decode from ``decode_start`` (default ``mid``) to ``end``,
+        of which ``decode_share`` is this stream's (a decode pass batched over several streams)."""
         decode_start = mid if decode_start is None else decode_start
         if self.cuda:
-            return ChunkTiming(events=(start, mid, decode_start, end))
-        return ChunkTiming(mid - start, end - decode_start)
+            return ChunkTiming(events=(start, mid, decode_start, end), decode_share=decode_share)
+        return ChunkTiming(mid - start, end - decode_start, decode_share=decode_share)
 
 
 @dataclass

@@ -30,6 +30,7 @@ bounded memory like the official decode):
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,6 +43,7 @@ from sf_sdk.config import VAEConfig
 __all__ = [
     "WanVAE",
     "StreamingDecoder",
+    "decode_streams",
     "VAEDecodeStep",
     "CacheSpec",
     "ConvCache",
@@ -623,6 +625,50 @@ class StreamingDecoder:
             frames.append(self.vae._decode_frame(z[:, :, i:i + span], cache, self.clamp))
             i += span
         return torch.cat(frames, dim=2)  # [B, 3, frames, 8h, 8w]
+
+
+def decode_streams(decoders: Sequence[StreamingDecoder], z: Tensor) -> list[Tensor]:
+    """One chunk for each of several streams in batched decoder passes.
+
+    ``z`` [N, z_dim, t, h, w]: row ``i`` is the next chunk of the stream ``decoders[i]`` holds
+    (each a batch-1 stream of one VAE). Returns each row's pixel frames, as ``decoders[i].decode``
+    would (up to float rounding), and advances every decoder. Rows whose conv states have the same
+    layout (streams past their first frame, or streams starting) run as one batch, frame by frame;
+    their states are split back per stream afterwards.
+    """
+    if len(decoders) != z.shape[0]:
+        raise ValueError(f"{len(decoders)} decoders for {z.shape[0]} latent rows")
+    if not decoders:
+        return []
+    vae = decoders[0].vae
+    vae._check_latents(z)
+    for d in decoders:
+        if d.vae is not vae or d.latents_per_pass != 1 or d.clamp != decoders[0].clamp:
+            raise ValueError("decode_streams needs decoders of one VAE with the same clamp and one latent per pass")
+        geometry = (1, z.shape[3], z.shape[4])
+        if d._geometry is not None and d._geometry != geometry:
+            raise ValueError(f"a stream decodes batch, h, w = {d._geometry}, got {geometry}")
+    out: list[list[Tensor]] = [[] for _ in decoders]
+    for i in range(z.shape[2]):
+        groups: dict[tuple, list[int]] = {}
+        for row, d in enumerate(decoders):
+            key = ("start",) if d._cache is None else tuple(t is None for t in d._cache)
+            groups.setdefault(key, []).append(row)
+        for key, rows in groups.items():
+            start = key == ("start",)
+            if start:
+                tensors: list[Tensor | None] = [None] * vae.num_decoder_caches
+            else:
+                tensors = [None if t is None else torch.cat([decoders[r]._cache[j] for r in rows])
+                           for j, t in enumerate(decoders[rows[0]]._cache)]
+            state = ConvCache(tensors, start=start)
+            pixels = vae._decode_frame(z[rows, :, i:i + 1], state, decoders[rows[0]].clamp)  # [G, 3, f, H, W]
+            for g, r in enumerate(rows):
+                d = decoders[r]
+                d._cache = [None if t is None else t[g:g + 1] for t in state.tensors]
+                d._geometry = (1, z.shape[3], z.shape[4])
+                out[r].append(pixels[g:g + 1])
+    return [torch.cat(frames, dim=2) for frames in out]  # each [1, 3, frames, 8h, 8w]
 
 
 # --------------------------------------------------------------------------------------------
