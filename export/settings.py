@@ -415,7 +415,11 @@ def config_hash(*parts: Any) -> str:
 def weights_fingerprint(module: nn.Module) -> str:
     """A hash of a module's parameter names, shapes and values (float64 sums of each tensor and of
     its absolute values, and a strided sample): tells apart different weights without hashing
-    gigabytes byte by byte."""
+    gigabytes byte by byte.
+
+    The sums are rounded to 12 significant digits: a parallel reduction's order (and so its last
+    bits) depends on the thread count, and the same weights must give the same fingerprint in a
+    process with 1 thread or 16."""
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, p in module.state_dict().items():
@@ -424,7 +428,7 @@ def weights_fingerprint(module: nn.Module) -> str:
             stats = torch.stack([flat.to(torch.float64).sum(), flat.to(torch.float64).abs().sum()]).cpu()
             digest.update(name.encode())
             digest.update(str(tuple(p.shape)).encode())
-            digest.update(stats.numpy().tobytes())
+            digest.update(" ".join(f"{v:.11e}" for v in stats.tolist()).encode())
             digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
 

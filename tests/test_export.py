@@ -98,6 +98,24 @@ def test_shape_profiles_derive_from_configs():
     assert settings.dynamic_batch and not TRTSettings().dynamic_batch
 
 
+def test_weights_fingerprint_does_not_depend_on_the_thread_count():
+    from export.settings import weights_fingerprint
+
+    model = load_export_model("tiny", random_init=True, latent_hw=(4, 6), window=6).dit
+    saved = torch.get_num_threads()
+    try:
+        prints = set()
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            prints.add(weights_fingerprint(model))
+    finally:
+        torch.set_num_threads(saved)
+    assert len(prints) == 1
+    with torch.no_grad():
+        model.head.head.bias.add_(1e-3)
+    assert weights_fingerprint(model) not in prints
+
+
 def test_settings_reject_bad_values():
     with pytest.raises(ValueError, match="batch_size"):
         ExportSettings(batch_size=0)
