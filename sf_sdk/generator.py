@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -149,6 +150,10 @@ class StreamingGenerator:
         self._solo: StreamPool | None = None  # the pool of one that stream() runs in
         self._solo_key: tuple | None = None
         self._active: VideoStream | None = None
+        # Held while a stream() chunk is computed and while a stream starts: streams of one generator
+        # used from several threads never interleave inside a chunk (the newest supersedes the others
+        # between chunks; they raise at their next chunk). Many streams at once: pool().
+        self._lock = threading.RLock()
         self.backend = Backend("none", dit, None)
         self.use_backend(backend, backend_options)
 

@@ -11,7 +11,9 @@ state and timing. The guarantee: a stream's chunks equal those of the same strea
 whatever else shares the batch and whenever it joined or left.
 
 A full pool raises :class:`PoolFullError` (it does not queue: a server decides whom to queue).
-A pool is driven by one thread; :class:`sf_sdk.StreamingGenerator.stream` is a pool of one.
+A pool is meant to be driven by one thread (sf-serve's engine); calls from several threads are
+serialized (a lock), never interleaved inside a step. :meth:`sf_sdk.StreamingGenerator.stream`
+is a pool of one.
 
 Prompt transitions (:meth:`PooledStream.set_prompt`) take effect at the next chunk boundary:
 
@@ -30,6 +32,7 @@ with its current prompt; its noise generator runs on, so the new start differs f
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -210,6 +213,8 @@ class StreamPool:
         self._slots: list[PooledStream | None] = [None] * max_streams
         self._impl: dict[bool, CacheAttention] = {}
         self._clock = Clock(dev)
+        # Streams join, leave and step one at a time even if a caller uses several threads.
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ streams
     @property
@@ -235,6 +240,10 @@ class StreamPool:
         return self._open(req)
 
     def _open(self, req: StreamRequest) -> PooledStream:
+        with self._lock:
+            return self._open_locked(req)
+
+    def _open_locked(self, req: StreamRequest) -> PooledStream:
         lay = self._cache.layout
         if lay.global_attention and (req.latent_frames is None or req.latent_frames > lay.capacity_frames):
             cap = video_frames_for_latents(lay.capacity_frames, self._gen.temporal_stride)
@@ -253,8 +262,9 @@ class StreamPool:
         return stream
 
     def _release(self, stream: PooledStream) -> None:
-        if self._slots[stream.row] is stream:
-            self._slots[stream.row] = None
+        with self._lock:
+            if self._slots[stream.row] is stream:
+                self._slots[stream.row] = None
 
     def close(self) -> None:
         """Close every stream."""
@@ -308,6 +318,10 @@ class StreamPool:
 
     def step(self) -> dict[PooledStream, VideoChunk]:
         """Advance every open stream by one chunk; returns each stream's chunk."""
+        with self._lock:
+            return self._step()
+
+    def _step(self) -> dict[PooledStream, VideoChunk]:
         active = [s for s in self._slots if s is not None]
         if not active:
             return {}

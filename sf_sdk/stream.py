@@ -3,7 +3,10 @@
 A stream is a :class:`~sf_sdk.pool.StreamPool` of one underneath (the generator keeps that pool
 and its KV cache between streams), so a stream alone and the same stream in a pool compute the
 same chunks. A generator runs one stream at a time: starting a stream supersedes an unfinished
-one (which then raises if iterated again). Grad mode is only switched off while a chunk is
+one (which then raises if iterated again). That holds across threads too: chunks are computed
+under the generator's lock, so a stream started from another thread takes over between two
+chunks, and the superseded one raises RuntimeError at its next chunk; no chunk is ever computed
+from a mixed state. To serve several streams at once, use :meth:`StreamingGenerator.pool`. Grad mode is only switched off while a chunk is
 computed, never across a ``yield``, so the caller's code between chunks runs in its own mode.
 """
 
@@ -51,17 +54,18 @@ class VideoStream:
     def __next__(self) -> VideoChunk:
         if self.closed:
             raise StopIteration
-        self._check_live("iterate")
         try:
-            if self._handle is None:
-                self._handle = self._gen._open_solo(self)
-                if self._early is not None:
-                    prompt, embeds = self._early
-                    self._handle.set_prompt(prompt, prompt_embeds=embeds, transition="cut")
-            if self._handle.closed:  # it produced all of its frames
-                self.close()
-                raise StopIteration
-            chunk = self._handle._pool.step()[self._handle]
+            with self._gen._lock:  # one chunk of one stream of this generator at a time
+                self._check_live("iterate")
+                if self._handle is None:
+                    self._handle = self._gen._open_solo(self)
+                    if self._early is not None:
+                        prompt, embeds = self._early
+                        self._handle.set_prompt(prompt, prompt_embeds=embeds, transition="cut")
+                if self._handle.closed:  # it produced all of its frames
+                    self.close()
+                    raise StopIteration
+                chunk = self._handle._pool.step()[self._handle]
         except BaseException:
             self.close()
             raise
@@ -95,11 +99,12 @@ class VideoStream:
 
     def close(self) -> None:
         """Stop the stream; the generator can start another one."""
-        if self._handle is not None:
-            self._handle.close()
-        self.closed = True
-        if self._gen._active is self:
-            self._gen._active = None
+        with self._gen._lock:  # not in the middle of a chunk
+            if self._handle is not None:
+                self._handle.close()
+            self.closed = True
+            if self._gen._active is self:
+                self._gen._active = None
 
     def _check_live(self, what: str) -> None:
         if self._superseded:

@@ -273,3 +273,34 @@ def gen_vae_config():
     from sf_sdk.config import VAE_PRESETS
 
     return VAE_PRESETS["tiny"]
+
+
+def test_two_threads_on_one_generator_never_mix_their_streams(gen: StreamingGenerator) -> None:
+    """generate() from two threads: each either finishes with exactly its video alone, or raises the
+    'superseded' error; never a corrupted video."""
+    import threading
+
+    frames = _frames(6)
+    emb = [_embeds(gen, i) for i in range(2)]
+    alone = [gen.generate(prompt_embeds=emb[i], seed=i, num_frames=frames).latents for i in range(2)]
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        try:
+            results[i] = gen.generate(prompt_embeds=emb[i], seed=i, num_frames=frames).latents
+        except RuntimeError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    finished = 0
+    for i, r in results.items():
+        if isinstance(r, RuntimeError):
+            assert "superseded" in str(r)
+        else:
+            finished += 1
+            assert (r - alone[i]).abs().max() <= 1e-5
+    assert len(results) == 2 and finished >= 1
