@@ -440,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--chunks must be positive and --warmup >= 0")
     gen, model = build_generator(args)
     names = backend_names() if args.backend == "all" else [args.backend]
-    embeds = torch.randn(PROMPT_ROWS, gen.dit.config.text_dim, generator=torch.Generator().manual_seed(args.seed))
+    rows = min(PROMPT_ROWS, gen.dit.config.text_len)  # a short prompt; never more rows than the model reads
+    embeds = torch.randn(rows, gen.dit.config.text_dim, generator=torch.Generator().manual_seed(args.seed))
     results = run_backends(gen, names, args, embeds)
     st = gen.streaming
     h, w = gen.frame_size
@@ -450,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "config": {"model": model, "dtype": str(gen.dtype).replace("torch.", ""), "height": h, "width": w,
                    "latent": [st.latent_height, st.latent_width], "chunks": args.chunks, "warmup": args.warmup,
-                   "decode": not args.no_decode, "prompt": f"random embeddings [{PROMPT_ROWS}, text_dim]",
+                   "decode": not args.no_decode, "prompt": f"random embeddings [{rows}, text_dim]",
                    "dit": to_dict(gen.dit.config), "dit_parameters": gen.dit.num_parameters(),
                    "vae": to_dict(gen.vae.config) if gen.vae is not None else None,
                    "streaming": to_dict(st)},
