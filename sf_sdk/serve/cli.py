@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="a secret clients must present (?token=...); required from every client when given")
     p.add_argument("--record", type=Path, metavar="DIR", help="also write each session to an MP4 in DIR")
     p.add_argument("--buffer-frames", type=int, default=32, help="frames queued per client before dropping (default 32)")
+    p.add_argument("--warmup", type=int, default=2, metavar="STEPS",
+                   help="steps of a full pool before serving (default 2; 0: none)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--quiet", "-q", action="store_true")
     return p
@@ -82,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gen = StreamingGenerator.from_pretrained(args.model, device=device, dtype=dtype, backend=args.backend,
                                                  streaming={"local_attn_size": args.window})
         config = ServeConfig(engine=EngineConfig(max_sessions=args.max_sessions, buffer_frames=args.buffer_frames,
-                                                 record_dir=args.record),
+                                                 record_dir=args.record, warmup_steps=max(0, args.warmup)),
                              limits=Limits(), token=args.token, model_name=str(args.model))
         app = create_app(gen, config)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

@@ -54,6 +54,7 @@ class EngineConfig:
     buffer_frames: int = 32  # per session: frames queued for sending before the oldest are dropped
     jpeg_quality: int = 90
     record_dir: Path | None = None
+    warmup_steps: int = 2  # steps of a full pool before serving (0: none)
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
@@ -166,7 +167,26 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        if self.config.warmup_steps:
+            self.warm_up(self.config.warmup_steps)
         self._thread.start()
+
+    def warm_up(self, steps: int) -> None:
+        """Run a full pool for a few steps before serving: the first clients get their first frames
+        sooner, and the memory a full pool needs (caches, decoder states, kernels' workspaces) is
+        taken at start, not while serving."""
+        import torch
+
+        t0 = time.perf_counter()
+        embeds = torch.zeros(1, self.gen.dit.config.text_dim)
+        handles = [self.pool.open(prompt_embeds=embeds, seed=i) for i in range(self.config.max_sessions)]
+        for _ in range(steps):
+            for chunk in self.pool.step().values():
+                for frame in chunk.frames:
+                    encode_jpeg(frame, self.config.jpeg_quality)
+        for h in handles:
+            h.close()
+        log.info("warmed up %d sessions in %.1f s", len(handles), time.perf_counter() - t0)
 
     def begin_shutdown(self) -> None:
         """Stop taking sessions; the engine finishes the step in flight, then stops (idempotent)."""
