@@ -157,6 +157,7 @@ class Engine:
         self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="sf-serve-engine", daemon=True)
         self._stop = threading.Event()
+        self._ready = threading.Event()  # set once the warm-up is done
         self.accepting = True
         self.started_at = time.time()
         self.chunk_frames = gen.chunk_frames
@@ -167,9 +168,10 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        if self.config.warmup_steps:
-            self.warm_up(self.config.warmup_steps)
+        """Start the engine thread; returns once its warm-up is done (it runs in that thread, whose
+        memory arena then already holds what a full pool needs)."""
         self._thread.start()
+        self._ready.wait()
 
     def warm_up(self, steps: int) -> None:
         """Run a full pool for a few steps before serving: the first clients get their first frames
@@ -300,6 +302,11 @@ class Engine:
 
     def _run(self) -> None:
         try:
+            try:
+                if self.config.warmup_steps:
+                    self.warm_up(self.config.warmup_steps)
+            finally:
+                self._ready.set()
             while not self._stop.is_set():
                 self._drain_commands(0.0 if self._wants_frames() else 0.01)
                 if self._stop.is_set():
