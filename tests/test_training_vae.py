@@ -165,7 +165,11 @@ def test_grad_weight_adds_the_edge_loss_and_changes_training(tmp_path: Path) -> 
 
 
 def test_patch_discriminator_scores_every_frame_by_patches() -> None:
-    from training.algorithms.patch_gan import PatchDiscriminator, discriminator_hinge_loss, generator_hinge_loss
+    from training.algorithms.patch_gan import (
+        PatchDiscriminator,
+        discriminator_hinge_loss,
+        generator_hinge_loss,
+    )
 
     disc = PatchDiscriminator(dim=4, levels=3)
     logits = disc(torch.randn(2, 3, 5, 32, 32))
