@@ -5,9 +5,9 @@ Gaussian noise (``latent_noise``) and the mean is pulled gently toward 0 (``late
 reconstruction loss is L1 + MSE with the object's pixels weighted up (the shapes cover ~5% of
 each frame), optionally with terms that keep edges (docs/vae.md): an L1 on the spatial image
 gradients (``grad_weight``) and a patch-GAN term on the Wan decoder's frames (``gan_weight``; its
-discriminator is checkpointed beside the autoencoder, so resume stays exact). Finally ``latents_mean`` / ``latents_std`` are measured per channel over
-``stats_clips`` clips and written into the VAEConfig of ``final/`` so that normalized latents
-are ~N(0, 1) for the DiT.
+discriminator is checkpointed beside the autoencoder, so resume stays exact). Finally
+``latents_mean`` / ``latents_std`` are measured per channel over ``stats_clips`` clips and written
+into the VAEConfig of ``final/`` so that normalized latents are ~N(0, 1) for the DiT.
 """
 
 from __future__ import annotations
