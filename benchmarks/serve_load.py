@@ -256,6 +256,8 @@ class Client:
                     if jpeg[:2] != b"\xff\xd8":
                         self.errors.append(f"frame {header.get('frame')} is not a JPEG")
                     self.frames.append((mono, wall, header))
+                    if len(self.frames) % 4 == 0:  # the protocol's flow control: acknowledge what arrived
+                        await self.ws.send(json.dumps({"type": "ack", "frame": header["frame"]}))
                 else:
                     data = json.loads(msg)
                     self.messages.append((mono, data))

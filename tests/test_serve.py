@@ -46,6 +46,7 @@ async def _frames_for(ws, seconds: float) -> list[dict]:
             header, jpeg = unpack_frame(msg)
             assert jpeg[:2] == b"\xff\xd8"  # a JPEG
             headers.append(header)
+            await send(ws, type="ack", frame=header["frame"])
     return headers
 
 
@@ -60,7 +61,8 @@ def test_bad_messages_are_answered_and_the_session_kept(server) -> None:
                      (json.dumps({"type": "start", "prompt": RED, "seed": -1}), "bad_seed"),
                      (json.dumps({"type": "set_prompt", "prompt": BLUE}), "not_started"),
                      (json.dumps({"type": "reset"}), "not_started"),
-                     ("x" * 20000, "message_too_large")]
+                     ("x" * 20000, "message_too_large"),
+                     (json.dumps({"type": "ack", "frame": "last"}), "bad_frame")]
             for text, code in cases:
                 await ws.send(text)
                 reply = await recv_json(ws, "error")

@@ -29,7 +29,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from sf_sdk.serve.engine import Engine, EngineConfig, Session, SessionError
 from sf_sdk.serve.metrics import CONTENT_TYPE, ServeMetrics
-from sf_sdk.serve.protocol import Limits, ProtocolError, parse_message
+from sf_sdk.serve.protocol import Limits, ProtocolError, parse_message, unpack_frame
 
 __all__ = ["ServeConfig", "create_app"]
 
@@ -123,7 +123,8 @@ def create_app(gen: Any, config: ServeConfig | None = None) -> Starlette:
         session.push_message({"type": "hello", "session": session.id, "model": config.model_name,
                               "fps": gen.fps, "frame_size": list(gen.frame_size),
                               "max_sessions": config.engine.max_sessions})
-        sender = asyncio.create_task(_send_loop(ws, session, gen.fps, metrics, config.stats_interval_s))
+        sender = asyncio.create_task(_send_loop(ws, session, gen.fps, metrics, config.stats_interval_s,
+                                                config.engine.max_in_flight))
         try:
             await _receive_loop(ws, session, engine, config.limits, metrics)
         finally:
@@ -170,6 +171,9 @@ async def _dispatch(msg: dict[str, Any], session: Session, engine: Engine) -> di
     kind = msg["type"]
     if kind == "ping":
         return {"type": "pong", "time": time.time()}
+    if kind == "ack":
+        session.ack(msg["frame"])
+        return None
     if kind == "start":
         call = lambda: engine.start_stream(session, msg["prompt"], msg["seed"])  # noqa: E731
     elif kind == "set_prompt":
@@ -181,16 +185,24 @@ async def _dispatch(msg: dict[str, Any], session: Session, engine: Engine) -> di
     return await asyncio.wrap_future(engine.call(call))
 
 
-async def _send_loop(ws: WebSocket, session: Session, fps: int, metrics: ServeMetrics, stats_every: float) -> None:
-    """Control messages at once; frames at the video's frame rate (real-time playout)."""
+def _frame_index(packet: bytes) -> int:
+    header, _ = unpack_frame(packet)
+    return int(header["frame"])
+
+
+async def _send_loop(ws: WebSocket, session: Session, fps: int, metrics: ServeMetrics, stats_every: float,
+                     max_in_flight: int) -> None:
+    """Control messages at once; frames at the video's frame rate (real-time playout), while fewer
+    than ``max_in_flight`` sent frames wait for the client's acknowledgement."""
     period = 1.0 / fps
     due = time.monotonic()
     next_stats = time.monotonic() + stats_every
     sent_at_stats = 0
     while True:
         now = time.monotonic()
-        allowed = now >= due
-        wait = next_stats - now if allowed else min(due - now, next_stats - now)
+        window_open = session.in_flight() < max_in_flight  # else: wait for an acknowledgement
+        allowed = now >= due and window_open
+        wait = next_stats - now if allowed or not window_open else min(due - now, next_stats - now)
         try:
             kind, item = await asyncio.wait_for(session.next_item(frames_allowed=allowed), timeout=max(wait, 1e-3))
         except asyncio.TimeoutError:
@@ -201,6 +213,7 @@ async def _send_loop(ws: WebSocket, session: Session, fps: int, metrics: ServeMe
             sent_at_stats, next_stats = session.sent, now + stats_every
             await ws.send_text(json.dumps({"type": "stats", "sent_fps": rate, "sent": session.sent,
                                            "dropped": session.dropped, "queued": session.queued(),
+                                           "in_flight": session.in_flight(),
                                            "chunk_ms": round(session.last_chunk_s * 1e3, 1)}))
         if kind == "message":
             await ws.send_text(json.dumps(item))
@@ -210,6 +223,7 @@ async def _send_loop(ws: WebSocket, session: Session, fps: int, metrics: ServeMe
                 return
         elif kind == "frame":
             await ws.send_bytes(item)
+            session.mark_sent(_frame_index(item))
             session.sent += 1
             metrics.frames_sent.inc()
             due = max(due + period, time.monotonic() - period)  # no burst to catch up after a stall

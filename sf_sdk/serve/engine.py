@@ -5,7 +5,8 @@ each engine step advances all of them in one batched DiT call. The engine thread
 one that touches the pool (commands from the web side are queued and run between steps).
 
 Flow control: each session has a bounded frame buffer (``buffer_frames``) that its sender drains
-at the video's frame rate. The engine steps when some streaming session's buffer has room for a
+at the video's frame rate, while the client acknowledges what it received (at most
+``max_in_flight`` frames unacknowledged). The engine steps when some streaming session's buffer has room for a
 whole chunk, so generation runs ahead of playback by at most the buffer and never
 waits for a slow client: a session whose buffer is full when new frames arrive drops its oldest
 frames (counted, reported to the client, exported as a metric). Memory stays bounded by
@@ -52,6 +53,7 @@ class SessionError(RuntimeError):
 class EngineConfig:
     max_sessions: int = 4
     buffer_frames: int = 32  # per session: frames queued for sending before the oldest are dropped
+    max_in_flight: int = 48  # per session: frames sent but not acknowledged before sending pauses
     jpeg_quality: int = 90
     record_dir: Path | None = None
     warmup_steps: int = 2  # steps of a full pool before serving (0: none)
@@ -61,6 +63,8 @@ class EngineConfig:
             raise ValueError(f"max_sessions must be >= 1, got {self.max_sessions}")
         if self.buffer_frames < 1:
             raise ValueError(f"buffer_frames must be >= 1, got {self.buffer_frames}")
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must lie in [1, 100], got {self.jpeg_quality}")
 
@@ -95,6 +99,7 @@ class Session:
         self.writer: Any = None
         self.closed = False
         self.last_chunk_s = 0.0
+        self._in_flight: collections.deque[int] = collections.deque()  # frame indices sent, not acknowledged
 
     @property
     def streaming(self) -> bool:
@@ -130,15 +135,29 @@ class Session:
 
     # ------------------------------------------------------------------ consumer side (the loop)
     async def next_item(self, frames_allowed: bool) -> tuple[str, Any]:
-        """The next control message, else (when allowed) the next frame packet; waits for one."""
-        while True:
-            with self._lock:
-                if self._messages:
-                    return "message", self._messages.popleft()
-                if frames_allowed and self._frames:
-                    return "frame", self._frames.popleft()
-                self._wake.clear()
-            await self._wake.wait()
+        """The next control message, else (when allowed) the next frame packet; else waits until
+        something happens (a message, frames, an acknowledgement) and returns ``("wake", None)``."""
+        with self._lock:
+            if self._messages:
+                return "message", self._messages.popleft()
+            if frames_allowed and self._frames:
+                return "frame", self._frames.popleft()
+            self._wake.clear()
+        await self._wake.wait()
+        return "wake", None
+
+    # ------------------------------------------------------------------ acknowledgements (the loop)
+    def mark_sent(self, frame: int) -> None:
+        self._in_flight.append(frame)
+
+    def ack(self, frame: int) -> None:
+        """The client has every frame up to ``frame``: they are no longer in flight."""
+        while self._in_flight and self._in_flight[0] <= frame:
+            self._in_flight.popleft()
+        self._wake.set()
+
+    def in_flight(self) -> int:
+        return len(self._in_flight)
 
     def drop_queued_frames(self) -> None:
         with self._lock:
@@ -226,8 +245,7 @@ class Engine:
             raise SessionError("busy", f"all {self.config.max_sessions} sessions are in use; try again later",
                                sessions=len(self.pool.streams), max_sessions=self.config.max_sessions) from None
         session.prompt = prompt
-        session.version += 1
-        session.frame_index = 0
+        session.version += 1  # frame indices count on across restarts (acknowledgements stay valid)
         if self.config.record_dir is not None:
             from sf_sdk.video import Mp4Writer
 

@@ -6,7 +6,11 @@ One WebSocket is one session. The client sends JSON objects with a ``type``:
 * ``{"type": "set_prompt", "prompt": str, "transition": "recache" | "blend" | "cut", "chunks": int}``;
 * ``{"type": "reset"}`` — start again at frame 0, same prompt;
 * ``{"type": "stop"}`` — close the stream (the socket stays open; ``start`` again to restart);
-* ``{"type": "ping"}`` — answered with ``pong``.
+* ``{"type": "ping"}`` — answered with ``pong``;
+* ``{"type": "ack", "frame": int}`` — the newest frame the client has received (no answer). The
+  server keeps at most ``max_in_flight`` frames sent but not acknowledged per client; a client
+  that stops acknowledging (it stopped reading) gets no more frames, and its oldest queued ones
+  are dropped. Acknowledge at least every 16 frames.
 
 The server answers with JSON text messages (``hello``, ``started``, ``busy``, ``prompt_set``,
 ``reset_done``, ``stopped``, ``stats``, ``pong``, ``error``, ``shutdown``) and sends every frame as
@@ -26,7 +30,7 @@ from typing import Any
 
 __all__ = ["ProtocolError", "parse_message", "pack_frame", "unpack_frame", "MESSAGE_TYPES", "Limits"]
 
-MESSAGE_TYPES = ("start", "set_prompt", "reset", "stop", "ping")
+MESSAGE_TYPES = ("start", "set_prompt", "reset", "stop", "ping", "ack")
 TRANSITIONS = ("recache", "blend", "cut")
 
 
@@ -97,6 +101,8 @@ def parse_message(text: str | bytes, limits: Limits) -> dict[str, Any]:
             raise ProtocolError("bad_transition", f"'transition' must be one of {list(TRANSITIONS)}, got {transition!r}")
         out["transition"] = transition
         out["chunks"] = _int(msg, "chunks", 3, 1, limits.max_blend_chunks)
+    elif kind == "ack":
+        out["frame"] = _int(msg, "frame", -1, 0, 2**63 - 1)
     return out
 
 

@@ -51,6 +51,7 @@ async function onFrame(buf) {
   const bitmap = await createImageBitmap(new Blob([new Uint8Array(buf, 4 + n)], { type: "image/jpeg" }));
   $("view").getContext("2d").drawImage(bitmap, 0, 0);
   state.frames += 1; state.dropped = header.dropped; state.latency = (now - header.ready) * 1000;
+  if (state.frames % 4 === 0) send({ type: "ack", frame: header.frame });  // flow control: what arrived
   if (state.switchSent !== null && header.version >= state.pendingVersion) {
     state.switchLatency = (now - state.switchSent) * 1000; state.switchSent = null;
     log("first frame of the new prompt after " + state.switchLatency.toFixed(0) + " ms");
