@@ -203,3 +203,15 @@ def test_gan_weight_trains_a_discriminator_and_resumes_exactly(tmp_path: Path) -
         VAEStageConfig(gan_weight=-1.0)
     with pytest.raises(ValueError, match="needs decoder_weight"):
         VAEStageConfig(gan_weight=0.1, decoder_weight=0.0, aux_decoder_dim=4)
+
+
+def test_edge_options_default_off_and_the_edges_config() -> None:
+    """The existing configs keep the old loss; shapes_tiny_vae_edges trains the shipped decoder on."""
+    for name in ("shapes_tiny", "smoke"):
+        cfg = compose(name, ["run_dir=/tmp/unused"])
+        for st in (cfg.vae, cfg.vae_decoder):
+            assert st.grad_weight == 0 and st.gan_weight == 0
+    edges = compose("shapes_tiny_vae_edges", ["run_dir=/tmp/unused"])
+    assert edges.init_vae == "shapes-tiny" and edges.stages == ("vae", "vae_decoder")
+    assert edges.vae_decoder.grad_weight > 0 and edges.vae_decoder.mse_weight == 0
+    assert edges.vae_model == compose("shapes_tiny", ["run_dir=/tmp/unused"]).vae_model
