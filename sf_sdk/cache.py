@@ -59,6 +59,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -101,6 +102,14 @@ class CacheLayout:
         if frame < self.sink_frames:
             return frame
         return self.sink_frames + (frame - self.sink_frames) % self.ring_frames
+
+    def token_slots(self, frames: Tensor) -> Tensor:
+        """Token slots ``[..., F * T]`` of absolute latent frames ``frames`` ``[..., F]`` (int64):
+        :meth:`frame_slot` of each frame, expanded to its tokens."""
+        slots = torch.where(frames < self.sink_frames, frames,
+                            self.sink_frames + (frames - self.sink_frames) % self.ring_frames)  # [..., F]
+        tokens = torch.arange(self.tokens_per_frame, device=frames.device)  # [T]
+        return (slots.unsqueeze(-1) * self.tokens_per_frame + tokens).flatten(-2)  # [..., F * T]
 
     def evicted(self, end_frame: int) -> int:
         """Number of non-sink frames evicted once frames ``[0, end_frame)`` were written."""
@@ -234,8 +243,7 @@ class KVCache:
         self._v = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, cap, H, D]
         self.end_frames = [0] * batch_size  # per row: frames [0, end) have been written
         self._last: ChunkPlan | None = None
-        self._fused: bool | None = None  # write rotated keys with the fused op (decided on first use)
-        self._slot_base = torch.arange(layout.tokens_per_frame, device=device)  # [T]
+        self._writers: tuple[Any, Any] | None = None  # how rotated keys are written (decided on first use)
 
     @classmethod
     def for_model(cls, dit: DiTConfig, stream: StreamingConfig, batch_size: int, *,
@@ -301,24 +309,24 @@ class KVCache:
         k, v = k.detach(), v.detach()
         if rope is not None:
             cos, sin = rope
-            if plan.uniform and cos.dim() == 2 and cos.dtype in (torch.float32, torch.float64) and self._fused_write():
-                from sf_sdk import ops
-
-                ops.cache_write_rope(kc, vc, k.contiguous(), v.contiguous(), plan.write_slots[0], cos, sin)
+            fused, rotate = self._rope_writers()
+            if fused is not None and plan.uniform and cos.dim() == 2 and cos.dtype in (torch.float32, torch.float64):
+                fused(kc, vc, k.contiguous(), v.contiguous(), plan.write_slots[0], cos, sin)
                 return
-            from sf_sdk.models.dit import apply_rotary  # the rotary rule lives with the model
-
-            k = apply_rotary(k, cos, sin)
+            k = rotate(k, cos, sin)
         slots = plan.write_slots[0] if plan.uniform else plan.write_slots
         write_rows(kc, slots, k, inplace=True)
         write_rows(vc, slots, v, inplace=True)
 
-    def _fused_write(self) -> bool:
-        if self._fused is None:  # decided once per cache
+    def _rope_writers(self) -> tuple[Any, Any]:
+        """(the fused rotary write op or None, the plain rotary function), decided once per cache."""
+        if self._writers is None:
             from sf_sdk import ops
+            from sf_sdk.models.dit import apply_rotary  # the rotary rule lives with the model
 
-            self._fused = ops.fused_write_available(self.device, self.dtype)
-        return self._fused
+            fused = ops.cache_write_rope if ops.fused_write_available(self.device, self.dtype) else None
+            self._writers = (fused, apply_rotary)
+        return self._writers
 
     def swap(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Make ``k`` / ``v`` (same shape and dtype; the outputs of a functional step) the buffers;
@@ -372,17 +380,17 @@ class KVCache:
                     f"global attention cache holds {lay.capacity_frames} latent frames, the stream reached "
                     f"{end}: give the stream length up front, or use a rolling window (local_attn_size)")
         dev = self.device
-        start = torch.tensor(firsts, device=dev).unsqueeze(1)  # [R, 1]
-        frames = start + torch.arange(num_frames, device=dev)  # [R, F], absolute frame indices
-        slots = torch.where(frames < lay.sink_frames, frames,
-                            lay.sink_frames + (frames - lay.sink_frames) % lay.ring_frames)  # [R, F]
-        write = (slots.unsqueeze(2) * lay.tokens_per_frame + self._slot_base).flatten(1)  # [R, F * T]
         ends = [s + num_frames for s in firsts]
         kv_frames = [min(e, lay.capacity_frames) for e in ends]
+        kv_lens = tuple(n * lay.tokens_per_frame for n in kv_frames)
+        # One host-to-device copy per plan: starts, valid lengths and ends of every row.
+        host = torch.tensor([list(firsts), list(kv_lens), ends], dtype=torch.int64).to(dev)  # [3, R]
+        start, kv_len_tensor, end_t = host[0].unsqueeze(1), host[1], host[2].unsqueeze(1)  # [R, 1], [R], [R, 1]
+        frames = start + torch.arange(num_frames, device=dev)  # [R, F], absolute frame indices
+        write = lay.token_slots(frames)  # [R, F * T]
         if self.position_mode == "absolute":
             query_pos, key_pos = frames, None
         else:
-            end_t = torch.tensor(ends, device=dev).unsqueeze(1)  # [R, 1]
             offset = (end_t - lay.capacity_frames).clamp(min=0)  # ring positions shift down by the evictions
             query_pos = torch.where(frames < lay.sink_frames, frames, frames - offset)
             s_idx = torch.arange(max(kv_frames), device=dev).unsqueeze(0)  # [1, K] valid frame slots
@@ -390,9 +398,7 @@ class KVCache:
             # the newest frame f < end stored in ring slot r: (f - S) % R == r
             newest = end_t - 1 - (end_t - 1 - lay.sink_frames - r_idx) % lay.ring_frames
             key_pos = torch.where(s_idx < lay.sink_frames, s_idx, newest - offset)  # [R, K]
-        kv_lens = tuple(n * lay.tokens_per_frame for n in kv_frames)
-        plan = ChunkPlan(firsts, num_frames, write, kv_lens, query_pos, key_pos, active,
-                         torch.tensor(kv_lens, dtype=torch.int64, device=dev))
+        plan = ChunkPlan(firsts, num_frames, write, kv_lens, query_pos, key_pos, active, kv_len_tensor)
         for r, on in enumerate(active):
             if on:
                 self.end_frames[r] = ends[r]

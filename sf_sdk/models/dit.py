@@ -19,7 +19,7 @@ frame's tokens (adaLN with 6 vectors per block, 2 for the head).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -207,6 +207,17 @@ class StepAttention:
     functional: bool = False
     new_k: list[Tensor] | None = None
     new_v: list[Tensor] | None = None
+    _row_tables: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
+
+    def row_tables(self, rows: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Write slots [B, F*T] and rotary tables [B, F*T, D/2] with one row per stream (the graph
+        inputs), expanded and made contiguous once per chunk, not once per call."""
+        if self._row_tables is None or self._row_tables[0].shape[0] != rows:
+            def per_row(t: Tensor, dims: int) -> Tensor:
+                return (t if t.dim() == dims else t.expand(rows, *t.shape)).contiguous()
+
+            self._row_tables = (per_row(self.write_slots, 2), per_row(self.cos_q, 3), per_row(self.sin_q, 3))
+        return self._row_tables
 
     def _buffers(self, layer: int) -> tuple[Tensor, Tensor]:
         kc, vc = self.k_cache[layer], self.v_cache[layer]  # [B, cap, H, D]
@@ -581,10 +592,7 @@ class WanDiT(nn.Module):
         n = x.shape[1]
         if tuple(frames.shape) != (n,):
             raise ValueError(f"frames must list the {n} frame indices of x, got shape {tuple(frames.shape)}")
-        slots = torch.where(frames < lay.sink_frames, frames,
-                            lay.sink_frames + (frames - lay.sink_frames) % lay.ring_frames)  # [N]
-        write = (slots.unsqueeze(1) * lay.tokens_per_frame
-                 + torch.arange(lay.tokens_per_frame, device=frames.device)).reshape(-1)  # [N*T]
+        write = lay.token_slots(frames)  # [N*T]
         if cache.position_mode == "absolute":
             positions, rotated = frames, True
         else:  # the cache's logical order: sinks 0..S-1, then the ring frames in order
@@ -637,13 +645,9 @@ class ChunkInputs(NamedTuple):
     def from_plan(cls, x: Tensor, timestep: Tensor, cross: CrossAttnCache, cache: KVCache,
                   attend: StepAttention) -> ChunkInputs:
         """The graph inputs of one call of an eager plan (tables and slots expanded to every row)."""
-        b = x.shape[0]
-        slots = attend.write_slots if attend.write_slots.dim() == 2 else attend.write_slots.expand(b, -1)
-        kv_len = attend.plan.kv_len_tensor
-        cos = attend.cos_q if attend.cos_q.dim() == 3 else attend.cos_q.expand(b, -1, -1)
-        sin = attend.sin_q if attend.sin_q.dim() == 3 else attend.sin_q.expand(b, -1, -1)
-        return cls(x.contiguous(), timestep.contiguous(), cross.k, cross.v, cache.k, cache.v,
-                   slots.contiguous(), kv_len, cos.contiguous(), sin.contiguous())
+        slots, cos, sin = attend.row_tables(x.shape[0])
+        return cls(x.contiguous(), timestep.contiguous(), cross.k, cross.v, cache.k, cache.v, slots,
+                   attend.plan.kv_len_tensor, cos, sin)
 
 
 # Axis of the batch (stream) dimension of every ChunkInputs field.
