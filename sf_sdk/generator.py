@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sf_sdk.backends import (
@@ -470,7 +469,9 @@ class StreamingGenerator:
             with torch.inference_mode():
                 emb = self.text_encoder.encode(prompt)[0]
         emb = emb.to(self.device, self.dtype)
-        return F.pad(emb, (0, 0, 0, self.dit.config.text_len - emb.shape[0]))  # [text_len, text_dim]
+        from sf_sdk.models.text import pad_prompt_embeds
+
+        return pad_prompt_embeds([emb], self.dit.config.text_len)[0]  # [text_len, text_dim]
 
     def _solo_pool_for(self, req: StreamRequest) -> StreamPool:
         """The pool of one that single streams run in, kept while its geometry and backend stay."""

@@ -51,12 +51,20 @@ from sf_sdk.sampling import cache_pass, denoise_chunk, kept_frames, randn_rows, 
 if TYPE_CHECKING:  # pragma: no cover
     from sf_sdk.generator import StreamingGenerator
 
-__all__ = ["StreamPool", "PooledStream", "PoolFullError", "StreamRequest", "TRANSITIONS"]
+__all__ = ["StreamPool", "PooledStream", "PoolFullError", "StreamRequest", "TRANSITIONS", "check_transition"]
 
 log = logging.getLogger(__name__)
 
 TRANSITIONS = ("recache", "blend", "cut")
 DEFAULT_BLEND_CHUNKS = 3
+
+
+def check_transition(transition: str, chunks: int) -> None:
+    """Raise a clear ValueError for an unknown transition or a blend without chunks."""
+    if transition not in TRANSITIONS:
+        raise ValueError(f"transition must be one of {list(TRANSITIONS)}, got {transition!r}")
+    if transition == "blend" and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
+        raise ValueError(f"a blend needs chunks >= 1 (chunks over which the prompt moves), got {chunks!r}")
 
 
 class PoolFullError(RuntimeError):
@@ -119,11 +127,8 @@ class PooledStream:
         (over ``chunks`` chunks) or ``"cut"`` (module docstring). A later call replaces a
         transition that has not started yet."""
         self._check_open("set_prompt")
-        if transition not in TRANSITIONS:
-            raise ValueError(f"transition must be one of {list(TRANSITIONS)}, got {transition!r}")
-        if transition == "blend" and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
-            raise ValueError(f"a blend needs chunks >= 1 (chunks over which the prompt moves), got {chunks!r}")
-        embeds = self._pool._prompt_embeds(prompt, prompt_embeds)
+        check_transition(transition, chunks)
+        embeds = self._pool._gen._padded_embeds(prompt, prompt_embeds)
         self._pending = _Transition(transition, prompt, embeds, chunks if transition == "blend" else 1)
 
     def reset(self) -> None:
@@ -255,7 +260,7 @@ class StreamPool:
             raise PoolFullError(f"all {self.max_streams} slots of the stream pool are in use: close a stream, or "
                                 f"build a larger pool (gen.pool(max_streams=...))")
         row = free[0]
-        embeds = self._prompt_embeds(req.prompt, req.prompt_embeds)
+        embeds = self._gen._padded_embeds(req.prompt, req.prompt_embeds)
         self._cache.reset([row])
         stream = PooledStream(self, row, req, embeds)
         self._slots[row] = stream
@@ -282,9 +287,6 @@ class StreamPool:
             yield self.step()
 
     # ------------------------------------------------------------------ prompts
-    def _prompt_embeds(self, prompt: str | None, prompt_embeds: Tensor | None) -> Tensor:
-        return self._gen._padded_embeds(prompt, prompt_embeds)
-
     def _set_cross(self, row: int, embeds: Tensor) -> None:
         with torch.inference_mode():
             cross = self._gen.dit.encode_context(embeds.unsqueeze(0))  # K/V [L, 1, Lt, H, D]
@@ -341,18 +343,18 @@ class StreamPool:
             shape = (rows, c, gen.dit.config.in_dim, st.latent_height, st.latent_width)
             noise = randn_rows(shape, noise_gens, device=gen.device, dtype=gen.dtype)
             cross = CrossAttnCache(self._cross_k[:, :rows], self._cross_v[:, :rows])
-            impl = self._attention(not plan.uniform, rows)
             model = self.backend.dit
+            attend = model.step_attention(cache, plan, self._attention(not plan.uniform, rows))  # once per chunk
             if any(i is None for i, s in zip(initial, by_row) if s is not None):
                 x0 = denoise_chunk(model, noise, cross, cache, plan, gen.steps, generator=noise_gens,
-                                   update_cache=False, attention=impl)
+                                   update_cache=False, attend=attend)
             else:  # every stream replays given latents: only the cache pass
                 x0 = noise
             for r, init in enumerate(initial):
                 if init is not None:
                     x0[r] = init[by_row[r].next_frame:by_row[r].next_frame + c]
             cache_gens = [s._rng if s is not None else None for s in by_row]
-            cache_pass(model, x0, cross, cache, plan, gen.steps, generator=cache_gens, attention=impl)
+            cache_pass(model, x0, cross, cache, plan, gen.steps, generator=cache_gens, attend=attend)
             lay = cache.layout
             for s in active:
                 slots = [lay.frame_slot(f) for f in range(s.next_frame, s.next_frame + c)]

@@ -111,6 +111,7 @@ def denoise_chunk(
     grad_at_exit: bool = False,
     update_cache: bool = True,
     attention: str | None = None,
+    attend: StepAttention | None = None,
 ) -> Tensor:
     """Denoise the chunk ``noise`` [B, F, C, H, W] starting at latent frame ``start_frame`` (every
     row), or placed row by row by a :class:`~sf_sdk.cache.ChunkPlan` (pooled streams).
@@ -118,7 +119,8 @@ def denoise_chunk(
     Returns x0 at ``exit_step`` (default: the last step). With ``grad_at_exit`` only the exit
     step runs with autograd; every other call (and the cache pass) runs under ``no_grad``.
     ``generator``: see :data:`Generators`. ``attention``: the cache-attention implementation name
-    (None: the default), chosen once for the chunk's calls.
+    (None: the default), chosen once for the chunk's calls; or ``attend``, the chunk's attention
+    from ``model.step_attention`` (a caller that runs the cache pass itself reuses it there).
     """
     n = len(steps.timesteps)
     exit_step = n - 1 if exit_step is None else exit_step
@@ -126,8 +128,9 @@ def denoise_chunk(
         raise ValueError(f"exit_step must lie in [0, {n}), got {exit_step}")
     b, f = noise.shape[:2]
     plan = _plan(cache, start_frame, f)
-    with torch.no_grad():
-        attend = model.step_attention(cache, plan, attention)
+    if attend is None or attend.plan is not plan:
+        with torch.no_grad():
+            attend = model.step_attention(cache, plan, attention)
     x = noise
     x0 = noise
     for i in range(exit_step + 1):

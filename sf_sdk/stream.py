@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from sf_sdk.pool import DEFAULT_BLEND_CHUNKS, TRANSITIONS, PooledStream, StreamRequest
+from sf_sdk.pool import DEFAULT_BLEND_CHUNKS, PooledStream, StreamRequest, check_transition
 from sf_sdk.results import VideoChunk
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,9 +80,8 @@ class VideoStream:
         linearly to the new one over ``chunks`` chunks) or ``"cut"``."""
         self._check_live("set_prompt")
         if self._handle is None:
-            self._gen._padded_embeds(prompt, prompt_embeds)  # validate now
-            if transition not in TRANSITIONS:
-                raise ValueError(f"transition must be one of {list(TRANSITIONS)}, got {transition!r}")
+            check_transition(transition, chunks)  # validate now
+            self._gen._padded_embeds(prompt, prompt_embeds)
             self._early = (prompt, prompt_embeds)
             return
         self._handle.set_prompt(prompt, prompt_embeds=prompt_embeds, transition=transition, chunks=chunks)

@@ -28,10 +28,11 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from sf_sdk.pool import TRANSITIONS
+
 __all__ = ["ProtocolError", "parse_message", "pack_frame", "unpack_frame", "MESSAGE_TYPES", "Limits"]
 
 MESSAGE_TYPES = ("start", "set_prompt", "reset", "stop", "ping", "ack")
-TRANSITIONS = ("recache", "blend", "cut")
 
 
 class ProtocolError(ValueError):
