@@ -29,7 +29,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from sf_sdk.serve.engine import Engine, EngineConfig, Session, SessionError
 from sf_sdk.serve.metrics import CONTENT_TYPE, ServeMetrics
-from sf_sdk.serve.protocol import Limits, ProtocolError, parse_message, unpack_frame
+from sf_sdk.serve.protocol import Limits, ProtocolError, parse_message
 
 __all__ = ["ServeConfig", "create_app"]
 
@@ -88,7 +88,7 @@ def create_app(gen: Any, config: ServeConfig | None = None) -> Starlette:
         return Response(script, media_type="text/javascript; charset=utf-8")
 
     async def healthz(request: Request) -> JSONResponse:
-        ok = engine.error is None and (engine._thread.is_alive() or not engine.accepting)
+        ok = engine.error is None and (engine.running or not engine.accepting)
         body = {"status": "ok" if ok else "error", "model": config.model_name, "device": str(gen.device),
                 "dtype": str(gen.dtype).removeprefix("torch."), "sessions": len(engine.sessions),
                 "streaming": len(engine.pool.streams), "max_sessions": config.engine.max_sessions,
@@ -133,7 +133,7 @@ def create_app(gen: Any, config: ServeConfig | None = None) -> Starlette:
                 await sender
             with contextlib.suppress(Exception):
                 await asyncio.wrap_future(engine.call(lambda: engine.remove_session(session)))
-            if not engine._thread.is_alive():
+            if not engine.running:
                 engine.sessions.pop(session.id, None)
 
     routes = [Route("/", index), Route("/app.js", app_js), Route("/healthz", healthz),
@@ -185,11 +185,6 @@ async def _dispatch(msg: dict[str, Any], session: Session, engine: Engine) -> di
     return await asyncio.wrap_future(engine.call(call))
 
 
-def _frame_index(packet: bytes) -> int:
-    header, _ = unpack_frame(packet)
-    return int(header["frame"])
-
-
 async def _send_loop(ws: WebSocket, session: Session, fps: int, metrics: ServeMetrics, stats_every: float,
                      max_in_flight: int) -> None:
     """Control messages at once; frames at the video's frame rate (real-time playout), while fewer
@@ -222,8 +217,9 @@ async def _send_loop(ws: WebSocket, session: Session, fps: int, metrics: ServeMe
                     await ws.close(code=1012)
                 return
         elif kind == "frame":
-            await ws.send_bytes(item)
-            session.mark_sent(_frame_index(item))
+            index, packet = item
+            await ws.send_bytes(packet)
+            session.mark_sent(index)
             session.sent += 1
             metrics.frames_sent.inc()
             due = max(due + period, time.monotonic() - period)  # no burst to catch up after a stall

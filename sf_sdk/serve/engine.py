@@ -87,7 +87,7 @@ class Session:
         self.loop = loop
         self.buffer_frames = buffer_frames
         self._lock = threading.Lock()
-        self._frames: collections.deque[bytes] = collections.deque()
+        self._frames: collections.deque[tuple[int, bytes]] = collections.deque()  # (frame index, packet)
         self._messages: collections.deque[dict[str, Any]] = collections.deque()
         self._wake = asyncio.Event()
         self.handle: PooledStream | None = None
@@ -110,8 +110,9 @@ class Session:
             return len(self._frames)
 
     # ------------------------------------------------------------------ producer side (any thread)
-    def push_frames(self, packets: list[bytes]) -> int:
-        """Queue frame packets; drops the oldest beyond the buffer; returns how many were dropped."""
+    def push_frames(self, packets: list[tuple[int, bytes]]) -> int:
+        """Queue (frame index, packet) pairs; drops the oldest beyond the buffer; returns how many
+        were dropped."""
         dropped = 0
         with self._lock:
             self._frames.extend(packets)
@@ -135,7 +136,7 @@ class Session:
 
     # ------------------------------------------------------------------ consumer side (the loop)
     async def next_item(self, frames_allowed: bool) -> tuple[str, Any]:
-        """The next control message, else (when allowed) the next frame packet; else waits until
+        """The next control message, else (when allowed) the next (frame index, packet); else waits until
         something happens (a message, frames, an acknowledgement) and returns ``("wake", None)``."""
         with self._lock:
             if self._messages:
@@ -208,6 +209,11 @@ class Engine:
         for h in handles:
             h.close()
         log.info("warmed up %d sessions in %.1f s", len(handles), time.perf_counter() - t0)
+
+    @property
+    def running(self) -> bool:
+        """The engine thread is alive (it stops on shutdown, or on an error kept in ``error``)."""
+        return self._thread.is_alive()
 
     def begin_shutdown(self) -> None:
         """Stop taking sessions; the engine finishes the step in flight, then stops (idempotent)."""
@@ -365,7 +371,7 @@ class Engine:
             for frame in chunk.frames:
                 header = {"frame": session.frame_index, "chunk": chunk.index, "ready": ready,
                           "version": session.version, "dropped": session.dropped}
-                packets.append(pack_frame(header, encode_jpeg(frame, self.config.jpeg_quality)))
+                packets.append((session.frame_index, pack_frame(header, encode_jpeg(frame, self.config.jpeg_quality))))
                 session.frame_index += 1
             encode_s += time.perf_counter() - e0
             if session.writer is not None:
