@@ -34,7 +34,6 @@ import json
 import logging
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: the sibling latency.py
+from attention import percentile, run_rounds  # noqa: E402  (the attention benchmark's timing loop)
 from latency import device_info, versions  # noqa: E402
 
 from sf_sdk import ops  # noqa: E402
@@ -150,28 +150,6 @@ def check_agreement(methods: dict[str, Callable[[], None]], k_cache: torch.Tenso
 # --------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def run_rounds(fns: dict[str, Callable[[], None]], warmup: int, rounds: int) -> dict[str, list[float]]:
-    """Times every function once per round, in rotating order; returns wall times per name."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def bench_case(case: Case, dtype: torch.dtype, warmup: int, rounds: int, seed: int) -> dict[str, Any]:
