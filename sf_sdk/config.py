@@ -8,9 +8,13 @@ layers only override fields of these classes (see :func:`from_dict`, which rejec
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import numbers
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, Union
 
 __all__ = [
     "DiTConfig",
@@ -25,6 +29,8 @@ __all__ = [
     "WAN_LATENTS_STD",
     "from_dict",
     "to_dict",
+    "check_fields",
+    "check_value",
 ]
 
 T = TypeVar("T")
@@ -33,6 +39,99 @@ T = TypeVar("T")
 def _positive(name: str, value: int | float) -> None:
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Field types
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def check_value(tp: Any, value: Any, name: str) -> Any:
+    """``value`` checked against the annotation ``tp``, in the form the field stores.
+
+    ``bool`` takes only bools; ``int`` takes ints (not bools); ``float`` takes finite ints and
+    floats (NaN and infinities are errors: they pass every range check and end as black frames);
+    ``tuple[X, ...]`` / ``tuple[X, Y]`` take a list or tuple of such values (returned as a
+    tuple); ``Literal[...]`` one of its values; ``X | None`` None or an X; a dataclass type an
+    instance of it. Other annotations (``Any``) are not checked. Raises ``ValueError`` naming
+    ``name``, the value and the expected type.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def bad(expected: str) -> ValueError:
+        return ValueError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("a bool (true or false)")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise bad("an int")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise bad("a number")
+        if not math.isfinite(value):
+            raise bad("a finite number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if origin is Literal:
+        if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args):
+            raise bad(f"one of {list(args)}")
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        kinds = [a for a in args if a is not type(None)]
+        errors = []
+        for kind in kinds:
+            try:
+                return check_value(kind, value, name)
+            except ValueError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise bad(" or ".join(_type_name(k) for k in kinds) + (" or None" if type(None) in args else ""))
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            raise bad(f"a list of {_type_name(args[0]) if args else 'values'}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            kinds = [args[0]] * len(value)
+        else:
+            if len(value) != len(args):
+                raise bad(f"a list of {len(args)} values ({', '.join(_type_name(a) for a in args)})")
+            kinds = list(args)
+        return tuple(check_value(k, v, f"{name}[{i}]") for i, (k, v) in enumerate(zip(kinds, value)))
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, tp):
+            raise bad(f"a {tp.__name__}")
+        return value
+    return value
+
+
+def check_fields(cfg: Any) -> None:
+    """Check every field of the dataclass ``cfg`` against its declared type (:func:`check_value`),
+    storing the checked form (lists as tuples, ints of float fields as floats). Called first in
+    ``__post_init__``, so fields added later are covered without more code."""
+    hints = _field_types(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        checked = check_value(hints[f.name], value, f"{type(cfg).__name__}.{f.name}")
+        if checked is not value:
+            object.__setattr__(cfg, f.name, checked)
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,7 +159,7 @@ class DiTConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        check_fields(self)
         for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "freq_dim",
                      "text_dim", "text_len"):
             _positive(name, getattr(self, name))
@@ -133,8 +232,7 @@ class StreamingConfig:
     global_cache_frames: int = 21
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "denoising_step_list",
-                           tuple(float(t) for t in self.denoising_step_list))
+        check_fields(self)
         _positive("num_frame_per_block", self.num_frame_per_block)
         _positive("num_train_timesteps", self.num_train_timesteps)
         _positive("timestep_shift", self.timestep_shift)
@@ -215,11 +313,15 @@ class VAEConfig:
     dropout: float = 0.0
     latents_mean: tuple[float, ...] = WAN_LATENTS_MEAN
     latents_std: tuple[float, ...] = WAN_LATENTS_STD
+    # Not in Wan2.1 (whose decoder has the encoder's width): the decoder's base width when it
+    # differs from ``dim``; None = ``dim``. A wider decoder over the same encoder keeps the latents.
+    decoder_dim: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+        check_fields(self)
         _positive("dim", self.dim)
+        if self.decoder_dim is not None:
+            _positive("decoder_dim", self.decoder_dim)
         _positive("z_dim", self.z_dim)
         _positive("num_res_blocks", self.num_res_blocks)
         if len(self.temperal_downsample) != len(self.dim_mult) - 1:
@@ -275,6 +377,7 @@ class TextEncoderConfig:
     max_distance: int = 128
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for name in ("vocab", "dim", "dim_attn", "dim_ffn", "num_heads", "num_layers", "num_buckets",
                      "text_len", "eps"):
             _positive(name, getattr(self, name))

@@ -215,3 +215,45 @@ def test_edge_options_default_off_and_the_edges_config() -> None:
     assert edges.init_vae == "shapes-tiny" and edges.stages == ("vae", "vae_decoder")
     assert edges.vae_decoder.grad_weight > 0 and edges.vae_decoder.mse_weight == 0
     assert edges.vae_model == compose("shapes_tiny", ["run_dir=/tmp/unused"]).vae_model
+
+
+def test_widened_decoder_computes_the_narrow_decoders_function() -> None:
+    """Every hidden channel copied k times (inputs divided by k, q by sqrt(k)): the same frames,
+    through the attention blocks, the time upsampling and the streaming cache."""
+    from sf_sdk.models.vae import WanVAE
+    from training.algorithms.widen import widen_decoder
+
+    torch.manual_seed(0)
+    vae = WanVAE(VAEConfig(dim=4, num_res_blocks=1, attn_scales=(0.5,))).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.2 * torch.randn_like(p))  # away from the ones / zeros of a fresh norm and bias
+    wide = widen_decoder(vae, 12, noise=0.0).eval()
+    assert wide.config.decoder_dim == 12 and wide.config.dim == 4
+    assert sum(p.numel() for p in wide.decoder.parameters()) > 8 * sum(p.numel() for p in vae.decoder.parameters())
+    assert all(torch.equal(t, wide.state_dict()[k]) for k, t in vae.state_dict().items() if not k.startswith("decoder."))
+    z = torch.randn(1, 16, 3, 4, 4)
+    with torch.no_grad():
+        narrow_frames = vae.decode(z)
+        torch.testing.assert_close(wide.decode(z), narrow_frames, atol=1e-5, rtol=1e-4)
+        noisy = widen_decoder(vae, 8, noise=1e-3, seed=1).eval().decode(z)
+    assert 0 < (noisy - narrow_frames).abs().max() < 0.05
+    with pytest.raises(ValueError, match="multiple of the decoder's width 4"):
+        widen_decoder(vae, 6)
+
+
+def test_init_vae_with_a_wider_decoder_widens_the_models_decoder(tmp_path: Path) -> None:
+    """``vae_model.decoder_dim`` above the given model's width: its encoder and latents kept, its
+    decoder widened, then trained on by the vae_decoder stage."""
+    from sf_sdk.checkpoint import load_pretrained
+    from training.stages.vae import load_trained_vae
+
+    run_dir = tmp_path / "run"
+    _run(run_dir, "init_vae=shapes-tiny", "vae_model.dim=8", "vae_model.decoder_dim=16", "dit.in_dim=16",
+         "dit.out_dim=16", "stages=[vae]")
+    wide = load_trained_vae(run_dir, torch.device("cpu"))
+    shipped = load_pretrained("shapes-tiny", load_text_encoder=False).vae
+    assert wide.config.decoder_dim == 16 and wide.config.latents_std == shipped.config.latents_std
+    z = torch.randn(1, 16, 2, 8, 8)
+    with torch.no_grad():
+        assert (wide.decode(z) - shipped.decode(z)).abs().max() < 0.1

@@ -362,7 +362,8 @@ class Decoder3d(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         mults = config.dim_mult
-        dims = [config.dim * m for m in (mults[-1], *mults[::-1])]
+        width = config.decoder_dim or config.dim
+        dims = [width * m for m in (mults[-1], *mults[::-1])]
         temporal_upsample = config.temperal_downsample[::-1]
         self.conv1 = CausalConv3d(config.z_dim, dims[0], 3, spatial_padding=1)
         self.middle = nn.Sequential(

@@ -27,6 +27,7 @@ from sf_sdk.models.vae import WanVAE
 from sf_sdk.video import Mp4Writer
 from training.algorithms.edges import gradient_l1
 from training.algorithms.patch_gan import PatchDiscriminator, discriminator_hinge_loss, generator_hinge_loss
+from training.algorithms.widen import widen_decoder
 from training.data.shapes import ShapesDataset, tensor_to_frames
 from training.utils.checkpoint import TrainState, atomic_save_file
 from training.utils.config import TrainConfig, VAEStageConfig
@@ -193,6 +194,11 @@ def _take_model_vae(cfg: TrainConfig, run: StageRun, dist: DistInfo) -> None:
         vae = WanVAE(files.vae)
         load_into(vae, load_state_dict(files.path(MODEL_VAE_FILE)), what=f"VAE of {cfg.init_vae}", config=files.vae)
         origin = files.root
+    width = vae.config.decoder_dim or vae.config.dim
+    if cfg.vae_model.decoder_dim and cfg.vae_model.decoder_dim != width:
+        # A wider decoder over the same encoder and latents, started as the narrow one widened.
+        vae = widen_decoder(vae, cfg.vae_model.decoder_dim, seed=cfg.seed)
+        log.info("stage vae: decoder widened from %d to %d channels", width, cfg.vae_model.decoder_dim)
     vae_cfg = vae.config
     if vae_cfg.z_dim != cfg.dit.in_dim:
         raise ValueError(f"init_vae={cfg.init_vae!r} has z_dim={vae_cfg.z_dim} but dit.in_dim={cfg.dit.in_dim}: "
