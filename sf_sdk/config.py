@@ -230,6 +230,16 @@ class StreamingConfig:
     # Cache capacity in latent frames for global attention (local_attn_size == -1) when the
     # stream length is not given; the official code fixes 21 frames.
     global_cache_frames: int = 21
+    # The first chunk's own denoising steps (warped like denoising_step_list); () = the same
+    # steps as every chunk. Causal Forcing++'s 1- and 2-step models denoise their first frame
+    # in the 4 steps [1000, 750, 500, 250] (their ``denoising_step_list_first_chunk``).
+    first_chunk_steps: tuple[float, ...] = ()
+    # How sink frames are formed. 1.0: the sinks are the stream's first sink_size frames, kept
+    # as they are. Below 1 (Reward Forcing's EMA-Sink, 0.999): whenever a chunk evicts ring
+    # frames, the sinks' cached keys/values become sink_decay * sinks + (1 - sink_decay) *
+    # evicted, frame by frame; needs sink_size == num_frame_per_block, a ring of whole chunks
+    # and position_mode "cache_relative" (keys cached before the rotary embedding).
+    sink_decay: float = 1.0
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -247,6 +257,11 @@ class StreamingConfig:
                              f"got {steps}")
         if any(a <= b for a, b in zip(steps, steps[1:])):
             raise ValueError(f"denoising_step_list must be strictly decreasing, got {steps}")
+        object.__setattr__(self, "first_chunk_steps", tuple(float(t) for t in self.first_chunk_steps))
+        first = self.first_chunk_steps
+        if any(not 0 < t <= self.num_train_timesteps for t in first) or any(a <= b for a, b in zip(first, first[1:])):
+            raise ValueError(f"first_chunk_steps must be strictly decreasing values in (0, "
+                             f"{self.num_train_timesteps}] (or () for the same steps as every chunk), got {first}")
         if not 0 <= self.context_noise < self.num_train_timesteps:
             raise ValueError(f"context_noise must lie in [0, {self.num_train_timesteps}), "
                              f"got {self.context_noise}")
@@ -268,6 +283,18 @@ class StreamingConfig:
                     f"local_attn_size ({self.local_attn_size}) minus sink_size ({self.sink_size}) "
                     f"leaves {ring} rolling frames, fewer than one chunk "
                     f"({self.num_frame_per_block} frames): raise local_attn_size or lower sink_size")
+        if not 0.0 <= self.sink_decay <= 1.0:
+            raise ValueError(f"sink_decay must lie in [0, 1] (1: fixed sinks), got {self.sink_decay}")
+        if self.sink_decay < 1.0:
+            c = self.num_frame_per_block
+            if self.sink_size != c or (self.local_attn_size - self.sink_size) % c:
+                raise ValueError(f"sink_decay < 1 (EMA sinks) folds each evicted chunk into the sinks: it needs "
+                                 f"sink_size == num_frame_per_block ({c}) and a ring of whole chunks "
+                                 f"(local_attn_size - sink_size a multiple of {c}), got sink_size "
+                                 f"{self.sink_size}, local_attn_size {self.local_attn_size}")
+            if self.position_mode != "cache_relative":
+                raise ValueError("sink_decay < 1 (EMA sinks) averages cached keys of different frames: it needs "
+                                 "position_mode='cache_relative' (keys cached before the rotary embedding)")
 
     @property
     def rolling(self) -> bool:

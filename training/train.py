@@ -81,12 +81,23 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> TrainConfig:
     config_dir = Path(__file__).resolve().parent / "configs"
     with initialize_config_dir(config_dir=str(config_dir), version_base=None):
         raw = hydra_compose(config_name=config_name, overrides=list(overrides))
-    return build_config(TrainConfig, OmegaConf.to_container(raw, resolve=True))  # type: ignore[arg-type]
+    return build_config(TrainConfig, OmegaConf.to_container(raw, resolve=True),  # type: ignore[arg-type]
+                        source=_source(config_name, overrides))
+
+
+def _source(config_name: str | None, overrides: Sequence[str]) -> str:
+    """Where a composed config came from, for its errors: the YAML file and the overrides."""
+    where = f"training/configs/{config_name}.yaml" if config_name else "the config"
+    return f"{where} with overrides {list(overrides)}" if overrides else where
 
 
 @hydra.main(version_base=None, config_path="configs", config_name=None)
 def main(raw: DictConfig) -> None:
-    cfg = build_config(TrainConfig, OmegaConf.to_container(raw, resolve=True))  # type: ignore[arg-type]
+    from hydra.core.hydra_config import HydraConfig
+
+    job = HydraConfig.get()
+    cfg = build_config(TrainConfig, OmegaConf.to_container(raw, resolve=True),  # type: ignore[arg-type]
+                       source=_source(job.job.config_name, job.overrides.task))
     run(cfg)
 
 

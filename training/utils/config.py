@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from sf_sdk.config import DiTConfig, StreamingConfig, TextEncoderConfig, VAEConfig
+from sf_sdk.config import DiTConfig, StreamingConfig, TextEncoderConfig, VAEConfig, check_fields, check_value
 from training.data.shapes import ShapesConfig
 
 __all__ = [
@@ -61,6 +61,7 @@ class StageConfig:
     sample_every: int = 0  # steps between sample MP4s (0: only at the end)
 
     def __post_init__(self) -> None:
+        check_fields(self)  # every field against its declared type (subclasses' fields too)
         for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{type(self).__name__}.{name} must be positive, got {getattr(self, name)}")
@@ -193,6 +194,9 @@ class ExportStageConfig:
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     fps: int = 16
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -225,7 +229,7 @@ class TrainConfig:
     export: ExportStageConfig = field(default_factory=ExportStageConfig)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stages", tuple(self.stages))
+        check_fields(self)
         if not self.run_dir:
             raise ValueError("run_dir is required: pass run_dir=/path/to/run (outside the repository)")
         unknown = [s for s in self.stages if s not in STAGES]
@@ -244,12 +248,20 @@ def _is_config(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def build_config(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+def build_config(cls: type[T], data: dict[str, Any], where: str = "", *, source: str = "") -> T:
     """Build the dataclass ``cls`` from a nested dict, recursing into dataclass fields.
 
-    Unknown keys are an error naming the valid ones; lists become tuples where the field is a
-    tuple; missing keys keep their defaults.
+    Unknown keys are an error naming the valid ones; every value is checked against its field's
+    declared type (:func:`sf_sdk.config.check_value`: ``'6'`` or ``6.5`` for an int, ``'no'`` for a
+    bool, NaN for a float are errors naming the key); lists become tuples where the field is a
+    tuple; missing keys keep their defaults. ``source`` (the YAML file and overrides the dict came
+    from) is named in every error.
     """
+    if source:
+        try:
+            return build_config(cls, data, where)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{where or cls.__name__} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -264,10 +276,8 @@ def build_config(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         path = f"{where}.{name}" if where else name
         if _is_config(tp):
             kwargs[name] = build_config(tp, value or {}, path)
-        elif typing.get_origin(tp) is tuple and isinstance(value, list):
-            kwargs[name] = tuple(value)
         else:
-            kwargs[name] = value
+            kwargs[name] = check_value(tp, value, path)
     return cls(**kwargs)
 
 
