@@ -183,6 +183,19 @@ class SelfForcingStageConfig(StageConfig):
     max_step_fraction: float = 0.98
     ema_decay: float = 0.99
     num_latent_frames: int = 9
+    # Long rollouts (Self-Forcing++ / LongLive style): > 1 rolls the student out over up to
+    # long_rollout x num_latent_frames latent frames with the stream's rolling window and applies
+    # the loss to one random num_latent_frames window of it (the frames before it without
+    # gradients, the rollout stops at the window's end); 1 = the plain rollout.
+    long_rollout: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.long_rollout < 1:
+            raise ValueError(f"self_forcing.long_rollout must be >= 1 (1: off), got {self.long_rollout}")
+        if self.long_rollout > 1 and self.rollout_mode != "self_forcing":
+            raise ValueError(f"self_forcing.long_rollout={self.long_rollout} needs rollout_mode=self_forcing "
+                             f"(the forcing modes need ground truth as long as the rollout)")
 
 
 @dataclass(frozen=True)
