@@ -124,3 +124,41 @@ def test_teacher_of_a_run_generates_through_the_bench(smoke_run: Path) -> None:
     assert not (generate("a red circle moving left", 9, 1) == first).all()
     with pytest.raises(ValueError, match="1 \\+ 4k"):
         generate("a red circle moving left", 8, 0)
+
+
+def test_long_rollout_scores_a_window_of_a_longer_rollout(smoke_run: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``self_forcing.long_rollout=K``: rollouts of up to K x num_latent_frames through the rolling
+    window, the loss on one num_latent_frames window (the frames before it without gradients)."""
+    import training.stages.self_forcing as sf_stage
+    from training.train import compose, run
+
+    calls: list[tuple[int, int | None, int]] = []  # (rollout frames, grad_frames, returned frames)
+    real_rollout = sf_stage.rollout
+
+    def recording_rollout(*args, **kwargs):
+        x0 = real_rollout(*args, **kwargs)
+        calls.append((args[2].shape[1], kwargs.get("grad_frames"), x0.shape[1]))
+        return x0
+
+    monkeypatch.setattr(sf_stage, "rollout", recording_rollout)
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("self_forcing", "export"))
+    run(compose("smoke", [f"run_dir={run_dir}", "stages=[self_forcing]", "self_forcing.steps=3",
+                          "self_forcing.long_rollout=4"]))
+    frames = 3  # smoke: num_latent_frames 3, chunks of 1, a rolling window of 2
+    assert len(calls) == 6  # 3 steps x (1 generator + 1 critic rollout)
+    assert all(frames <= n <= 4 * frames and full == n for n, _, full in calls)
+    assert any(n > frames for n, _, _ in calls), calls
+    assert all(grad == (frames if n > frames else None) for n, grad, _ in calls)
+    starts = [r["window_start"] for r in _metrics(run_dir, "self_forcing")]
+    assert starts == [n - frames for (n, _, _), i in zip(calls, range(6)) if i % 2 == 0]
+    assert (run_dir / "self_forcing" / "final" / "dit.safetensors").is_file()
+
+
+def test_long_rollout_needs_self_forcing_rollouts() -> None:
+    from training.train import compose
+
+    with pytest.raises(Exception, match="long_rollout=2 needs rollout_mode=self_forcing"):
+        compose("smoke", ["run_dir=/tmp/unused", "self_forcing.long_rollout=2",
+                          "self_forcing.rollout_mode=teacher_forcing"])

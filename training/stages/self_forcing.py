@@ -11,6 +11,12 @@ Per generator update (one ``step``):
    score), optionally plus the GAN loss; EMA of the generator;
 5. ``dfake_gen_update_ratio`` critic updates, each on a fresh no-grad rollout.
 
+With ``long_rollout = K > 1`` (Self-Forcing++, LongLive) each rollout runs up to ``K`` times the
+training length through the stream's rolling window and steps 4-5 see one random window of
+``num_latent_frames`` of it (the teacher and the critic score a window as a clip): the student
+learns what its own long videos look like at the frames where they go wrong, while the frames
+before the window run without gradients, so the cost grows only by their forward passes.
+
 The student is called through ``forward_chunk`` (not ``forward``), so it is never DDP-wrapped:
 gradients of the student and the critic are all-reduced explicitly (:func:`sync_gradients`)
 after the accumulated backward passes.
@@ -119,17 +125,34 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
     ema.load_state_dict(state.tensors["ema"])
     real = _real_latents(cfg) if (gan is not None or st.rollout_mode != "self_forcing") else None
     vae = load_trained_vae(cfg.run_dir, dist.device) if dist.is_main else None
-    shape = (st.batch_size, st.num_latent_frames, cfg.dit.in_dim, cfg.stream.latent_height, cfg.stream.latent_width)
+    frames, k = st.num_latent_frames, cfg.stream.num_frame_per_block
     n_caps = len(prompts.captions)
 
-    def draw(gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor | None]:
+    def window_start(gen: torch.Generator) -> int:
+        """Where this rollout's loss window starts (latent frames): a random chunk of the long
+        rollout (0 without ``long_rollout``, and then nothing is drawn)."""
+        if st.long_rollout == 1:
+            return 0
+        return int(torch.randint((st.long_rollout - 1) * frames // k + 1, (1,), generator=gen)) * k
+
+    def draw(gen: torch.Generator, length: int) -> tuple[Tensor, Tensor, Tensor | None]:
         idx = torch.randint(n_caps, (st.batch_size,), generator=gen)
+        shape = (st.batch_size, length, cfg.dit.in_dim, cfg.stream.latent_height, cfg.stream.latent_width)
         noise = torch.randn(shape, generator=gen).to(dist.device)
         clean = None
         if real is not None:
             clean = real[torch.randint(real.shape[0], (st.batch_size,), generator=gen)].to(dist.device)
-            clean = clean[:, :st.num_latent_frames]
+            clean = clean[:, :frames]
         return prompts.cond[idx], noise, clean
+
+    def roll(cond: Tensor, noise: Tensor, clean: Tensor | None, start: int, exit_step: int,
+             gen: torch.Generator) -> Tensor:
+        """The x0 of the loss window ``[start, start + frames)`` of a rollout over ``noise``; the
+        frames before it run without gradients (gradient truncation keeps the cost bounded)."""
+        x0 = rollout(student, student.encode_context(cond), noise, cfg.stream, mode=st.rollout_mode,
+                     exit_step=exit_step, generator=gen, clean_latents=clean,
+                     grad_frames=frames if start else None)
+        return x0[:, start:]
 
     while state.step < st.steps:
         set_lr(opt_g, st.lr, state.step, st)
@@ -140,11 +163,11 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
 
         # ---- generator update
         for _ in range(st.grad_accum):
-            cond, noise, clean = draw(gen)
+            start = window_start(gen)
+            metrics["window_start"] = float(start)
+            cond, noise, clean = draw(gen, start + frames)
             with autocast(cfg, dist.device):
-                cross = student.encode_context(cond)
-                x0 = rollout(student, cross, noise, cfg.stream, mode=st.rollout_mode, exit_step=exit_step,
-                             generator=gen, clean_latents=clean)
+                x0 = roll(cond, noise, clean, start, exit_step, gen)
                 loss, m = loss_fn.generator_loss(x0, cond, prompts.uncond, generator=gen)
                 if gan is not None:
                     g_loss, gm = gan.generator_loss(x0, clean, cond, generator=gen)
@@ -161,11 +184,10 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
         # ---- critic updates on fresh rollouts
         for _ in range(st.dfake_gen_update_ratio):
             for _ in range(st.grad_accum):
-                cond, noise, clean = draw(gen)
+                start = window_start(gen)
+                cond, noise, clean = draw(gen, start + frames)
                 with torch.no_grad(), autocast(cfg, dist.device):
-                    x0 = rollout(student, student.encode_context(cond), noise, cfg.stream, mode=st.rollout_mode,
-                                 exit_step=draw_exit_step(cfg.stream.num_steps, gen), generator=gen,
-                                 clean_latents=clean)
+                    x0 = roll(cond, noise, clean, start, draw_exit_step(cfg.stream.num_steps, gen), gen)
                 with autocast(cfg, dist.device):
                     c_loss, cm = loss_fn.critic_loss(x0, cond, generator=gen)
                     if gan is not None:
