@@ -24,6 +24,11 @@ The window therefore covers, for a chunk ending at frame ``e``: frames ``[0, min
 ``[max(S, e - R), e)``; :func:`frame_visibility` gives the same rule as a frame mask for the
 full-sequence (training) forward.
 
+EMA sinks (``sink_decay`` < 1, Reward Forcing): the sink slots start as the first frames;
+each chunk that evicts ring frames first folds them into the sinks
+(``sink = decay * sink + (1 - decay) * evicted``, frame by frame, keys unrotated:
+``cache_relative`` positions), once per chunk when it is planned.
+
 Positions
 ---------
 ``position_mode="absolute"`` (the official semantics): keys are stored after the rotary
@@ -227,6 +232,7 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         position_mode: str = "absolute",
+        sink_decay: float = 1.0,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -238,6 +244,9 @@ class KVCache:
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.position_mode = position_mode
+        if not 0.0 <= sink_decay <= 1.0:
+            raise ValueError(f"sink_decay must lie in [0, 1], got {sink_decay}")
+        self.sink_decay = float(sink_decay)
         shape = (num_layers, batch_size, layout.capacity, num_heads, head_dim)
         self._k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, cap, H, D]
         self._v = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, cap, H, D]
@@ -251,7 +260,7 @@ class KVCache:
                   device: torch.device | str = "cpu") -> KVCache:
         layout = CacheLayout.from_configs(dit, stream, num_frames)
         return cls(layout, dit.num_layers, batch_size, dit.num_heads, dit.head_dim, dtype=dtype,
-                   device=device, position_mode=stream.position_mode)
+                   device=device, position_mode=stream.position_mode, sink_decay=stream.sink_decay)
 
     # ------------------------------------------------------------------ state
     @property
@@ -388,6 +397,8 @@ class KVCache:
         start, kv_len_tensor, end_t = host[0].unsqueeze(1), host[1], host[2].unsqueeze(1)  # [R, 1], [R], [R, 1]
         frames = start + torch.arange(num_frames, device=dev)  # [R, F], absolute frame indices
         write = lay.token_slots(frames)  # [R, F * T]
+        if self.sink_decay < 1.0:
+            self._fold_evicted_into_sinks(firsts, active, write)
         if self.position_mode == "absolute":
             query_pos, key_pos = frames, None
         else:
@@ -404,6 +415,23 @@ class KVCache:
                 self.end_frames[r] = ends[r]
         self._last = plan
         return plan
+
+    def _fold_evicted_into_sinks(self, starts: Sequence[int], active: Sequence[bool], write: Tensor) -> None:
+        """EMA sinks (``sink_decay`` < 1, Reward Forcing's EMA-Sink): before a new chunk overwrites
+        ring frames, each sink frame's keys/values (all layers) become ``decay * sink + (1 - decay)
+        * evicted``, evicted frame i folded into sink frame i. Runs once per chunk, at its plan."""
+        lay, d = self.layout, self.sink_decay
+        sink_tokens = lay.sink_frames * lay.tokens_per_frame
+        for r, (s, on) in enumerate(zip(starts, active)):
+            if not on or s - lay.ring_frames < lay.sink_frames:
+                continue  # no ring frame is evicted by this chunk
+            evicted = write[r]  # [F * T] token slots of the frames this chunk evicts, oldest first
+            if evicted.numel() != sink_tokens:
+                raise ValueError(f"EMA sinks fold a chunk of {evicted.numel() // lay.tokens_per_frame} frames into "
+                                 f"{lay.sink_frames} sink frames: they need chunks of sink_size frames")
+            for buf in (self._k, self._v):
+                old = buf[:, r].index_select(1, evicted)  # [L, S*T, H, D]
+                buf[:, r, :sink_tokens].mul_(d).add_(old, alpha=1.0 - d)
 
     # ------------------------------------------------------------------ checks
     def check_compatible(self, batch_size: int, num_layers: int, num_heads: int, head_dim: int,

@@ -185,6 +185,12 @@ class PooledStream:
         init = self._req.initial_latent
         return init if init is not None and self.next_frame < init.shape[0] else None
 
+    @property
+    def _first_generated(self) -> bool:
+        """The next chunk is the first this stream denoises (after any given video)."""
+        init = self._req.initial_latent
+        return self.next_frame == (init.shape[0] if init is not None else 0)
+
 
 class StreamPool:
     """``max_streams`` streams advanced together, one batched DiT call per denoising step.
@@ -346,8 +352,9 @@ class StreamPool:
             model = self.backend.dit
             attend = model.step_attention(cache, plan, self._attention(not plan.uniform, rows))  # once per chunk
             if any(i is None for i, s in zip(initial, by_row) if s is not None):
+                firsts = [s is not None and s._first_generated for s in by_row]
                 x0 = denoise_chunk(model, noise, cross, cache, plan, gen.steps, generator=noise_gens,
-                                   update_cache=False, attend=attend)
+                                   update_cache=False, attend=attend, first_chunk=firsts)
             else:  # every stream replays given latents: only the cache pass
                 x0 = noise
             for r, init in enumerate(initial):

@@ -47,18 +47,29 @@ class ChunkModel(Protocol):
 
 @dataclass(frozen=True)
 class ChunkSchedule:
-    """The timesteps of one chunk: the denoising steps and the cache-pass timestep."""
+    """The timesteps of one chunk: the denoising steps and the cache-pass timestep.
+
+    ``first_timesteps``: the steps of a stream's first chunk when they differ (``()``: the same
+    as every chunk; the config's ``first_chunk_steps``)."""
 
     timesteps: tuple[float, ...]
     context_noise: float
     schedule: FlowMatchSchedule
+    first_timesteps: tuple[float, ...] = ()
 
     @classmethod
     def from_config(cls, stream) -> ChunkSchedule:
         sched = FlowMatchSchedule(shift=stream.timestep_shift, num_train_timesteps=stream.num_train_timesteps)
-        steps = stream.denoising_step_list
-        ts = tuple(sched.warp(steps)) if stream.warp_denoising_step else tuple(steps)
-        return cls(ts, float(stream.context_noise), sched)
+
+        def warped(steps: tuple[float, ...]) -> tuple[float, ...]:
+            return tuple(sched.warp(steps)) if stream.warp_denoising_step and steps else tuple(steps)
+
+        return cls(warped(stream.denoising_step_list), float(stream.context_noise), sched,
+                   warped(stream.first_chunk_steps))
+
+    def for_chunk(self, first: bool) -> tuple[float, ...]:
+        """The denoising timesteps of a stream's first chunk (``first``) or of any later one."""
+        return self.first_timesteps if first and self.first_timesteps else self.timesteps
 
 
 def randn_rows(shape: Sequence[int], generator: Generators, *, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -112,9 +123,15 @@ def denoise_chunk(
     update_cache: bool = True,
     attention: str | None = None,
     attend: StepAttention | None = None,
+    first_chunk: bool | Sequence[bool] = False,
 ) -> Tensor:
     """Denoise the chunk ``noise`` [B, F, C, H, W] starting at latent frame ``start_frame`` (every
     row), or placed row by row by a :class:`~sf_sdk.cache.ChunkPlan` (pooled streams).
+
+    ``first_chunk`` (one bool, or one per row): the chunk is its stream's first, denoised with
+    ``steps.first_timesteps`` when the schedule has them. Rows whose step lists differ in length
+    run together: a row that is done is computed on at its last timestep and keeps its x0,
+    drawing no more noise (so a pooled row equals the same stream alone).
 
     Returns x0 at ``exit_step`` (default: the last step). With ``grad_at_exit`` only the exit
     step runs with autograd; every other call (and the cache pass) runs under ``no_grad``.
@@ -122,11 +139,22 @@ def denoise_chunk(
     (None: the default), chosen once for the chunk's calls; or ``attend``, the chunk's attention
     from ``model.step_attention`` (a caller that runs the cache pass itself reuses it there).
     """
-    n = len(steps.timesteps)
+    b, f = noise.shape[:2]
+    firsts = [first_chunk] * b if isinstance(first_chunk, bool) else list(first_chunk)
+    if len(firsts) != b:
+        raise ValueError(f"first_chunk has {len(firsts)} entries for a batch of {b} rows")
+    lists = [steps.for_chunk(x) for x in firsts]
+    if len(set(lists)) > 1:
+        if exit_step is not None or grad_at_exit:
+            raise ValueError("exit_step / grad_at_exit need one step list for every row (no first chunks "
+                             "with their own steps in the batch)")
+        return _denoise_rows(model, noise, cross, cache, _plan(cache, start_frame, f), steps, lists, generator,
+                             update_cache, attention, attend)
+    timesteps = lists[0]
+    n = len(timesteps)
     exit_step = n - 1 if exit_step is None else exit_step
     if not 0 <= exit_step < n:
         raise ValueError(f"exit_step must lie in [0, {n}), got {exit_step}")
-    b, f = noise.shape[:2]
     plan = _plan(cache, start_frame, f)
     if attend is None or attend.plan is not plan:
         with torch.no_grad():
@@ -134,13 +162,49 @@ def denoise_chunk(
     x = noise
     x0 = noise
     for i in range(exit_step + 1):
-        t = torch.full((b, f), steps.timesteps[i], device=noise.device, dtype=noise.dtype)
+        t = torch.full((b, f), timesteps[i], device=noise.device, dtype=noise.dtype)
         with torch.set_grad_enabled(grad_at_exit and i == exit_step and torch.is_grad_enabled()):
             flow = model.forward_chunk(x, t, cross, cache, plan, attend)
             x0 = steps.schedule.x0_from_flow(flow, x, t)
         if i < exit_step:
             fresh = randn_rows(x0.shape, generator, device=x0.device, dtype=x0.dtype)
-            t_next = torch.full((b, f), steps.timesteps[i + 1], device=noise.device, dtype=noise.dtype)
+            t_next = torch.full((b, f), timesteps[i + 1], device=noise.device, dtype=noise.dtype)
+            x = steps.schedule.add_noise(x0, fresh, t_next)
+    if update_cache:
+        cache_pass(model, x0, cross, cache, plan, steps, generator=generator, attend=attend)
+    return x0
+
+
+def _row_generators(generator: Generators, rows: int) -> list[torch.Generator | None]:
+    if generator is None or isinstance(generator, torch.Generator):
+        if rows > 1 and generator is not None:
+            raise ValueError("rows with different step lists need one generator per row (or None)")
+        return [generator] * rows
+    return list(generator)
+
+
+@torch.no_grad()
+def _denoise_rows(model: ChunkModel, noise: Tensor, cross: CrossAttnCache, cache: KVCache, plan: ChunkPlan,
+                  steps: ChunkSchedule, lists: list[tuple[float, ...]], generator: Generators, update_cache: bool,
+                  attention: str | None, attend: StepAttention | None) -> Tensor:
+    """:func:`denoise_chunk` for rows with step lists of different lengths (inference only)."""
+    b, f = noise.shape[:2]
+    gens = _row_generators(generator, b)
+    if attend is None or attend.plan is not plan:
+        attend = model.step_attention(cache, plan, attention)
+    x, x0 = noise, noise
+    for i in range(max(len(ts) for ts in lists)):
+        now = [ts[min(i, len(ts) - 1)] for ts in lists]
+        t = torch.tensor(now, device=noise.device, dtype=noise.dtype).unsqueeze(1).expand(b, f)  # [B, F]
+        pred = steps.schedule.x0_from_flow(model.forward_chunk(x, t, cross, cache, plan, attend), x, t)
+        live = torch.tensor([i < len(ts) for ts in lists], device=noise.device).view(b, *[1] * (x.dim() - 1))
+        x0 = torch.where(live, pred, x0)  # a row that is done keeps the x0 of its last step
+        more = [i + 1 < len(ts) for ts in lists]  # rows re-noised to a next step
+        if any(more):
+            fresh = randn_rows(x0.shape, [g if m else None for g, m in zip(gens, more)], device=x0.device,
+                               dtype=x0.dtype)
+            t_next = torch.tensor([ts[min(i + 1, len(ts) - 1)] for ts in lists], device=noise.device,
+                                  dtype=noise.dtype).unsqueeze(1).expand(b, f)
             x = steps.schedule.add_noise(x0, fresh, t_next)
     if update_cache:
         cache_pass(model, x0, cross, cache, plan, steps, generator=generator, attend=attend)

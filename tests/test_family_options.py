@@ -1,0 +1,155 @@
+"""The streaming options of the Self-Forcing family (first-chunk steps, EMA sinks): streaming
+equals the full-sequence forward / a direct loop, and pooled rows equal solo streams."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from sf_sdk import StreamingGenerator
+from sf_sdk.config import DIT_PRESETS, StreamingConfig
+from sf_sdk.models.dit import WanDiT, block_causal_mask
+from sf_sdk.sampling import ChunkSchedule, denoise_chunk
+
+TINY = DIT_PRESETS["tiny"]
+GRID = {"latent_height": 4, "latent_width": 6}  # 2x3 tokens per frame
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model() -> WanDiT:
+    model = WanDiT(TINY).to(torch.float64).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# EMA sinks (Reward Forcing)
+# --------------------------------------------------------------------------------------------
+
+
+def _stream_chunks(model: WanDiT, stream: StreamingConfig, x, t, ctx, noisy_first: bool = True):
+    cross = model.encode_context(ctx)
+    cache = model.new_cache(stream, x.shape[0])
+    c, outs = stream.num_frame_per_block, []
+    for s in range(0, x.shape[1], c):
+        if noisy_first:  # a noisy call first: the fold must happen once per chunk, not per call
+            model.forward_chunk(torch.randn_like(x[:, s:s + c]), t[:, s:s + c] * 0.5, cross, cache, s)
+        outs.append(model.forward_chunk(x[:, s:s + c], t[:, s:s + c], cross, cache, s))
+    return torch.cat(outs, dim=1), cache
+
+
+def test_ema_sink_with_decay_0_is_a_plain_window():
+    # decay 0: the sinks become the frames just evicted, so sinks + ring are the last
+    # local_attn_size frames in order: a window of that size without sinks.
+    model = tiny_model()
+    ema = StreamingConfig(**GRID, local_attn_size=9, sink_size=3, position_mode="cache_relative", sink_decay=0.0)
+    frames = 21  # 7 chunks: 4 of them evict
+    x = torch.randn(2, frames, 16, 4, 6, dtype=torch.float64)
+    t = torch.rand(2, frames, dtype=torch.float64) * 1000
+    ctx = torch.randn(2, 5, TINY.text_dim, dtype=torch.float64)
+    with torch.no_grad():
+        out, _ = _stream_chunks(model, ema, x, t, ctx)
+        window = StreamingConfig(**GRID, local_attn_size=9)
+        full = model(x, t, ctx, mask=block_causal_mask(frames, 6, window))
+    torch.testing.assert_close(out, full, rtol=1e-9, atol=1e-9)
+
+
+def test_ema_sink_folds_each_evicted_chunk_once():
+    model = tiny_model()
+    decay = 0.7
+    base = StreamingConfig(**GRID, local_attn_size=9, sink_size=3, position_mode="cache_relative")
+    ema = dataclasses.replace(base, sink_decay=decay)
+    frames = 15
+    x = torch.randn(1, frames, 16, 4, 6, dtype=torch.float64)
+    t = torch.full((1, frames), 400.0, dtype=torch.float64)
+    ctx = torch.randn(1, 5, TINY.text_dim, dtype=torch.float64)
+    with torch.no_grad():
+        cross = model.encode_context(ctx)
+        plain, folded = model.new_cache(base, 1), model.new_cache(ema, 1)
+        tok = folded.layout.tokens_per_frame
+        expected_sink = None
+        for s in range(0, frames, 3):
+            if s >= 9:  # this chunk evicts frames s-6 .. s-4: fold them in by hand
+                evicted = folded.k[:, :, 3 * tok:6 * tok].clone() if s == 9 else folded.k[:, :, 6 * tok:9 * tok].clone()
+                expected_sink = decay * folded.k[:, :, :3 * tok] + (1 - decay) * evicted
+            a = model.forward_chunk(x[:, s:s + 3], t[:, s:s + 3], cross, plain, s)
+            model.forward_chunk(torch.randn_like(x[:, s:s + 3]), t[:, s:s + 3], cross, folded, s)
+            b = model.forward_chunk(x[:, s:s + 3], t[:, s:s + 3], cross, folded, s)
+            if s < 9:  # nothing evicted yet: plain sinks
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+            else:
+                torch.testing.assert_close(folded.k[:, :, :3 * tok], expected_sink, rtol=1e-12, atol=1e-12)
+                assert not torch.allclose(a, b)
+        # the plain cache's sinks are still the first chunk's keys
+        assert not torch.allclose(plain.k[:, :, :3 * tok], folded.k[:, :, :3 * tok])
+
+
+def test_ema_sink_needs_its_setting():
+    with pytest.raises(ValueError, match="sink_size == num_frame_per_block"):
+        StreamingConfig(local_attn_size=9, sink_size=1, position_mode="cache_relative", sink_decay=0.9)
+    with pytest.raises(ValueError, match="cache_relative"):
+        StreamingConfig(local_attn_size=9, sink_size=3, sink_decay=0.9)
+    with pytest.raises(ValueError, match=r"sink_decay must lie in \[0, 1\]"):
+        StreamingConfig(sink_decay=1.5)
+
+
+# --------------------------------------------------------------------------------------------
+# First-chunk steps (Causal Forcing++ 1- and 2-step models)
+# --------------------------------------------------------------------------------------------
+
+FRAMEWISE = StreamingConfig(latent_height=2, latent_width=2, num_frame_per_block=1, local_attn_size=4,
+                            denoising_step_list=(1000.0,), first_chunk_steps=(1000.0, 750.0, 500.0, 250.0))
+
+
+def test_first_chunk_steps_schedule():
+    steps = ChunkSchedule.from_config(FRAMEWISE)
+    assert steps.timesteps == (1000.0,)
+    assert steps.for_chunk(True) == pytest.approx((1000.0, 937.5, 833.333, 625.0), abs=1e-3)  # warped
+    assert steps.for_chunk(False) == (1000.0,)
+    with pytest.raises(ValueError, match="first_chunk_steps"):
+        StreamingConfig(first_chunk_steps=(500.0, 750.0))
+
+
+def test_first_chunk_steps_stream_equals_direct_loop_and_pools_with_others():
+    embeds = torch.randn(5, TINY.text_dim, generator=torch.Generator().manual_seed(3))
+    gen = StreamingGenerator.from_config("tiny", FRAMEWISE, seed=0)
+    chunks = [c.latents for c in gen.stream(prompt_embeds=embeds, num_frames=13, seed=4, decode=False)]
+    steps = gen.steps
+    with torch.no_grad():
+        cross = gen.dit.encode_context(embeds[None])
+        cache = gen.dit.new_cache(FRAMEWISE, 1)
+        rng = torch.Generator().manual_seed(4)
+        for i in range(4):
+            noise = torch.randn(1, 1, 16, 2, 2, generator=rng)
+            x0 = denoise_chunk(gen.dit, noise, cross, cache, i, steps, generator=rng, first_chunk=i == 0)
+            torch.testing.assert_close(chunks[i], x0[0], rtol=0, atol=0)
+        # the first chunk really took 4 steps: 1 step gives another result
+        cache = gen.dit.new_cache(FRAMEWISE, 1)
+        rng = torch.Generator().manual_seed(4)
+        one = denoise_chunk(gen.dit, torch.randn(1, 1, 16, 2, 2, generator=rng), cross, cache, 0, steps,
+                            generator=rng)
+    assert not torch.allclose(one[0], chunks[0])
+    # In a pool, a stream that joins later runs its 4 first steps beside another's 1-step chunks.
+    pool = gen.pool(2)
+    a = pool.open(prompt_embeds=embeds, num_frames=13, seed=4, decode=False)
+    first = pool.step()
+    b = pool.open(prompt_embeds=embeds, num_frames=9, seed=4, decode=False)
+    got = {a: [first[a].latents], b: []}
+    while pool.streams:
+        for s, ch in pool.step().items():
+            got[s].append(ch.latents)
+    for x, y in zip(got[a], chunks):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    for x, y in zip(got[b], chunks):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
