@@ -6,10 +6,15 @@
     python -m sf_sdk ...                      (the same command)
 
 Each chunk is appended to the MP4 (fragmented, playable while it grows) as soon as it is decoded;
-a progress bar shows the frames done and the generation speed. Ctrl-C stops the stream and
-leaves a valid MP4 of the frames written so far (exit code 130). Mistakes in the command (an
-empty prompt, a frame count that is not whole chunks, an unknown device, a missing model) end
-with one line on stderr and exit code 2.
+a progress bar shows the frames done and the generation speed. The video grows in ``.NAME.part``
+beside the output and is renamed to it when finished (:class:`sf_sdk.video.Mp4Writer`), so the
+output name only ever holds a whole video. An existing output is kept unless ``--overwrite`` is
+given; the default name is the prompt and the seed. Ctrl-C (exit code 130) or SIGTERM (143) stops
+the stream and leaves a valid MP4 of exactly the frames it reports. Mistakes in the command (an
+empty prompt, a frame count that is not whole chunks, an unknown device, a missing model, an
+existing output, another run writing the same output) end with one line on stderr and exit code
+2; a failure (a full disk, a crash) with one line and exit code 1, the output as it was
+(:mod:`sf_sdk.exit_codes`).
 """
 
 from __future__ import annotations
@@ -19,29 +24,28 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import NoReturn
+
+from sf_sdk.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, StopSignals, UserError, run_command
 
 __all__ = ["main", "build_parser"]
 
 log = logging.getLogger("sf_sdk.cli")
 
 PROG = "sf-generate"
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell convention
+__all__ += ["EXIT_OK", "EXIT_FAILURE", "EXIT_USER_ERROR", "UserError"]
 DEFAULT_MODEL = "shapes-tiny"
 # Without --frames / --seconds: the length Self-Forcing was trained on (21 latent frames).
 DEFAULT_FRAMES = 81
 MAX_NAME_CHARS = 60
-
-
-class UserError(Exception):
-    """A mistake in the command line: reported in one line, exit code 2."""
+# Artifact backends, which need --artifact-dir (the folder `python -m export.<tool>` wrote).
+ARTIFACT_BACKENDS = {"aoti": "aoti", "onnxruntime": "onnx", "tensorrt": "trt", "torch_tensorrt": "torch_trt"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                    f"of the chunk size (default {DEFAULT_FRAMES})")
     length.add_argument("--seconds", type=float, help="video length in seconds, rounded up to whole chunks")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--output", "-o", type=Path, help="MP4 file to write (default: the prompt, as a file name)")
+    p.add_argument("--output", "-o", type=Path, help="MP4 file to write (default: the prompt and the seed, as a "
+                                                     "file name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (when the new video is "
+                                                            "finished)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a model folder, a bundled model name, or an official self_forcing_dmd.pt "
                         f"(default {DEFAULT_MODEL})")
@@ -80,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blend-chunks", type=int, default=3, help="chunks a blend takes (default 3)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own, one per core)")
     p.add_argument("--backend", default="eager", help="eager (default), compile, aoti, onnxruntime, ...")
+    p.add_argument("--artifact-dir", type=Path, help="the artifact folder of an export backend (aoti, "
+                                                     "onnxruntime, tensorrt, torch_tensorrt): the --out of "
+                                                     "python -m export.aoti|onnx|trt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
@@ -97,27 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: interrupted\n")
-        return EXIT_INTERRUPTED
-    except (UserError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError,
-            NotADirectoryError) as exc:
-        if args.debug:
-            raise
-        sys.stderr.write(f"{PROG}: error: {_one_line(exc)}\n")
-        return EXIT_USER_ERROR
-    except Exception as exc:
-        if args.debug:
-            raise
-        sys.stderr.write(f"{PROG}: failed: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for "
-                         f"the traceback)\n")
-        return EXIT_FAILURE
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    return run_command(PROG, lambda signals: _run(args, signals), debug=args.debug)
 
 
 def _setup_logging(args: argparse.Namespace) -> Callable[[], None]:
@@ -139,9 +129,11 @@ def _setup_logging(args: argparse.Namespace) -> Callable[[], None]:
     return restore
 
 
-def _default_output(prompt: str) -> Path:
+def _default_output(prompt: str, seed: int) -> Path:
+    """``<prompt words>_seed<N>.mp4``: letters, digits and ``_`` only (no path separators, no
+    leading dot or dash), at most MAX_NAME_CHARS characters of the prompt."""
     name = re.sub(r"\W+", "_", prompt.lower()).strip("_")[:MAX_NAME_CHARS].rstrip("_")
-    return Path(f"{name or 'sf_video'}.mp4")
+    return Path(f"{name or 'sf_video'}_seed{seed}.mp4")
 
 
 def _check_args(args: argparse.Namespace) -> tuple[str, str, Path]:
@@ -170,9 +162,15 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str, Path]:
     dev = _parse_device(device)
     dtype = args.dtype or ("bfloat16" if dev.type == "cuda" else "float32")
     resolve_dtype(dtype)
-    output = args.output if args.output is not None else _default_output(args.prompt)
+    output = args.output if args.output is not None else _default_output(args.prompt, args.seed)
     if output.is_dir():
         raise UserError(f"--output {output} is a folder: give a file name such as {output / 'video.mp4'}")
+    if output.exists() and not args.overwrite:
+        raise UserError(f"{output} exists: pass --overwrite to replace it (when the new video is finished), or "
+                        f"choose another --output")
+    if args.artifact_dir is not None and not args.artifact_dir.is_dir():
+        raise UserError(f"--artifact-dir {args.artifact_dir} is not a folder: pass the --out folder of "
+                        f"python -m export.aoti|onnx|trt")
     parent = output.resolve().parent
     existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
     if existing is not None and not os.access(existing, os.W_OK):
@@ -199,15 +197,31 @@ def _parse_switches(items: Sequence[str]) -> list[tuple[int, str]]:
     return sorted(out.items())
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, signals: StopSignals) -> int:
     device, dtype, output = _check_args(args)
     from sf_sdk.generator import cpu_threads
+    from sf_sdk.video import Mp4Writer
 
-    with cpu_threads(args.threads):
-        return _generate(args, device, dtype, output)
+    # The output is reserved before the model loads: another run writing it fails here, at once.
+    # Its fps is the model's, set once the model is loaded (before the first frame).
+    writer = Mp4Writer(output, overwrite=args.overwrite)
+    try:
+        with cpu_threads(args.threads):
+            return _generate(args, device, dtype, writer, signals)
+    finally:
+        writer.discard()  # only when _write did not finish it: an error before or while writing
 
 
-def _generate(args: argparse.Namespace, device: str, dtype: str, output: Path) -> int:
+def _backend_options(args: argparse.Namespace) -> dict[str, object] | None:
+    if args.artifact_dir is None:
+        if args.backend in ARTIFACT_BACKENDS:
+            raise UserError(f"--backend {args.backend} needs --artifact-dir DIR, the folder written by "
+                            f"python -m export.{ARTIFACT_BACKENDS[args.backend]} --model ... --out DIR")
+        return None
+    return {"artifact_dir": str(args.artifact_dir)}
+
+
+def _generate(args: argparse.Namespace, device: str, dtype: str, writer, signals: StopSignals) -> int:
     import torch
 
     from sf_sdk.generator import StreamingGenerator
@@ -221,7 +235,8 @@ def _generate(args: argparse.Namespace, device: str, dtype: str, output: Path) -
         overrides["num_frame_per_block"] = 1
     t0 = time.perf_counter()
     gen = StreamingGenerator.from_pretrained(args.model, device=device, dtype=dtype, streaming=overrides or None,
-                                             backend=args.backend, wan_dir=args.wan_dir, use_ema=not args.no_ema)
+                                             backend=args.backend, backend_options=_backend_options(args),
+                                             wan_dir=args.wan_dir, use_ema=not args.no_ema)
     n = torch.get_num_threads()
     threads = f", {n} CPU thread{'s' if n != 1 else ''}" if gen.device.type == "cpu" else ""
     log.info("loaded %s on %s (%s%s) in %.1f s", args.model, device, dtype, threads, time.perf_counter() - t0)
@@ -234,8 +249,9 @@ def _generate(args: argparse.Namespace, device: str, dtype: str, output: Path) -
     late = [f for f, _ in args.switches if f >= frames]
     if late:
         raise UserError(f"--prompt-at frame {late[0]} is not before the end of the video ({frames} frames)")
+    writer.fps = Fraction(gen.fps)
     with gen.stream(args.prompt, num_frames=frames, seed=args.seed) as stream:
-        return _write(stream, gen, frames, output, progress=not (args.no_progress or args.quiet),
+        return _write(stream, gen, frames, writer, signals, progress=not (args.no_progress or args.quiet),
                       switches=args.switches, transition=args.transition, blend_chunks=args.blend_chunks)
 
 
@@ -251,13 +267,14 @@ def _num_frames(args: argparse.Namespace, gen) -> int:
     return gen.round_up_frames(DEFAULT_FRAMES)
 
 
-def _write(stream, gen, total: int, output: Path, *, progress: bool, switches: Sequence[tuple[int, str]] = (),
-           transition: str = "recache", blend_chunks: int = 3) -> int:
+def _write(stream, gen, total: int, writer, signals: StopSignals, *, progress: bool,
+           switches: Sequence[tuple[int, str]] = (), transition: str = "recache", blend_chunks: int = 3) -> int:
+    """Stream the chunks into ``writer`` and finish it. A stop signal between chunks (or held back
+    while a chunk goes into the file) finishes the file with the frames written so far."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from sf_sdk.video import Mp4Writer
-
+    output = writer.path
     written = 0
     pending = list(switches)
     dit_s = decode_s = 0.0
@@ -265,11 +282,11 @@ def _write(stream, gen, total: int, output: Path, *, progress: bool, switches: S
     bar = tqdm(total=total, unit="frame", desc="generating", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
     try:
-        with logging_redirect_tqdm(loggers=[logging.getLogger("sf_sdk")]), bar, \
-                Mp4Writer(output, fps=gen.fps) as writer:
+        with logging_redirect_tqdm(loggers=[logging.getLogger("sf_sdk")]), bar:
             for chunk in stream:
-                writer.write(chunk.frames)
-                written += chunk.frames.shape[0]
+                with signals.held():
+                    writer.write(chunk.frames)
+                written = writer.frames_written
                 dit_s += chunk.timing.dit_s
                 decode_s += chunk.timing.decode_s
                 elapsed = time.perf_counter() - start
@@ -280,9 +297,17 @@ def _write(stream, gen, total: int, output: Path, *, progress: bool, switches: S
                     log.info("frame %d%s: %s %r", written, f" (asked {asked})" if asked != written else "",
                              transition, prompt)
                 bar.set_postfix_str(f"{written / elapsed:.1f} FPS, {written / elapsed / gen.fps:.2f}x real time")
-    except KeyboardInterrupt:
-        log.warning("interrupted: %s holds the %d frames written so far", output, written)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        with signals.held():
+            writer.close()
+        what = "terminated" if getattr(exc, "signum", signal.SIGINT) == signal.SIGTERM else "interrupted"
+        if writer.frames_written:
+            log.warning("%s: %s holds the %d frames written so far", what, output, writer.frames_written)
+        else:
+            log.warning("%s before the first chunk: no video written", what)
+        raise
+    with signals.held():
+        writer.close()
     elapsed = time.perf_counter() - start
     log.info("wrote %d frames (%.2f s at %d fps, %dx%d) to %s in %.1f s: %.1f FPS end to end "
              "(DiT %.1f s, VAE decode %.1f s)", written, written / gen.fps, gen.fps, *gen.frame_size[::-1],

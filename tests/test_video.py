@@ -1,5 +1,6 @@
 """Fragmented-MP4 writer: chunked writes, reading a growing file, surviving a killed writer,
-odd sizes and input validation."""
+odd sizes, input validation, and how the output file is written (a locked .part renamed at the
+end: no overwrite unless asked, one writer per output, a full disk leaves nothing behind)."""
 
 from __future__ import annotations
 
@@ -61,15 +62,18 @@ def test_growing_file_is_readable_before_close(tmp_path: Path) -> None:
     writer = Mp4Writer(path, fps=16)
     for k in range(3):
         writer.write(frames[8 * k:8 * (k + 1)])
-        decoded = read_video(path)
+        assert not path.exists()  # the output name appears only when the video is finished
+        decoded = read_video(writer.temp_path)
         # Every frame but the most recent one is in the file after each chunk.
         assert writer.frames_written - 1 <= len(decoded) <= writer.frames_written
         _close_to(decoded, frames[:len(decoded)])
     writer.close()
-    assert len(read_video(path)) == 24
+    assert len(read_video(path)) == 24 and not writer.temp_path.exists()
 
 
-def test_killed_writer_leaves_a_valid_file(tmp_path: Path) -> None:
+def test_killed_writer_leaves_a_valid_part_file(tmp_path: Path) -> None:
+    """No close(): the output name never appears; the .part holds a playable video of the frames so
+    far, and the next writer of that name takes the stale .part over."""
     path = tmp_path / "killed.mp4"
     frames = _smooth_frames(12)
     np.save(tmp_path / "frames.npy", frames)
@@ -85,17 +89,110 @@ def test_killed_writer_leaves_a_valid_file(tmp_path: Path) -> None:
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, env=env, timeout=120)
-    decoded = read_video(path)
+    assert not path.exists()
+    part = path.with_name(".killed.mp4.part")
+    decoded = read_video(part)
     assert 11 <= len(decoded) <= 12
     _close_to(decoded, frames[:len(decoded)])
+    with Mp4Writer(path, fps=16) as writer:  # the dead writer's lock is gone: its .part is replaced
+        writer.write(frames[:3])
+    assert len(read_video(path)) == 3 and not part.exists()
 
 
-def test_exception_inside_with_keeps_the_frames(tmp_path: Path) -> None:
+def test_an_error_inside_with_leaves_the_previous_file(tmp_path: Path) -> None:
     path = tmp_path / "error.mp4"
+    with Mp4Writer(path) as writer:
+        writer.write(_smooth_frames(4))
+    before = path.read_bytes()
     with pytest.raises(KeyError), Mp4Writer(path) as writer:
         writer.write(_smooth_frames(6))
         raise KeyError("generator failed")
-    assert len(read_video(path)) == 6
+    assert path.read_bytes() == before and not writer.temp_path.exists()
+
+
+def test_ctrl_c_inside_with_keeps_the_frames(tmp_path: Path) -> None:
+    path = tmp_path / "stopped.mp4"
+    with pytest.raises(KeyboardInterrupt), Mp4Writer(path) as writer:
+        writer.write(_smooth_frames(6))
+        raise KeyboardInterrupt
+    assert len(read_video(path)) == 6 and not writer.temp_path.exists()
+
+
+def test_overwrite_false_refuses_an_existing_file(tmp_path: Path) -> None:
+    path = tmp_path / "keep.mp4"
+    with Mp4Writer(path) as writer:
+        writer.write(_smooth_frames(2))
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        Mp4Writer(path, overwrite=False)
+    # The name appearing while a video is written: the rename refuses it and the new video goes.
+    late = tmp_path / "late.mp4"
+    writer = Mp4Writer(late, overwrite=False)
+    writer.write(_smooth_frames(3))
+    late.write_bytes(before)
+    with pytest.raises(FileExistsError, match="created by another program"):
+        writer.close()
+    assert late.read_bytes() == before and not writer.temp_path.exists()
+    with Mp4Writer(path, overwrite=True) as writer:  # replaced only once the new one is finished
+        writer.write(_smooth_frames(5))
+        assert path.read_bytes() == before
+    assert len(read_video(path)) == 5
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        Mp4Writer(tmp_path)
+
+
+def test_one_writer_per_output(tmp_path: Path) -> None:
+    """A second writer of the same output, in another process, fails at once while the first writes;
+    once the first has finished, the name is free again."""
+    path = tmp_path / "shared.mp4"
+    first = Mp4Writer(path)
+    first.write(_smooth_frames(2))
+    script = f"from sf_sdk.video import Mp4Writer\nMp4Writer({str(path)!r})\n"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    second = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert second.returncode != 0 and "another process is writing" in second.stderr, second.stderr
+    with pytest.raises(FileExistsError, match="another process is writing"):  # and in this process too
+        Mp4Writer(path)
+    first.close()
+    assert len(read_video(path)) == 2
+    with Mp4Writer(path) as again:
+        again.write(_smooth_frames(3))
+    assert len(read_video(path)) == 3
+
+
+_FULL_DISK = """
+import resource, signal, sys
+import numpy as np
+from sf_sdk.video import Mp4Writer
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+rng = np.random.default_rng(0)
+with Mp4Writer(sys.argv[1]) as writer:
+    for _ in range(100):
+        writer.write(rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))  # noise: ~3 kB a frame
+"""
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_a_full_disk_leaves_no_cut_file(tmp_path: Path, previous: bool) -> None:
+    """For real: the child process may write files of at most 20 kB (RLIMIT_FSIZE), so the MP4
+    write fails with EFBIG, the error a full disk (ENOSPC) gives too, part-way through a frame."""
+    path = tmp_path / "big.mp4"
+    if previous:
+        with Mp4Writer(path) as writer:
+            writer.write(_smooth_frames(2))
+        before = path.read_bytes()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", _FULL_DISK.format(limit=20_000), str(path)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("OSError: [Errno 27] cannot write") and "File too large" in last, run.stderr
+    assert ("the previous file is unchanged" if previous else "no file was left there") in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["big.mp4"] if previous else [])
+    if previous:
+        assert path.read_bytes() == before
 
 
 def test_odd_sizes(tmp_path: Path) -> None:
@@ -145,7 +242,7 @@ def test_bad_input(tmp_path: Path) -> None:
 def test_unused_writer_leaves_no_file_and_read_errors(tmp_path: Path) -> None:
     with Mp4Writer(tmp_path / "empty.mp4"):
         pass
-    assert not (tmp_path / "empty.mp4").exists()
+    assert list(tmp_path.iterdir()) == []
     with pytest.raises(FileNotFoundError):
         read_video(tmp_path / "missing.mp4")
     junk = tmp_path / "junk.mp4"
