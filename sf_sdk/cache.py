@@ -58,10 +58,19 @@ outputs become the buffers. Nothing else assigns its buffers.
 
 Bookkeeping (``end_frames``) is plain Python ints on the host: the per-chunk path needs no
 ``.item()`` and no device synchronisation.
+
+Size
+----
+The window bounds what a stream can attend to, not what it must hold: a stream of known length
+``n`` latent frames that ends before a window of ``W > n`` frames fills needs only ``n`` frames
+(``CacheLayout.from_configs(..., fit=True)``: nothing would ever be evicted, so the attention is
+the same). Unbounded streams hold the window. :func:`check_memory` compares a cache's bytes (and
+the buffers that go with it) with the memory the device has free before anything is allocated.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,7 +80,8 @@ from torch import Tensor
 
 from sf_sdk.config import DiTConfig, StreamingConfig
 
-__all__ = ["CacheLayout", "ChunkPlan", "KVCache", "frame_visibility", "write_rows"]
+__all__ = ["CacheLayout", "ChunkPlan", "KVCache", "frame_visibility", "write_rows", "cache_nbytes",
+           "available_memory", "check_memory", "OutOfMemoryRequest"]
 
 
 @dataclass(frozen=True)
@@ -121,13 +131,20 @@ class CacheLayout:
         return max(0, end_frame - self.capacity_frames)
 
     @classmethod
-    def from_configs(cls, dit: DiTConfig, stream: StreamingConfig, num_frames: int | None = None
-                     ) -> CacheLayout:
+    def from_configs(cls, dit: DiTConfig, stream: StreamingConfig, num_frames: int | None = None, *,
+                     fit: bool = False) -> CacheLayout:
+        """The layout ``stream`` asks for. ``num_frames`` (latent frames): the capacity under global
+        attention (default ``global_cache_frames``); with ``fit=True`` also under a rolling window
+        it is the stream's length, and a stream shorter than the window gets a cache of its own
+        length (nothing would be evicted: the same attention, ``window / num_frames`` times less
+        memory); longer or unbounded streams get the window."""
         _, ph, pw = dit.patch_size
         if stream.latent_height % ph or stream.latent_width % pw:
             raise ValueError(f"latent size {stream.latent_height}x{stream.latent_width} is not divisible "
                              f"by the patch size {ph}x{pw}")
         grid = (stream.latent_height // ph, stream.latent_width // pw)
+        if stream.rolling and fit and num_frames is not None and 0 < num_frames < stream.local_attn_size:
+            return cls(grid, 0, num_frames, global_attention=True)
         if stream.rolling:
             return cls(grid, stream.sink_size, stream.local_attn_size - stream.sink_size)
         frames = stream.global_cache_frames if num_frames is None else num_frames
@@ -196,6 +213,53 @@ def write_rows(buffer: Tensor, slots: Tensor, new: Tensor, *, inplace: bool) -> 
     return buffer.reshape(b * cap, h, d).index_copy(0, flat, values).view(b, cap, h, d)
 
 
+def cache_nbytes(layout: CacheLayout, num_layers: int, batch_size: int, num_heads: int, head_dim: int,
+                 dtype: torch.dtype) -> int:
+    """Bytes of the key and value buffers of a :class:`KVCache` (what :meth:`KVCache.nbytes` will report)."""
+    per = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * batch_size * layout.capacity * num_heads * head_dim * per
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Bytes that can still be allocated on ``device``: free memory for CUDA
+    (``torch.cuda.mem_get_info``), ``MemAvailable`` of ``/proc/meminfo`` on the CPU (free pages
+    where that file is missing); None when it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+class OutOfMemoryRequest(MemoryError, ValueError):
+    """A request whose buffers cannot fit in the device's free memory (raised before allocating;
+    a ``ValueError`` too: the request, not the program, is what to change)."""
+
+
+def check_memory(needed: int, device: torch.device | str, what: str, advice: str) -> None:
+    """Raise :class:`OutOfMemoryRequest` before allocating ``needed`` bytes on ``device`` when it has
+    less available (``what``: what the bytes are for; ``advice``: what to do instead)."""
+    free = available_memory(device)
+    if free is not None and needed > free:
+        raise OutOfMemoryRequest(f"{what} needs {_size(needed)} ({needed} bytes), {torch.device(device)} has "
+                                 f"{_size(free)} available: {advice}")
+
+
 def frame_visibility(num_frames: int, chunk: int, sink_frames: int = 0, ring_frames: int | None = None,
                      device: torch.device | None = None) -> Tensor:
     """[F, F] bool: may query frame i see key frame j, under the streaming cache rules.
@@ -256,9 +320,11 @@ class KVCache:
 
     @classmethod
     def for_model(cls, dit: DiTConfig, stream: StreamingConfig, batch_size: int, *,
-                  num_frames: int | None = None, dtype: torch.dtype = torch.float32,
+                  num_frames: int | None = None, fit: bool = False, dtype: torch.dtype = torch.float32,
                   device: torch.device | str = "cpu") -> KVCache:
-        layout = CacheLayout.from_configs(dit, stream, num_frames)
+        """A cache for ``dit`` streamed under ``stream`` (``num_frames`` / ``fit``: see
+        :meth:`CacheLayout.from_configs`)."""
+        layout = CacheLayout.from_configs(dit, stream, num_frames, fit=fit)
         return cls(layout, dit.num_layers, batch_size, dit.num_heads, dit.head_dim, dtype=dtype,
                    device=device, position_mode=stream.position_mode, sink_decay=stream.sink_decay)
 

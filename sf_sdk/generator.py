@@ -459,6 +459,10 @@ class StreamingGenerator:
             raise ValueError(f"the initial video has {initial_latent.shape[0]} latent frames, not a multiple of "
                              f"the chunk size {c}: trim or extend it (video frames 1 + 4k with k+1 a multiple "
                              f"of {c})")
+        if not torch.isfinite(initial_latent).all():
+            raise ValueError("initial_latent holds NaN or infinite values: give finite normalized latents"
+                             if initial_frames is None else "the VAE encoded initial_frames to NaN or infinite "
+                             "latents: check the VAE weights and dtype")
         return initial_latent.to(self.device, self.dtype), kept_frames
 
     def _padded_embeds(self, prompt: str | None, prompt_embeds: Tensor | None) -> Tensor:
@@ -475,10 +479,13 @@ class StreamingGenerator:
 
     def _solo_pool_for(self, req: StreamRequest) -> StreamPool:
         """The pool of one that single streams run in, kept while its geometry and backend stay."""
-        frames = None if self.streaming.rolling else req.latent_frames
+        st, frames = self.streaming, req.latent_frames
+        if st.rolling and (frames is None or frames >= st.local_attn_size):
+            frames = None  # the window (a bounded stream shorter than it gets a cache of its own length)
         key = (frames, self.streaming, self.dtype, self.device, id(self.backend))
         if self._solo is None or self._solo_key != key:
-            self._solo = StreamPool(self, 1, latent_capacity=frames)
+            self._solo = None  # the old cache is freed before the new one is allocated
+            self._solo = StreamPool(self, 1, latent_capacity=frames, fit=True)
             self._solo_key = key
         return self._solo
 

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from sf_sdk.attention import CacheAttention, select_cache_attention
-from sf_sdk.cache import KVCache
+from sf_sdk.cache import CacheLayout, KVCache, cache_nbytes, check_memory
 from sf_sdk.models.dit import CrossAttnCache
 from sf_sdk.models.vae import StreamingDecoder, decode_streams
 from sf_sdk.results import Clock, VideoChunk, to_uint8, video_frames_for_latents
@@ -51,7 +51,8 @@ from sf_sdk.sampling import cache_pass, denoise_chunk, kept_frames, randn_rows, 
 if TYPE_CHECKING:  # pragma: no cover
     from sf_sdk.generator import StreamingGenerator
 
-__all__ = ["StreamPool", "PooledStream", "PoolFullError", "StreamRequest", "TRANSITIONS", "check_transition"]
+__all__ = ["StreamPool", "PooledStream", "PoolFullError", "NonFiniteError", "StreamRequest", "TRANSITIONS",
+           "check_transition"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,31 @@ def check_transition(transition: str, chunks: int) -> None:
 
 class PoolFullError(RuntimeError):
     """Every slot of a stream pool is taken."""
+
+
+class NonFiniteError(RuntimeError):
+    """A stream's first chunk came out with NaN or infinite values (it would decode to black)."""
+
+
+def non_finite_cause(gen: StreamingGenerator, what: str) -> str:
+    """The error message for a non-finite first chunk, naming the likely cause: non-finite weights
+    (checked now, once: this runs only on the error path), float16 overflow, or the config."""
+    from sf_sdk.checkpoint.weights import non_finite_tensors
+
+    head = f"the first chunk's {what} hold NaN or infinite values (the video would be black)"
+    modules = {"DiT": gen.dit} | ({"VAE": gen.vae} if gen.vae is not None else {})
+    for name, module in modules.items():
+        bad = non_finite_tensors(module)
+        if bad:
+            return (f"{head}: the {name} weights hold NaN or infinite values in {len(bad)} tensor(s) "
+                    f"({', '.join(bad[:5])}): reload the model or use an earlier checkpoint")
+    if gen.dtype == torch.float16:
+        return (f"{head}, with finite weights: the model computes in float16, whose range (65504) the "
+                f"activations overflow: use dtype='bfloat16' or 'float32'")
+    st = gen.streaming
+    return (f"{head}, with finite weights in {gen.dtype}: check the streaming config (timestep_shift="
+            f"{st.timestep_shift}, denoising_step_list={list(st.denoising_step_list)}, context_noise="
+            f"{st.context_noise}) and the prompt embeddings for extreme values")
 
 
 @dataclass
@@ -200,7 +226,8 @@ class StreamPool:
     models need none. Iterating the pool repeats :meth:`step` while any stream is open.
     """
 
-    def __init__(self, gen: StreamingGenerator, max_streams: int, *, latent_capacity: int | None = None) -> None:
+    def __init__(self, gen: StreamingGenerator, max_streams: int, *, latent_capacity: int | None = None,
+                 fit: bool = False) -> None:
         if not isinstance(max_streams, int) or isinstance(max_streams, bool) or max_streams < 1:
             raise ValueError(f"max_streams must be a positive int, got {max_streams!r}")
         self._gen = gen
@@ -212,7 +239,12 @@ class StreamPool:
                              f"stream(s); a pool of {max_streams} needs an export with --batch {max_streams}")
         self._static_rows = static is not None
         st, cfg = gen.streaming, gen.dit.config
-        self._cache: KVCache = gen.dit.new_cache(st, max_streams, num_frames=None if st.rolling else latent_capacity)
+        # fit: every stream has at most latent_capacity frames, so a shorter cache than the window
+        # may do (an exported step's cache keeps the window's fixed shape).
+        fit = fit and static is None
+        self._check_memory(CacheLayout.from_configs(cfg, st, latent_capacity, fit=fit), max_streams)
+        self._cache = KVCache.for_model(cfg, st, max_streams, num_frames=latent_capacity, fit=fit, dtype=gen.dtype,
+                                        device=gen.device)
         lay = self._cache.layout
         dev, dt = gen.device, gen.dtype
         cross = (cfg.num_layers, max_streams, cfg.text_len, cfg.num_heads, cfg.head_dim)
@@ -226,6 +258,30 @@ class StreamPool:
         self._clock = Clock(dev)
         # Streams join, leave and step one at a time even if a caller uses several threads.
         self._lock = threading.RLock()
+
+    def _check_memory(self, lay: CacheLayout, rows: int) -> None:
+        """Fail before allocating when the KV cache and the pool's buffers (prompt K/V, the latents
+        kept for re-caching) exceed the device's available memory; the model's activations come on top."""
+        gen, st, cfg = self._gen, self._gen.streaming, self._gen.dit.config
+        item = torch.empty((), dtype=gen.dtype).element_size()
+        cross = 2 * cfg.num_layers * rows * cfg.text_len * cfg.num_heads * cfg.head_dim * item
+        latents = rows * lay.capacity_frames * cfg.in_dim * st.latent_height * st.latent_width * item
+        needed = cache_nbytes(lay, cfg.num_layers, rows, cfg.num_heads, cfg.head_dim, gen.dtype) + cross + latents
+        if lay.global_attention and st.rolling:
+            what = (f"a KV cache of {lay.capacity_frames} latent frames (the stream's length, under the window "
+                    f"local_attn_size={st.local_attn_size})")
+            advice = "generate fewer frames"
+        elif st.rolling:
+            what = (f"a KV cache of {lay.capacity_frames} latent frames (the window: local_attn_size / --window "
+                    f"{st.local_attn_size})")
+            advice = ("lower the window (local_attn_size / --window), give the stream a length (num_frames) shorter "
+                      "than the window, or load the model in a smaller dtype")
+        else:
+            what = f"a global-attention KV cache of {lay.capacity_frames} latent frames (the longest stream)"
+            advice = "generate fewer frames, or stream with a rolling window (local_attn_size / --window)"
+        if rows > 1:
+            what, advice = f"{what} for {rows} streams", f"{advice}, or pool fewer streams"
+        check_memory(needed, gen.device, what, advice)
 
     # ------------------------------------------------------------------ streams
     @property
@@ -368,10 +424,31 @@ class StreamPool:
                 self._latents[s.row, slots] = x0[s.row]
             t1 = clock.mark()
             pixels = self._decode(active, x0)
+            starting = [s for s in active if s.chunks_done == 0]
+            if starting:
+                self._check_finite(starting, x0, pixels)
             out: dict[PooledStream, VideoChunk] = {}
             for s in active:
                 out[s] = self._finish_chunk(s, x0[s.row:s.row + 1], pixels.get(s), t0, t1, initial[s.row] is not None)
         return out
+
+    def _check_finite(self, streams: list[PooledStream], x0: Tensor,
+                      pixels: dict[PooledStream, tuple[Tensor, Any, Any, float]]) -> None:
+        """Raise :class:`NonFiniteError` when the first chunk of ``streams`` holds NaN / Inf.
+
+        Only a stream's first chunk is checked: the check reads a flag on the host (a device sync),
+        so later chunks, the hot path, never pay for it; whatever makes a stream non-finite
+        (weights, config, dtype) shows in its first chunk."""
+        rows = torch.tensor([s.row for s in streams], device=x0.device)
+        flags = [torch.isfinite(x0.index_select(0, rows)).flatten(1).all(1)]  # [n] latents finite per stream
+        decoded = [s for s in streams if s in pixels]
+        if decoded:
+            flags.append(torch.stack([torch.isfinite(pixels[s][0]).all() for s in decoded]))
+        ok = torch.cat(flags).tolist()  # one host sync for every stream that started this step
+        if not all(ok[:len(streams)]):
+            raise NonFiniteError(non_finite_cause(self._gen, "latents"))
+        if not all(ok[len(streams):]):
+            raise NonFiniteError(non_finite_cause(self._gen, "decoded frames"))
 
     def _decode(self, active: list[PooledStream], x0: Tensor) -> dict[PooledStream, tuple[Tensor, Any, Any, float]]:
         """Each decoding stream's pixels [1, 3, T, H, W], the clock marks around its decode and its

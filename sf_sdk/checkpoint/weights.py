@@ -36,6 +36,7 @@ __all__ = [
     "load_state_dict",
     "load_into",
     "build_module",
+    "non_finite_tensors",
     "config_hint",
     "resolve_dtype",
     "DEFAULT_FPS",
@@ -327,7 +328,24 @@ def build_module(cls: type[nn.Module], config: Any, state: Mapping[str, Tensor],
         module = cls(config)
     load_into(module, state, what=what, config=config)
     _restore_nonpersistent_buffers(module, cls, config, device)
-    return module.to(device).eval().requires_grad_(False)
+    module = module.to(device).eval().requires_grad_(False)
+    # One pass over the loaded tensors, here and only here: NaN / Inf weights can only give NaN
+    # frames (an all-black video), so they are an error at load, not a surprise at decode.
+    bad = non_finite_tensors(module)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" ... (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        half = any(p.dtype == torch.float16 for p in module.parameters())
+        hint = " (float16 holds at most 65504: load with dtype='bfloat16' or 'float32')" if half else ""
+        raise CheckpointError(f"{what} weights hold NaN or infinite values in {len(bad)} tensor(s): {shown}{hint}; "
+                              f"the checkpoint is corrupt or its training diverged: use an earlier checkpoint")
+    return module
+
+
+def non_finite_tensors(module: nn.Module) -> list[str]:
+    """Names of the floating parameters and buffers of ``module`` holding NaN or infinite values
+    (one pass; a host sync per tensor on CUDA: for load time and error paths, not per chunk)."""
+    named = [*module.named_parameters(), *module.named_buffers()]
+    return [name for name, t in named if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())]
 
 
 def _restore_nonpersistent_buffers(module: nn.Module, cls: type[nn.Module], config: Any,
