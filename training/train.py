@@ -37,6 +37,9 @@ def _runner(stage: str) -> Callable[[TrainConfig, DistInfo], None]:
     if stage == "vae_decoder":
         from training.stages.vae import run_vae_decoder
         return run_vae_decoder
+    if stage == "tiny_decoder":
+        from training.stages.tiny_decoder import run_tiny_decoder
+        return run_tiny_decoder
     if stage == "teacher":
         from training.stages.teacher import run_teacher
         return run_teacher

@@ -19,6 +19,7 @@ __all__ = [
     "STAGES",
     "StageConfig",
     "VAEStageConfig",
+    "TinyDecoderStageConfig",
     "TeacherStageConfig",
     "ODEInitStageConfig",
     "SelfForcingStageConfig",
@@ -30,7 +31,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-STAGES: tuple[str, ...] = ("vae", "vae_decoder", "teacher", "ode_init", "self_forcing", "export")
+STAGES: tuple[str, ...] = ("vae", "vae_decoder", "tiny_decoder", "teacher", "ode_init", "self_forcing", "export")
 Precision = Literal["fp32", "bf16"]
 
 
@@ -144,6 +145,34 @@ class VAEStageConfig(StageConfig):
 
 
 @dataclass(frozen=True)
+class TinyDecoderStageConfig(StageConfig):
+    """A tiny streaming decoder (TAEHV, sf_sdk.models.taehv) of the frozen encoder's latents.
+
+    The rendered clip is the target (and, with ``wan_weight``, also the Wan decoder's frames of
+    the same latents): object-weighted L1 plus the image-gradient L1 (``grad_weight``).
+    """
+
+    # Channels per stage and of the final conv (one per spatial doubling, plus one).
+    widths: tuple[int, ...] = (64, 32, 16, 16)
+    blocks_per_stage: int = 3
+    num_frames: int = 33
+    fg_weight: float = 4.0
+    l1_weight: float = 1.0
+    grad_weight: float = 30.0
+    wan_weight: float = 0.0  # weight of the Wan decoder's frames as a second target (0: off)
+    latent_noise: float = 0.1  # Gaussian noise on the posterior mean, as the vae stage's decoder sees
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if min(self.fg_weight, self.l1_weight, self.grad_weight, self.wan_weight, self.latent_noise) < 0:
+            raise ValueError("tiny_decoder fg_weight, l1_weight, grad_weight, wan_weight and latent_noise must be >= 0")
+        if not self.l1_weight and not self.grad_weight:
+            raise ValueError("tiny_decoder needs l1_weight > 0 or grad_weight > 0: otherwise nothing trains it")
+        if self.num_frames < 1:
+            raise ValueError(f"tiny_decoder.num_frames must be positive, got {self.num_frames}")
+
+
+@dataclass(frozen=True)
 class TeacherStageConfig(StageConfig):
     """Bidirectional flow-matching DiT on cached normalized latents."""
 
@@ -236,6 +265,7 @@ class TrainConfig:
     stream: StreamingConfig = field(default_factory=StreamingConfig)
     vae: VAEStageConfig = field(default_factory=VAEStageConfig)
     vae_decoder: VAEStageConfig = field(default_factory=VAEStageConfig)
+    tiny_decoder: TinyDecoderStageConfig = field(default_factory=TinyDecoderStageConfig)
     teacher: TeacherStageConfig = field(default_factory=TeacherStageConfig)
     ode_init: ODEInitStageConfig = field(default_factory=ODEInitStageConfig)
     self_forcing: SelfForcingStageConfig = field(default_factory=SelfForcingStageConfig)
