@@ -48,6 +48,7 @@ from latency import device_info, versions  # noqa: E402
 from sf_sdk import ops  # noqa: E402
 from sf_sdk.attention import reference_cache_attention  # noqa: E402
 from sf_sdk.config import DIT_PRESETS, StreamingConfig  # noqa: E402
+from sf_sdk.stats import percentile  # noqa: E402
 
 log = logging.getLogger("benchmarks.attention")
 
@@ -158,17 +159,10 @@ def make_methods(shape: Shape, dtype: torch.dtype, seed: int) -> tuple[dict[str,
 # --------------------------------------------------------------------------------------------
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
 def summarize(times: list[float], flop: float, peak_gflops: float | None) -> dict[str, float | None]:
     median = statistics.median(times)
     gflops = flop / median / 1e9
-    return {"median_ms": median * 1e3, "p90_ms": percentile(times, 0.9) * 1e3, "gflops": gflops,
+    return {"median_ms": median * 1e3, "p90_ms": percentile(times, 90) * 1e3, "gflops": gflops,
             "fraction_of_peak": gflops / peak_gflops if peak_gflops else None}
 
 

@@ -42,12 +42,13 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: the sibling latency.py
-from attention import percentile, run_rounds  # noqa: E402  (the attention benchmark's timing loop)
+from attention import run_rounds  # noqa: E402  (the attention benchmark's timing loop)
 from latency import device_info, versions  # noqa: E402
 
 from sf_sdk import ops  # noqa: E402
 from sf_sdk.config import DIT_PRESETS, StreamingConfig  # noqa: E402
 from sf_sdk.models.dit import apply_rotary  # noqa: E402
+from sf_sdk.stats import percentile  # noqa: E402
 
 log = logging.getLogger("benchmarks.cache_write")
 
@@ -159,7 +160,7 @@ def bench_case(case: Case, dtype: torch.dtype, warmup: int, rounds: int, seed: i
     results = {}
     for name in METHODS:
         median = statistics.median(times[name])
-        results[name] = {"median_us": median * 1e6, "p90_us": percentile(times[name], 0.9) * 1e6,
+        results[name] = {"median_us": median * 1e6, "p90_us": percentile(times[name], 90) * 1e6,
                          "gb_per_s": case.bytes_moved(dtype) / median / 1e9}
     return {
         "case": case.name,

@@ -44,6 +44,7 @@ import torch
 
 from sf_sdk.config import DIT_PRESETS, VAE_PRESETS, StreamingConfig, from_dict, to_dict
 from sf_sdk.generator import StreamingGenerator, backend_names, backend_status
+from sf_sdk.stats import percentile
 
 log = logging.getLogger("benchmarks.latency")
 
@@ -191,17 +192,6 @@ def build_generator(args: argparse.Namespace) -> tuple[StreamingGenerator, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in [0, 100])."""
-    xs = sorted(values)
-    if len(xs) == 1:
-        return xs[0]
-    pos = (len(xs) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def _stream_kwargs(gen: StreamingGenerator, chunks: int, decode: bool, embeds: torch.Tensor) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"prompt_embeds": embeds, "decode": decode}
     if not gen.streaming.rolling:  # a global cache needs the stream length
@@ -265,9 +255,9 @@ def measure(gen: StreamingGenerator, args: argparse.Namespace, embeds: torch.Ten
         "warmup_chunks": args.warmup,
         "warmup_s": warmup_s,
         "ttff_s": ttff,
-        "dit_p50_s": _percentile(dit, 50), "dit_p90_s": _percentile(dit, 90),
-        "e2e_p50_s": _percentile(e2e, 50), "e2e_p90_s": _percentile(e2e, 90),
-        "decode_p50_s": _percentile([c.timing.decode_s for c in chunks], 50),
+        "dit_p50_s": percentile(dit, 50), "dit_p90_s": percentile(dit, 90),
+        "e2e_p50_s": percentile(e2e, 50), "e2e_p90_s": percentile(e2e, 90),
+        "decode_p50_s": percentile([c.timing.decode_s for c in chunks], 50),
         "fps_dit": per_chunk / statistics.median(dit[steady]),
         "fps_e2e": per_chunk / statistics.median(e2e[steady]) if decode else None,
         "frames_per_chunk": per_chunk,

@@ -52,13 +52,13 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: the sibling latency.py
-from latency import _percentile as percentile  # noqa: E402
 from latency import device_info, versions  # noqa: E402
 
 from sf_sdk.config import to_dict  # noqa: E402
 from sf_sdk.generator import StreamingGenerator, backend_status, cpu_threads  # noqa: E402
 from sf_sdk.pool import TRANSITIONS, StreamPool  # noqa: E402
 from sf_sdk.results import VideoChunk, video_frames_for_latents  # noqa: E402
+from sf_sdk.stats import percentile  # noqa: E402
 
 log = logging.getLogger("benchmarks.pool")
 

@@ -54,7 +54,6 @@ import asyncio
 import contextlib
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import queue
@@ -75,6 +74,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
 from sf_sdk.serve.protocol import unpack_frame  # noqa: E402
+from sf_sdk.stats import percentile  # noqa: E402
 
 PROMPTS = ("a red circle moving right", "a blue square moving up", "a green triangle moving left",
            "a yellow circle moving down", "a cyan square moving right", "a magenta triangle moving up",
@@ -308,15 +308,9 @@ async def connect(client: Client, url: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile (q in [0, 100]); None for no values."""
-    xs = sorted(values)
-    if not xs:
-        return None
-    pos = (len(xs) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+def _pct(values: list[float], q: float) -> float | None:
+    """:func:`sf_sdk.stats.percentile` (the definition every benchmark uses); None for no values."""
+    return percentile(values, q) if values else None
 
 
 def _r(x: float | None, nd: int = 2) -> float | None:
@@ -331,9 +325,9 @@ def client_figures(c: Client, t0: float, t1: float) -> dict[str, Any]:
     warm = c.first_frame(chunk=1)
     return {
         "client": c.index, "prompt": c.prompt, "frames": len(window), "fps": len(window) / (t1 - t0),
-        "interval_p50_ms": _r(percentile(gaps, 50)), "interval_p95_ms": _r(percentile(gaps, 95)),
-        "interval_p99_ms": _r(percentile(gaps, 99)), "interval_max_ms": _r(max(gaps, default=None)),
-        "latency_p50_ms": _r(percentile(lat, 50)), "latency_p95_ms": _r(percentile(lat, 95)),
+        "interval_p50_ms": _r(_pct(gaps, 50)), "interval_p95_ms": _r(_pct(gaps, 95)),
+        "interval_p99_ms": _r(_pct(gaps, 99)), "interval_max_ms": _r(max(gaps, default=None)),
+        "latency_p50_ms": _r(_pct(lat, 50)), "latency_p95_ms": _r(_pct(lat, 95)),
         "dropped": c.frames[-1][2]["dropped"] if c.frames else 0,
         "dropped_in_window": window[-1][2]["dropped"] - window[0][2]["dropped"] if window else 0,
         "ttff_s": _r(first[0] - c.start_sent, 3) if first else None,

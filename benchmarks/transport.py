@@ -50,7 +50,9 @@ if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling latency.py
-from latency import _cpu_name, _percentile  # noqa: E402
+from latency import _cpu_name  # noqa: E402
+
+from sf_sdk.stats import percentile  # noqa: E402
 
 PROMPT = "a red circle moving right"
 WINDOW = 6  # the rolling window sf-serve serves with (its default)
@@ -133,12 +135,12 @@ def measure_image(name: str, frames: np.ndarray, fps: int, repeats: int) -> dict
         times.append(statistics.median(per))
         sizes.append(len(data))
         quality.append(psnr(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), frame))
-    enc_p50 = _percentile(times, 50)
+    enc_p50 = percentile(times, 50)
     mean_bytes = statistics.fmean(sizes)
     finite = [q for q in quality if math.isfinite(q)]  # identical frames: inf
     return {"format": IMAGE_CODECS[name][0], "options": IMAGE_CODECS[name][1], "frames": len(frames),
-            "encode_ms_p50": round(enc_p50 * 1e3, 3), "encode_ms_p95": round(_percentile(times, 95) * 1e3, 3),
-            "bytes_p50": int(_percentile(sizes, 50)), "bytes_mean": round(mean_bytes, 1),
+            "encode_ms_p50": round(enc_p50 * 1e3, 3), "encode_ms_p95": round(percentile(times, 95) * 1e3, 3),
+            "bytes_p50": int(percentile(sizes, 50)), "bytes_mean": round(mean_bytes, 1),
             "kbit_s": round(mean_bytes * 8 * fps / 1e3, 1), "core_share": round(enc_p50 * fps, 4),
             "lossless": not finite, "psnr_db": round(statistics.fmean(finite), 2) if finite else None,
             "added_latency_s": 0.0}
@@ -166,12 +168,12 @@ def measure_mp4(chunks: list[np.ndarray], fps: int, tmp: Path) -> dict[str, Any]
     raw = np.concatenate(chunks)
     chunk_frames = chunks[-1].shape[0]
     rest_s, rest_b = encode_s[1:] or encode_s, growth[1:] or growth
-    bytes_chunk = _percentile(rest_b, 50)
+    bytes_chunk = percentile(rest_b, 50)
     return {"codec": "h264 (libx264)", "writer": {"crf": writer.crf, "preset": writer.preset, "tune": "zerolatency",
                                                    "keyframe_interval": writer.keyframe_interval},
             "chunks": len(chunks), "chunk_frames": chunk_frames, "frames_written": writer.frames_written,
-            "encode_s_p50": round(_percentile(rest_s, 50), 4), "encode_ms_per_frame": round(
-                _percentile(rest_s, 50) / chunk_frames * 1e3, 3),
+            "encode_s_p50": round(percentile(rest_s, 50), 4), "encode_ms_per_frame": round(
+                percentile(rest_s, 50) / chunk_frames * 1e3, 3),
             "bytes_per_chunk_p50": int(bytes_chunk), "bytes_per_frame": round(bytes_chunk / chunk_frames, 1),
             "first_chunk": {"frames": int(chunks[0].shape[0]), "encode_s": round(encode_s[0], 4),
                             "bytes": growth[0]},
@@ -179,7 +181,7 @@ def measure_mp4(chunks: list[np.ndarray], fps: int, tmp: Path) -> dict[str, Any]
             "readable_after_write": readable,
             "written_after_write": np.cumsum([c.shape[0] for c in chunks]).tolist(),
             "kbit_s": round(bytes_chunk / chunk_frames * 8 * fps / 1e3, 1),
-            "core_share": round(_percentile(rest_s, 50) / chunk_frames * fps, 4),
+            "core_share": round(percentile(rest_s, 50) / chunk_frames * fps, 4),
             "psnr_db": round(psnr(decoded[: len(raw)], raw), 2) if decoded.shape[1:] == raw.shape[1:] else None,
             "added_latency_s": chunk_frames / fps}
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from export.cli import setup_logging, write_json
+from export.cli import run_command_main, write_json
 from export.manifest import versions
 from export.settings import (
     AOTISettings,
@@ -38,7 +38,9 @@ from export.settings import (
     load_export_model,
 )
 from sf_sdk.config import to_dict
+from sf_sdk.exit_codes import CommandParser, UserError, check_output_folder
 from sf_sdk.sampling import ChunkModel, ChunkSchedule, denoise_chunk
+from sf_sdk.stats import percentile
 
 __all__ = ["main", "build_chunk_model", "BENCH_BACKENDS"]
 
@@ -69,11 +71,6 @@ def build_chunk_model(name: str, model: ExportModel, work: Path, settings: Expor
         chunk, _ = load_onnxruntime(export_onnx(model, work / "onnx", onnx), model.dit)
         return chunk
     raise ValueError(f"unknown bench backend {name!r}; choose from {BENCH_BACKENDS}")
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 def run_bench(model: ExportModel, backends: Sequence[str], *, chunks: int, warmup: int, work: Path,
@@ -113,7 +110,7 @@ def run_bench(model: ExportModel, backends: Sequence[str], *, chunks: int, warmu
     results = {}
     for name in backends:
         med = statistics.median(times[name])
-        results[name] = {"median_s": med, "p90_s": _percentile(times[name], 0.9), "min_s": min(times[name]),
+        results[name] = {"median_s": med, "p90_s": percentile(times[name], 90), "min_s": min(times[name]),
                          "setup_s": setup[name], "first_chunk_s": first_chunk[name],
                          "speedup_vs_eager": (eager / med) if eager else None, "samples": len(times[name])}
     return {
@@ -134,7 +131,7 @@ def run_bench(model: ExportModel, backends: Sequence[str], *, chunks: int, warmu
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__.splitlines()[0])
+    p = CommandParser(prog="python -m export.bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mid", help="preset (with --random-init) or model folder")
     p.add_argument("--random-init", action="store_true")
     p.add_argument("--backends", default=",".join(BENCH_BACKENDS))
@@ -146,13 +143,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write the JSON report here")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    setup_logging(args.verbose)
+    return run_command_main(p.prog, lambda: _bench(args), verbose=args.verbose)
+
+
+def _bench(args: argparse.Namespace) -> int:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in backends if b not in BENCH_BACKENDS]
-    if unknown or args.chunks <= 0 or args.warmup < 0:
-        log.error("bad arguments: backends must be among %s (got %s), --chunks > 0, --warmup >= 0",
-                  BENCH_BACKENDS, unknown)
-        return 1
+    if unknown or not backends:
+        raise UserError(f"--backends must be among {list(BENCH_BACKENDS)}, got {unknown or args.backends!r}")
+    if args.chunks <= 0 or args.warmup < 0:
+        raise UserError(f"--chunks must be > 0 and --warmup >= 0, got {args.chunks} and {args.warmup}")
+    if args.work is not None:
+        check_output_folder(args.work, "--work")
+    if args.out is not None and args.out.is_dir():
+        raise UserError(f"--out {args.out} is a folder: give the JSON file to write")
     model = load_export_model(args.model, random_init=args.random_init, latent_hw=args.latent_hw,
                               window=args.window, include_vae=False)
     with tempfile.TemporaryDirectory(prefix="sf-bench-") as tmp:
