@@ -71,7 +71,7 @@ def register_backend(name: str, factory: BackendFactory, *, available: Availabil
 def _eager_backend(gen: StreamingGenerator, options: dict[str, Any]) -> Backend:
     if options:
         raise ValueError(f"the eager backend takes no options, got {sorted(options)}")
-    make = gen.vae.streaming_decoder if gen.vae is not None else None
+    make = gen.make_streaming_decoder if gen.vae is not None or gen.decoder == "tiny" else None
     return Backend("eager", gen.dit, make)
 
 

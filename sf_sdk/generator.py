@@ -40,7 +40,7 @@ from sf_sdk.backends import (
     register_backend,
     resolve_backend,
 )
-from sf_sdk.checkpoint import DEFAULT_FPS, LoadedModel, load_pretrained, resolve_dtype
+from sf_sdk.checkpoint import BUNDLED_MODELS, DEFAULT_FPS, LoadedModel, load_pretrained, resolve_dtype
 from sf_sdk.config import (
     DIT_PRESETS,
     TEXT_PRESETS,
@@ -131,6 +131,8 @@ class StreamingGenerator:
         fps: int = DEFAULT_FPS,
         backend: str = "eager",
         backend_options: dict[str, Any] | None = None,
+        tiny_decoder: torch.nn.Module | None = None,
+        decoder: str = "wan",
     ) -> None:
         self.dit = dit.eval()
         self.streaming = streaming
@@ -142,6 +144,8 @@ class StreamingGenerator:
         self.steps = ChunkSchedule.from_config(streaming)
         if self.vae is not None and self.vae.config.z_dim != dit.config.in_dim:
             raise ValueError(f"VAE z_dim {self.vae.config.z_dim} != DiT in_dim {dit.config.in_dim}")
+        self.tiny_decoder = tiny_decoder.eval() if tiny_decoder is not None else None
+        self.decoder = _check_decoder(decoder, self.tiny_decoder, self.vae, dit)
         _, ph, pw = dit.config.patch_size
         if streaming.latent_height % ph or streaming.latent_width % pw:
             raise ValueError(f"latent size {streaming.latent_height}x{streaming.latent_width} is not "
@@ -174,6 +178,8 @@ class StreamingGenerator:
         dit_config: DiTConfig | None = None,
         vae_config: VAEConfig | None = None,
         text_config: TextEncoderConfig | None = None,
+        decoder: str = "wan",
+        decoder_path: str | os.PathLike | None = None,
     ) -> StreamingGenerator:
         """Load a model: one of our folders, a bundled name, or an official checkpoint.
 
@@ -182,15 +188,22 @@ class StreamingGenerator:
         picks ``generator_ema`` over ``generator``; ``dit_config`` / ``vae_config`` /
         ``text_config`` describe official-layout files of other shapes.
 
+        ``decoder="tiny"`` decodes with the model folder's tiny streaming decoder (TAEHV,
+        :mod:`sf_sdk.models.taehv`) instead of the Wan VAE decoder, or with the TAEHV file
+        ``decoder_path`` (``taew2_1.pth`` / ``.safetensors`` for the released Self-Forcing
+        checkpoints, whose latents are Wan2.1's).
+
         ``streaming`` overrides fields of the saved streaming config (e.g.
         ``{"local_attn_size": 6, "num_frame_per_block": 1}``). ``text_dtype`` (default: ``dtype``)
         is the text encoder's dtype.
         """
         dev, dt = _parse_device(device), _parse_dtype(dtype)
+        tiny = _load_tiny_decoder(name_or_path, decoder, decoder_path, dev, dt)
         loaded = load_pretrained(name_or_path, device=dev, dtype=dt, text_dtype=text_dtype,
                                  load_text_encoder=load_text_encoder, wan_dir=wan_dir, use_ema=use_ema,
                                  dit_config=dit_config, vae_config=vae_config, text_config=text_config)
-        return cls.from_loaded(loaded, streaming=streaming, backend=backend, backend_options=backend_options)
+        return cls.from_loaded(loaded, streaming=streaming, backend=backend, backend_options=backend_options,
+                               decoder=decoder, tiny_decoder=tiny)
 
     @classmethod
     def from_loaded(
@@ -200,8 +213,11 @@ class StreamingGenerator:
         streaming: dict[str, Any] | StreamingConfig | None = None,
         backend: str = "eager",
         backend_options: dict[str, Any] | None = None,
+        decoder: str = "wan",
+        tiny_decoder: torch.nn.Module | None = None,
     ) -> StreamingGenerator:
-        """A generator over components loaded by :func:`sf_sdk.checkpoint.load_pretrained`."""
+        """A generator over components loaded by :func:`sf_sdk.checkpoint.load_pretrained`
+        (``decoder="tiny"`` needs ``tiny_decoder``, see :func:`sf_sdk.checkpoint.taehv.load_taehv`)."""
         stream = _override_streaming(loaded.streaming, streaming)
         text = None
         if loaded.text_encoder is not None:
@@ -210,7 +226,7 @@ class StreamingGenerator:
             tok = PromptTokenizer(loaded.tokenizer_dir, text_len=loaded.text_config.text_len)
             text = TextEncoder(loaded.text_encoder, tok)
         return cls(loaded.dit, stream, vae=loaded.vae, text_encoder=text, fps=loaded.fps, backend=backend,
-                   backend_options=backend_options)
+                   backend_options=backend_options, tiny_decoder=tiny_decoder, decoder=decoder)
 
     @classmethod
     def from_config(
@@ -227,8 +243,11 @@ class StreamingGenerator:
         backend: str = "eager",
         backend_options: dict[str, Any] | None = None,
         tokenizer_dir: str | os.PathLike | None = None,
+        tiny_decoder: Any | None = None,
+        decoder: str = "wan",
     ) -> StreamingGenerator:
-        """Random-weight models from configs or preset names (for timing and tests)."""
+        """Random-weight models from configs or preset names (for timing and tests); ``tiny_decoder``
+        a :class:`~sf_sdk.models.taehv.TAEHVConfig` or preset name (``decoder="tiny"`` decodes with it)."""
         dev, dt = _parse_device(device), _parse_dtype(dtype)
         dcfg = _preset(DIT_PRESETS, dit, "DiT")
         torch.manual_seed(seed)
@@ -247,12 +266,25 @@ class StreamingGenerator:
                 raise ValueError("a text encoder needs tokenizer_dir (a Hugging Face tokenizer folder)")
             text = TextEncoder(UMT5Encoder(tcfg).to(dev), PromptTokenizer(tokenizer_dir, text_len=tcfg.text_len),
                                device=dev, dtype=torch.float32)
+        tiny = None
+        if tiny_decoder is not None:
+            from sf_sdk.models.taehv import TAEHV_PRESETS, TAEHVDecoder
+
+            tiny = TAEHVDecoder(_preset(TAEHV_PRESETS, tiny_decoder, "tiny decoder")).to(dev, dt)
         return cls(model, streaming or StreamingConfig(), vae=vae_model, text_encoder=text, fps=fps,
-                   backend=backend, backend_options=backend_options)
+                   backend=backend, backend_options=backend_options, tiny_decoder=tiny, decoder=decoder)
+
+    def make_streaming_decoder(self) -> Any:
+        """A fresh eager streaming decoder of the chosen ``decoder`` (None without one)."""
+        if self.decoder == "tiny":
+            return self.tiny_decoder.streaming_decoder()
+        return self.vae.streaming_decoder() if self.vae is not None else None
 
     def use_backend(self, name: str, options: dict[str, Any] | None = None) -> None:
         """Run later streams on backend ``name`` (``"eager"``, or one from the export package)."""
         backend = resolve_backend(name)(self, dict(options or {}))
+        if self.decoder == "tiny" and backend.name != "eager":
+            backend.make_decoder = _tiny_backend_decoder(self, backend, dict(options or {}))
         self._close_active()
         self.backend = backend
 
@@ -368,7 +400,7 @@ class StreamingGenerator:
         prompt_embeds = self._check_prompt_args(prompt, prompt_embeds)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"seed must be an int, got {seed!r}")
-        if decode and self.vae is None:
+        if decode and self.vae is None and self.decoder != "tiny":
             raise ValueError("this model has no VAE: stream with decode=False to get latents")
         c = self.streaming.num_frame_per_block
         latent_total = None
@@ -502,6 +534,61 @@ class StreamingGenerator:
         if self._active is not None:
             self._active.close()
             self._active = None
+
+
+DECODERS = ("wan", "tiny")
+
+
+def _check_decoder(decoder: Any, tiny: torch.nn.Module | None, vae: torch.nn.Module | None, dit: WanDiT) -> str:
+    """``decoder`` checked against the components: "tiny" needs a tiny decoder of the DiT's latents."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if decoder == "tiny":
+        if tiny is None:
+            raise ValueError("decoder='tiny' but this model has no tiny decoder: pass decoder_path= a TAEHV file "
+                             "(taew2_1.pth for Wan2.1 latents), use a model folder that ships one, or decoder='wan'")
+        cfg = tiny.config
+        if cfg.z_dim != dit.config.in_dim:
+            raise ValueError(f"the tiny decoder takes z_dim={cfg.z_dim} latents but the DiT makes {dit.config.in_dim}: "
+                             f"it is a decoder for another model")
+        if vae is not None and (cfg.temporal_stride, cfg.spatial_stride) != (vae.config.temporal_stride,
+                                                                              vae.config.spatial_stride):
+            raise ValueError(f"the tiny decoder upsamples {cfg.temporal_stride}x in time and {cfg.spatial_stride}x in "
+                             f"space, the VAE {vae.config.temporal_stride}x and {vae.config.spatial_stride}x: it "
+                             f"decodes another latent space")
+    return decoder
+
+
+def _tiny_backend_decoder(gen: StreamingGenerator, backend: Backend, options: dict[str, Any]) -> Any:
+    """The tiny decoder under a non-eager backend: its ONNX Runtime steps where the backend is
+    ``onnxruntime`` and its artifact folder holds them (``python -m export.tiny``), else eager."""
+    if backend.name == "onnxruntime" and options.get("artifact_dir"):
+        from export.tiny import tiny_onnxruntime_decoder
+
+        make = tiny_onnxruntime_decoder(options["artifact_dir"], gen)
+        if make is not None:
+            return make
+    log.info("the tiny decoder runs eagerly under the %s backend", backend.name)
+    return gen.make_streaming_decoder
+
+
+def _load_tiny_decoder(name_or_path: str | os.PathLike, decoder: str, decoder_path: str | os.PathLike | None,
+                       device: torch.device, dtype: torch.dtype) -> torch.nn.Module | None:
+    """The tiny decoder ``from_pretrained`` was asked for: ``decoder_path``, else the model folder's."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    from sf_sdk.checkpoint.taehv import load_folder_tiny_decoder, load_taehv
+
+    if decoder_path is not None:
+        if decoder != "tiny":
+            raise ValueError("decoder_path is the tiny decoder's file: pass decoder='tiny' with it")
+        return load_taehv(decoder_path, device=device, dtype=dtype)
+    if decoder != "tiny":
+        return None
+    if os.path.isfile(name_or_path) or not (os.path.isdir(name_or_path) or str(name_or_path) in BUNDLED_MODELS):
+        raise ValueError(f"decoder='tiny' for {name_or_path}: official checkpoints ship no tiny decoder; pass "
+                         f"decoder_path= a TAEHV file (taew2_1.pth decodes Wan2.1 latents)")
+    return load_folder_tiny_decoder(name_or_path, device=device, dtype=dtype)
 
 
 def _preset(presets: dict[str, Any], value: Any, what: str) -> Any:

@@ -44,6 +44,7 @@ from torch import Tensor
 from sf_sdk.attention import CacheAttention, select_cache_attention
 from sf_sdk.cache import CacheLayout, KVCache, cache_nbytes, check_memory
 from sf_sdk.models.dit import CrossAttnCache
+from sf_sdk.models.taehv import TinyStreamingDecoder, decode_tiny_streams
 from sf_sdk.models.vae import StreamingDecoder, decode_streams
 from sf_sdk.results import Clock, VideoChunk, to_uint8, video_frames_for_latents
 from sf_sdk.sampling import cache_pass, denoise_chunk, kept_frames, randn_rows, recache
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 
 TRANSITIONS = ("recache", "blend", "cut")
 DEFAULT_BLEND_CHUNKS = 3
+# Eager streaming decoders whose streams a pool decodes in one batched call, by decoder type.
+_BATCHED_DECODE = {StreamingDecoder: decode_streams, TinyStreamingDecoder: decode_tiny_streams}
 
 
 def check_transition(transition: str, chunks: int) -> None:
@@ -454,16 +457,18 @@ class StreamPool:
         """Each decoding stream's pixels [1, 3, T, H, W], the clock marks around its decode and its
         share of that time.
 
-        The eager VAE's streams decode together in batched passes (:func:`decode_streams`: each
-        stream's ``decode_s`` is its share of the pass), other decoders one stream at a time."""
+        The eager VAE's streams decode together in batched passes (:func:`decode_streams`, or
+        :func:`~sf_sdk.models.taehv.decode_tiny_streams` for the tiny decoder: each stream's
+        ``decode_s`` is its share of the pass), other decoders one stream at a time."""
         clock = self._clock
         decoding = [s for s in active if s._decoder is not None]
-        batched = [s for s in decoding if isinstance(s._decoder, StreamingDecoder)]
+        batched = [s for s in decoding if type(s._decoder) in _BATCHED_DECODE]
         out: dict[PooledStream, tuple[Tensor, Any, Any, float]] = {}
         if len(batched) > 1:
             d0 = clock.mark()
             rows = torch.tensor([s.row for s in batched], device=x0.device)
-            pixels = decode_streams([s._decoder for s in batched], x0.index_select(0, rows).transpose(1, 2))
+            batch_decode = _BATCHED_DECODE[type(batched[0]._decoder)]  # one generator: one decoder type
+            pixels = batch_decode([s._decoder for s in batched], x0.index_select(0, rows).transpose(1, 2))
             d1 = clock.mark()
             out.update({s: (p, d0, d1, 1.0 / len(batched)) for s, p in zip(batched, pixels)})
         for s in decoding:
