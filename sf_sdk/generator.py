@@ -174,12 +174,15 @@ class StreamingGenerator:
         load_text_encoder: bool = True,
         text_dtype: str | torch.dtype | None = None,
         wan_dir: str | os.PathLike | None = None,
-        use_ema: bool = True,
+        use_ema: bool | None = None,
         dit_config: DiTConfig | None = None,
         vae_config: VAEConfig | None = None,
         text_config: TextEncoderConfig | None = None,
         decoder: str = "wan",
         decoder_path: str | os.PathLike | None = None,
+        family: str | None = None,
+        lora: str | os.PathLike | None = None,
+        lora_scale: float = 1.0,
     ) -> StreamingGenerator:
         """Load a model: one of our folders, a bundled name, or an official checkpoint.
 
@@ -187,6 +190,12 @@ class StreamingGenerator:
         folder; found automatically beside the file), or a folder holding both. ``use_ema``
         picks ``generator_ema`` over ``generator``; ``dit_config`` / ``vae_config`` /
         ``text_config`` describe official-layout files of other shapes.
+
+        The Self-Forcing family (Causal Forcing(++), LongLive, Reward Forcing) loads the same way,
+        each with its authors' streaming defaults: the member comes from the released file name, or
+        ``family=`` (:data:`sf_sdk.checkpoint.FAMILIES`; see docs/models.md). ``use_ema=None``
+        reads the weights its authors' inference reads. ``lora`` (a PEFT / LongLive LoRA; LongLive's
+        is found beside its base) is merged into the DiT weights at load, times ``lora_scale``.
 
         ``decoder="tiny"`` decodes with the model folder's tiny streaming decoder (TAEHV,
         :mod:`sf_sdk.models.taehv`) instead of the Wan VAE decoder, or with the TAEHV file
@@ -201,7 +210,8 @@ class StreamingGenerator:
         tiny = _load_tiny_decoder(name_or_path, decoder, decoder_path, dev, dt)
         loaded = load_pretrained(name_or_path, device=dev, dtype=dt, text_dtype=text_dtype,
                                  load_text_encoder=load_text_encoder, wan_dir=wan_dir, use_ema=use_ema,
-                                 dit_config=dit_config, vae_config=vae_config, text_config=text_config)
+                                 dit_config=dit_config, vae_config=vae_config, text_config=text_config,
+                                 family=family, lora=lora, lora_scale=lora_scale)
         return cls.from_loaded(loaded, streaming=streaming, backend=backend, backend_options=backend_options,
                                decoder=decoder, tiny_decoder=tiny)
 

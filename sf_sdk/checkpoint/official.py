@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from sf_sdk.checkpoint.family import FAMILIES, Family, open_family_state, resolve_family
 from sf_sdk.checkpoint.folder import INDEX, save_pretrained
 from sf_sdk.checkpoint.weights import (
     DEFAULT_FPS,
@@ -123,7 +124,7 @@ def load_official(
     checkpoint_path: str | os.PathLike,
     wan_dir: str | os.PathLike | None,
     *,
-    use_ema: bool = True,
+    use_ema: bool | None = None,
     device: torch.device | str = "cpu",
     dtype: str | torch.dtype = torch.float32,
     text_dtype: str | torch.dtype | None = None,
@@ -133,15 +134,19 @@ def load_official(
     vae_config: VAEConfig | None = None,
     text_config: TextEncoderConfig | None = None,
     streaming: StreamingConfig | None = None,
+    family: str | Family | None = None,
 ) -> LoadedModel:
-    """Load the released Self-Forcing checkpoint with the official Wan2.1-T2V-1.3B folder.
+    """Load a released checkpoint of the Self-Forcing family with the official Wan2.1-T2V-1.3B folder.
 
-    The DiT comes from ``generator_ema`` (``use_ema=True``) or ``generator`` of
-    ``checkpoint_path`` (its ``model.`` prefix stripped; the ``critic`` is not loaded); the VAE,
+    ``family`` (:mod:`sf_sdk.checkpoint.family`; None: from the file name, else Self-Forcing)
+    gives the layout and the streaming defaults. The DiT comes from ``generator_ema``
+    (``use_ema=True``) or ``generator`` (``False``; None: the entry the family's authors read) of
+    ``checkpoint_path``, or the file itself when it is a flat state dict, its wrapper prefixes
+    (``model.``, ``_fsdp_wrapped_module.``) stripped; the ``critic`` is not loaded. The VAE,
     umT5-XXL encoder and tokenizer from ``wan_dir``. Configs: the DiT from ``config.json``
     (default: preset ``wan2.1-t2v-1.3b``), ``VAEConfig()``, the ``umt5-xxl`` text preset; pass
     ``dit_config`` / ``vae_config`` / ``text_config`` for files of other shapes. Streaming: the
-    Self-Forcing defaults (:data:`SELF_FORCING_STREAMING`). ``wan_dir`` may be None only when
+    family's defaults (Self-Forcing: :data:`SELF_FORCING_STREAMING`). ``wan_dir`` may be None only when
     neither the VAE nor the text encoder is loaded. ``text_dtype`` defaults to ``dtype``.
     """
     from sf_sdk.models.dit import WanDiT
@@ -157,17 +162,11 @@ def load_official(
     if wan is not None:
         _check_wan_dir(wan, vae=load_vae, text=load_text_encoder)
     dcfg = dit_config if dit_config is not None else official_dit_config(wan)
-    entry = SELF_FORCING_EMA_KEY if use_ema else SELF_FORCING_KEY
-    try:
-        state = open_state_dict(ckpt, key=entry, prefix=SELF_FORCING_PREFIX, device=dev, dtype=dt)
-    except CheckpointError as exc:
-        if use_ema and f"no {entry!r} entry" in str(exc):
-            raise CheckpointError(f"{exc}; this checkpoint has no EMA weights: load it with "
-                                  f"use_ema=False (CLI: --no-ema)") from exc
-        raise
-    dit = build_module(WanDiT, dcfg, state, what=f"DiT ({ckpt.name} [{entry!r}])", device=dev)
-    loaded = LoadedModel(dit, dcfg, streaming if streaming is not None else SELF_FORCING_STREAMING,
-                         fps=DEFAULT_FPS, source=f"{ckpt} [{entry}]")
+    fam = resolve_family(family, ckpt)
+    state, where = open_family_state(ckpt, fam, use_ema=use_ema, device=dev, dtype=dt)
+    dit = build_module(WanDiT, dcfg, state, what=f"DiT ({fam.title}: {where})", device=dev)
+    loaded = LoadedModel(dit, dcfg, streaming if streaming is not None else fam.streaming,
+                         fps=DEFAULT_FPS, source=where)
     if load_vae:
         from sf_sdk.models.vae import WanVAE
 
@@ -242,7 +241,12 @@ def find_official(path: str | os.PathLike, wan_dir: str | os.PathLike | None = N
                   for c in sorted(folder.iterdir()) if _looks_like_checkpoint(c)]
     if not candidates:
         return None
-    preferred = [c for c in candidates if c.name == SELF_FORCING_FILE]
+    bases = {Path(t).name for f in FAMILIES.values() for t in f.files}
+    loras = {f.lora_file for f in FAMILIES.values() if f.lora_file}
+    if len(candidates) > 1:  # a LoRA released beside its base is not a candidate
+        candidates = [c for c in candidates if c.name not in loras] or candidates
+    preferred = [c for c in candidates if c.name == SELF_FORCING_FILE] or \
+        [c for c in candidates if c.name in bases]
     if len(preferred) == 1:
         ckpt = preferred[0]
     elif len(candidates) == 1:
@@ -259,28 +263,46 @@ def convert_official(
     out_dir: str | os.PathLike,
     dtype: str | torch.dtype = torch.bfloat16,
     *,
-    use_ema: bool = True,
+    use_ema: bool | None = None,
     include_text_encoder: bool = True,
     dit_config: DiTConfig | None = None,
     vae_config: VAEConfig | None = None,
     text_config: TextEncoderConfig | None = None,
+    family: str | Family | None = None,
+    lora: str | os.PathLike | None = None,
+    lora_scale: float = 1.0,
 ) -> Path:
-    """Convert the official release into one of our model folders (stored in ``dtype``).
+    """Convert a released checkpoint of the Self-Forcing family into one of our model folders
+    (stored in ``dtype``), with its family's streaming defaults.
 
-    The result loads with ``StreamingGenerator.from_pretrained(out_dir)``; the Self-Forcing
-    weights keep their licence (CC-BY-NC-SA-4.0), recorded in the index.
+    ``family`` / ``use_ema`` as :func:`load_official`; ``lora`` (LongLive: its ``lora.pt``, found
+    beside the base when not given) is merged into the DiT weights, so the folder and what is
+    exported from it need nothing else. The result loads with
+    ``StreamingGenerator.from_pretrained(out_dir)``; the weights keep their licence, recorded in
+    the index with where they came from.
     """
+    from sf_sdk.checkpoint.lora import family_lora, merge_lora
+
     dt = resolve_dtype(dtype)
-    loaded = load_official(checkpoint, wan_dir, use_ema=use_ema, device="cpu", dtype=dt,
+    fam = resolve_family(family, checkpoint)
+    lora_path = family_lora(fam, checkpoint, lora)
+    # With a LoRA, the DiT and VAE load in float32 (the merge at full precision), cast when written.
+    loaded = load_official(checkpoint, wan_dir, use_ema=use_ema, device="cpu",
+                           dtype=torch.float32 if lora_path is not None else dt, text_dtype=dt,
                            load_text_encoder=include_text_encoder, dit_config=dit_config,
-                           vae_config=vae_config, text_config=text_config)
-    extra = {"fps": loaded.fps, "license": "CC-BY-NC-SA-4.0",
-             "converted_from": {"checkpoint": Path(checkpoint).name,
-                                "weights": SELF_FORCING_EMA_KEY if use_ema else SELF_FORCING_KEY,
+                           vae_config=vae_config, text_config=text_config, family=fam)
+    merged = merge_lora(loaded.dit, lora_path, scale=lora_scale) if lora_path is not None else None
+    extra = {"fps": loaded.fps, "license": fam.license, "family": fam.name,
+             "converted_from": {"checkpoint": Path(checkpoint).name, "source": fam.source,
+                                "weights": loaded.source.rsplit("[", 1)[-1].rstrip("]")
+                                if "[" in loaded.source else "state dict",
                                 "wan_dir": Path(wan_dir).name}}
+    if merged is not None:
+        extra["converted_from"]["lora"] = {"file": Path(lora_path).name, "scale": lora_scale,
+                                           "modules": len(merged)}
     out = save_pretrained(out_dir, dit=loaded.dit, dit_config=loaded.dit_config, streaming=loaded.streaming,
                           vae=loaded.vae, vae_config=loaded.vae_config, text_encoder=loaded.text_encoder,
                           text_config=loaded.text_config, tokenizer_dir=loaded.tokenizer_dir, dtype=dt,
                           extra=extra)
-    log.info("converted %s + %s into %s (%s)", Path(checkpoint).name, Path(wan_dir).name, out, dt)
+    log.info("converted %s (%s) + %s into %s (%s)", Path(checkpoint).name, fam.title, Path(wan_dir).name, out, dt)
     return out
