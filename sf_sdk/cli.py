@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "prompt), blend (the prompt moves to the new one over --blend-chunks chunks) or cut")
     p.add_argument("--blend-chunks", type=int, default=3, help="chunks a blend takes (default 3)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own, one per core)")
+    p.add_argument("--decoder", choices=("wan", "tiny"), default="wan",
+                   help="wan (default): the model's VAE decoder; tiny: its tiny streaming decoder (TAEHV), faster")
+    p.add_argument("--decoder-path", type=Path, help="a TAEHV file for --decoder tiny (taew2_1.pth for the "
+                                                     "official checkpoints)")
     p.add_argument("--backend", default="eager", help="eager (default), compile, aoti, onnxruntime, ...")
     p.add_argument("--artifact-dir", type=Path, help="the artifact folder of an export backend (aoti, "
                                                      "onnxruntime, tensorrt, torch_tensorrt): the --out of "
@@ -236,6 +240,7 @@ def _generate(args: argparse.Namespace, device: str, dtype: str, writer, signals
     t0 = time.perf_counter()
     gen = StreamingGenerator.from_pretrained(args.model, device=device, dtype=dtype, streaming=overrides or None,
                                              backend=args.backend, backend_options=_backend_options(args),
+                                             decoder=args.decoder, decoder_path=args.decoder_path,
                                              wan_dir=args.wan_dir, use_ema=not args.no_ema)
     n = torch.get_num_threads()
     threads = f", {n} CPU thread{'s' if n != 1 else ''}" if gen.device.type == "cpu" else ""
