@@ -1,4 +1,11 @@
-"""The command-line options the exporters share (``python -m export.aoti / .onnx / .trt``)."""
+"""The command-line options the exporters share (``python -m export.aoti / .onnx / .trt``).
+
+Every export command ends with the project's exit codes (:mod:`sf_sdk.exit_codes`): 0 done, 1 a
+failure (the export or its verification failed), 2 a mistake in the command (a bad value, a
+missing model, an ``--out`` that is a file or not writable, an unknown or absent ``--device``),
+130 / 143 stopped by SIGINT / SIGTERM; each error is one line on stderr (``-v`` logs the
+traceback).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from export.settings import ExportModel, load_export_model
+from sf_sdk.exit_codes import EXIT_OK, CommandParser, StopSignals, UserError, check_output_folder, run_command
 
-__all__ = ["base_parser", "load_model_from_args", "settings_kwargs", "setup_logging", "write_json"]
+__all__ = ["base_parser", "check_args", "load_model_from_args", "run_command_main", "settings_kwargs",
+           "setup_logging", "write_json"]
+
+TRACEBACK_HINT = "rerun with -v for the traceback"
 
 
 def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = CommandParser(prog=prog, description=description)
     p.add_argument("--model", required=True,
                    help="a model folder (save_pretrained / export.convert output), an official checkpoint, or a "
                         "preset name (tiny, mid, wan2.1-t2v-1.3b) with --random-init")
@@ -36,6 +47,7 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--wan-dir", type=Path, help="the Wan2.1-T2V-1.3B folder (official checkpoints only)")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init weights and of --verify noise")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(prog=prog)
     return p
 
 
@@ -45,6 +57,32 @@ def setup_logging(verbose: bool) -> None:
     # The ONNX exporter's passes log every rewrite at INFO.
     for name in ("onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def check_device(device: str, option: str = "--device") -> None:
+    """A device this machine has (cpu, cuda, cuda:N), else :class:`UserError`."""
+    from sf_sdk.generator import _parse_device
+
+    try:
+        _parse_device(device)
+    except ValueError as exc:
+        raise UserError(f"{option}: {exc}") from None
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The checks of the shared options that need no model: ``--out`` and ``--device``."""
+    check_output_folder(args.out)
+    check_device(args.device)
+
+
+def run_command_main(prog: str, body: Callable[[], int], *, verbose: bool) -> int:
+    """An export command's body under the project's exit codes (:func:`sf_sdk.exit_codes.run_command`)."""
+    setup_logging(verbose)
+
+    def run(signals: StopSignals) -> int:
+        return body()
+
+    return run_command(prog, run, traceback_hint=TRACEBACK_HINT)
 
 
 def load_model_from_args(args: argparse.Namespace, *, dtype: str | None = None) -> ExportModel:
@@ -67,14 +105,14 @@ def write_json(path: Path, data: Any) -> None:
 def run_export(args: argparse.Namespace, make_settings: Callable[[], Any],
                export: Callable[[ExportModel, Path, Any], Any],
                verify: Callable[[ExportModel, Any, Any, int], list]) -> int:
-    """The shared body of ``python -m export.aoti`` / ``export.onnx``: export, optionally verify
-    (results recorded in the manifest), and map failures to exit code 1."""
+    """The shared body of ``python -m export.aoti`` / ``export.onnx``: check the options, export,
+    optionally verify (results recorded in the manifest); exit codes as in the module docstring
+    (a failed verification is a failure, 1)."""
     from export.manifest import update_manifest
-    from export.verify import VerificationError, report
+    from export.verify import report
 
-    log = logging.getLogger("export")
-    setup_logging(args.verbose)
-    try:
+    def body() -> int:
+        check_args(args)
         settings = make_settings()
         model = load_model_from_args(args)
         manifest = export(model, args.out, settings)
@@ -82,11 +120,7 @@ def run_export(args: argparse.Namespace, make_settings: Callable[[], Any],
             results = verify(model, manifest, settings, args.seed)
             update_manifest(args.out, verify=[r.to_dict() for r in results])
             report(results)
-    except (ValueError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 1
-    except VerificationError as exc:
-        log.error("verification failed: %s", exc)
-        return 1
-    log.info("wrote %s", args.out)
-    return 0
+        logging.getLogger("export").info("wrote %s", args.out)
+        return EXIT_OK
+
+    return run_command_main(args.prog, body, verbose=args.verbose)

@@ -21,6 +21,7 @@ between two buffers, so a chunk needs no host synchronization and no copy.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -35,11 +36,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from export.cli import base_parser, load_model_from_args, settings_kwargs, setup_logging
+from export.cli import base_parser, check_args, load_model_from_args, run_command_main, settings_kwargs
 from export.manifest import Manifest, read_manifest, update_manifest
 from export.onnx import export_onnx, strip_float64
 from export.runtime import BackendUnavailable, DecoderFactory, StepChunkModel, StepDecoder
 from export.settings import ChunkShapes, DecodeShapes, TensorSpec, TRTSettings, tolerance
+from sf_sdk.exit_codes import check_output_folder
 from sf_sdk.models.dit import CHUNK_BATCH_AXES
 
 __all__ = ["export_trt", "build_engines", "load_tensorrt", "trt_blockers", "engine_key", "EngineProfile",
@@ -419,21 +421,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="batch sizes of the optimization profile (dynamic batch axis)")
     parser.add_argument("--cache-dir", type=Path, help="engine cache (default: OUT/engines)")
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    try:
-        kwargs = settings_kwargs(args)
-        if kwargs["dtype"] != "float32":
-            raise ValueError("--dtype must stay float32 for TensorRT (the ONNX graph); choose the engine "
-                             "precision with --precision fp16 / bf16")
-        settings = TRTSettings(**kwargs, precision=args.precision, workspace_gib=args.workspace_gib,
-                               builder_optimization_level=args.opt_level,
-                               batch_range=tuple(args.batch_range) if args.batch_range else None,
-                               cache_dir=str(args.cache_dir) if args.cache_dir else None)
-        model = load_model_from_args(args, dtype="float32")
-        manifest = export_trt(model, args.out, settings)
-    except (ValueError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 1
+    return run_command_main(args.prog, lambda: _main(args), verbose=args.verbose)
+
+
+def _main(args: argparse.Namespace) -> int:
+    check_args(args)
+    if args.cache_dir is not None:
+        check_output_folder(args.cache_dir, "--cache-dir")
+    kwargs = settings_kwargs(args)
+    if kwargs["dtype"] != "float32":
+        raise ValueError("--dtype must stay float32 for TensorRT (the ONNX graph); choose the engine "
+                         "precision with --precision fp16 / bf16")
+    settings = TRTSettings(**kwargs, precision=args.precision, workspace_gib=args.workspace_gib,
+                           builder_optimization_level=args.opt_level,
+                           batch_range=tuple(args.batch_range) if args.batch_range else None,
+                           cache_dir=str(args.cache_dir) if args.cache_dir else None)
+    model = load_model_from_args(args, dtype="float32")
+    manifest = export_trt(model, args.out, settings)
     missing = trt_blockers()
     if missing:
         log.error("wrote the ONNX graphs to %s, but cannot build TensorRT engines here: missing %s. Run "
@@ -442,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_UNAVAILABLE
     engines = build_engines(manifest, settings)
     if args.verify:
-        from export.verify import VerificationError, report, verify_chunk_model, verify_decoder
+        from export.verify import report, verify_chunk_model, verify_decoder
 
         chunk, make_decoder = load_tensorrt(manifest, model.dit.to("cuda"), settings)
         vsettings = TRTSettings(**{**kwargs, "device": "cuda"}, precision=args.precision)
@@ -454,11 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if make_decoder is not None:
             results.append(verify_decoder(model, make_decoder(), vsettings, seed=args.seed, tol=tol))
         update_manifest(args.out, verify=[r.to_dict() for r in results])
-        try:
-            report(results)
-        except VerificationError as exc:
-            log.error("verification failed: %s", exc)
-            return 1
+        report(results)  # a VerificationError: exit code 1
     log.info("engines: %s", {k: str(v) for k, v in engines.items()})
     return 0
 

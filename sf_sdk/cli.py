@@ -30,9 +30,16 @@ import time
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import NoReturn
 
-from sf_sdk.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, StopSignals, UserError, run_command
+from sf_sdk.exit_codes import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USER_ERROR,
+    CommandParser,
+    StopSignals,
+    UserError,
+    run_command,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -48,14 +55,8 @@ MAX_NAME_CHARS = 60
 ARTIFACT_BACKENDS = {"aoti": "aoti", "onnxruntime": "onnx", "tensorrt": "trt", "torch_tensorrt": "torch_trt"}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, no usage block
-        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-        raise SystemExit(EXIT_USER_ERROR)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Stream a text prompt's video into an MP4 file as it is generated.")
+    p = CommandParser(prog=PROG, description="Stream a text prompt's video into an MP4 file as it is generated.")
     p.add_argument("prompt", help="what the video shows")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--frames", type=int, help=f"video frames, whole chunks: 1 + 4k with k + 1 a multiple "
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wan-dir", type=Path, help="the official Wan2.1-T2V-1.3B folder (for a .pt --model)")
     p.add_argument("--no-ema", action="store_true", help="official checkpoints: the 'generator' weights, "
                                                          "not 'generator_ema'")
+    p.add_argument("--family", help="official checkpoints: the Self-Forcing family member (causal-forcing-framewise, "
+                                    "longlive, reward-forcing, ...; default: from the file name)")
+    p.add_argument("--lora", type=Path, help="a LoRA (PEFT folder or file, LongLive lora.pt) merged into the DiT")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="the LoRA's strength (default 1)")
     p.add_argument("--prompt-at", action="append", default=[], metavar="FRAME:PROMPT",
                    help="switch to PROMPT at video frame FRAME (at the first chunk boundary at or after it); "
                         "repeatable, e.g. --prompt-at 40:\"a blue circle moving left\"")
@@ -241,7 +246,8 @@ def _generate(args: argparse.Namespace, device: str, dtype: str, writer, signals
     gen = StreamingGenerator.from_pretrained(args.model, device=device, dtype=dtype, streaming=overrides or None,
                                              backend=args.backend, backend_options=_backend_options(args),
                                              decoder=args.decoder, decoder_path=args.decoder_path,
-                                             wan_dir=args.wan_dir, use_ema=not args.no_ema)
+                                             wan_dir=args.wan_dir, use_ema=False if args.no_ema else None,
+                                             family=args.family, lora=args.lora, lora_scale=args.lora_scale)
     n = torch.get_num_threads()
     threads = f", {n} CPU thread{'s' if n != 1 else ''}" if gen.device.type == "cpu" else ""
     log.info("loaded %s on %s (%s%s) in %.1f s", args.model, device, dtype, threads, time.perf_counter() - t0)

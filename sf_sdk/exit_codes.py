@@ -22,15 +22,20 @@ code), and can hold both signals back while a piece of work that must not be cut
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import NoReturn
 
 __all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_USER_ERROR", "EXIT_SIGINT", "EXIT_SIGTERM", "UserError", "Stopped",
-           "StopSignals", "stop_signals", "exit_code", "is_user_error", "one_line", "run_command"]
+           "StopSignals", "stop_signals", "exit_code", "is_user_error", "one_line", "run_command", "CommandParser",
+           "check_output_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,31 @@ class Stopped(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
         self.exit_code = 128 + signum
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def check_output_folder(path: Path, option: str = "--out") -> None:
+    """A folder a command will write: created if missing, and a file is written and removed in it.
+
+    Raises :class:`UserError` for a file in the way or a place this process cannot write.
+    """
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} is a file, not a folder: give a folder to write (it is created if "
+                        f"missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UserError(f"{option} {path}: cannot write there ({exc.strerror or exc}): choose a folder you can "
+                        f"write") from None
 
 
 def is_user_error(exc: BaseException) -> bool:

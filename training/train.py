@@ -8,11 +8,17 @@ YAML files under ``training/configs`` only override fields of
 ``stages``; each checkpoints into ``<run_dir>/<stage>/checkpoints`` and resumes from there, and a
 finished stage (``<run_dir>/<stage>/final/DONE``) is skipped, so re-running the same command
 continues where it stopped.
+
+Exit codes (:mod:`sf_sdk.exit_codes`): 0 done; 2 a mistake in the command (an unknown config
+name, a bad override, an unknown key or a bad value), in one line before anything runs; 1 a
+failure while training (Hydra prints the traceback); 130 / 143 stopped by SIGINT / SIGTERM
+(the checkpoints written so far stay, and the same command resumes from them).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,6 +27,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from sf_sdk.exit_codes import EXIT_SIGTERM, EXIT_USER_ERROR, exit_code, one_line, stop_signals
 from training.utils.config import TrainConfig, build_config, schema_dict
 from training.utils.dist import DistInfo, barrier, init_distributed
 
@@ -99,10 +106,60 @@ def main(raw: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     job = HydraConfig.get()
-    cfg = build_config(TrainConfig, OmegaConf.to_container(raw, resolve=True),  # type: ignore[arg-type]
-                       source=_source(job.job.config_name, job.overrides.task))
-    run(cfg)
+    try:
+        cfg = build_config(TrainConfig, OmegaConf.to_container(raw, resolve=True),  # type: ignore[arg-type]
+                           source=_source(job.job.config_name, job.overrides.task))
+    except ValueError as exc:
+        _user_error(exc)
+    try:
+        with stop_signals():
+            run(cfg)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the checkpoints so far stay
+        code = exit_code(exc)
+        log.warning("stopped by %s; run the same command again to resume", "SIGTERM" if code == EXIT_SIGTERM
+                    else "SIGINT")
+        raise SystemExit(code) from None
+
+
+PROG = "python -m training.train"
+
+
+def _user_error(exc: BaseException) -> None:
+    sys.stderr.write(f"{PROG}: error: {one_line(exc)}\n")
+    raise SystemExit(EXIT_USER_ERROR)
+
+
+def _check_command(argv: Sequence[str]) -> None:
+    """Compose the config the command names before Hydra runs it, so that a mistake in it (an
+    unknown config name, an override Hydra cannot parse, an unknown key, a bad value) is one line
+    and exit code 2 rather than Hydra's traceback and 1. Commands with Hydra's own flags (help,
+    printing, multirun) or ``hydra.*`` overrides are left to Hydra."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    name, overrides, rest = None, [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg in ("--config-name", "-cn") and rest:
+            name = rest.pop(0)
+        elif arg.startswith("--config-name="):
+            name = arg.split("=", 1)[1]
+        elif arg.startswith("-") or arg.startswith("hydra."):
+            return
+        else:
+            overrides.append(arg)
+    names = sorted(p.stem for p in (Path(__file__).resolve().parent / "configs").glob("*.yaml"))
+    if name is None:
+        _user_error(ValueError(f"no config given: pass --config-name NAME, one of {names}"))
+    name = name.removesuffix(".yaml")
+    if name not in names:
+        _user_error(ValueError(f"no config {name!r} in training/configs: choose one of {names}"))
+    try:
+        compose(name, overrides)
+    except (ValueError, HydraException, OmegaConfBaseException) as exc:
+        _user_error(exc)
 
 
 if __name__ == "__main__":
+    _check_command(sys.argv[1:])
     main()
