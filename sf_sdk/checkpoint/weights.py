@@ -5,7 +5,9 @@ from a memory-mapped file (safetensors, or a pickle opened with ``mmap=True``), 
 the requested dtype and device as it is read, so the peak memory is the loaded model plus one
 tensor. Shapes are checked against the file's header before any weight is read, and a
 mismatch names the missing, unexpected and wrongly-shaped keys and the config that would fit.
-Pickles are always read with ``weights_only=True``.
+Pickles are always read with ``weights_only=True``; a pickle that would call code on load (the
+way a malicious checkpoint runs commands) is refused with an error that says so and names the
+callables, and never suggests loading it another way.
 
 Both file formats (:mod:`sf_sdk.checkpoint.folder`, :mod:`sf_sdk.checkpoint.official`) load
 through this module and return a :class:`LoadedModel`.
@@ -14,9 +16,12 @@ through this module and return a :class:`LoadedModel`.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import pickle
+import pickletools
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,13 +170,21 @@ def open_state_dict(path: str | os.PathLike, *, key: str | None = None, prefix: 
     except CheckpointError:
         raise
     except pickle.UnpicklingError as exc:
+        found = _pickle_globals(path)
+        code = [name for name in found if _runs_code(name)]
+        if code:
+            raise CheckpointError(f"{path} tries to run code when it is loaded (its pickle calls "
+                                  f"{', '.join(code[:5])}), which a weights file never does: it must not be "
+                                  f"loaded. Delete it and get the weights from a source you trust (a .safetensors "
+                                  f"file cannot run code)") from None
         detail = _unpickler_detail(exc)
-        if "Unsupported global" not in detail:
+        if "nsupported global" not in detail and not found:
             raise CheckpointError(f"cannot read {path}: not a valid weights pickle ({detail}): truncated, "
-                                  f"corrupt, or not a weights file?") from exc
-        raise CheckpointError(f"{path} holds Python objects besides tensors ({detail}); sf-sdk reads pickles "
-                              f"only with weights_only=True: re-save the state dicts with "
-                              f"torch.save(module.state_dict()) from code you trust") from exc
+                                  f"corrupt, or not a weights file?") from None
+        objects = ", ".join(found[:5]) or detail
+        raise CheckpointError(f"{path} holds Python objects besides tensors ({objects}); sf-sdk reads only "
+                              f"tensors from a pickle: save the weights with torch.save(module.state_dict()) or "
+                              f"as .safetensors") from None
     except Exception as exc:  # truncated / corrupt files surface here
         raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {_first_line(exc)} (truncated, "
                               f"corrupt, or not a weights file?)") from exc
@@ -194,13 +207,72 @@ def _torch_load(path: Path) -> Any:
 
 
 def _unpickler_detail(exc: BaseException) -> str:
-    """The reason inside torch's long weights-only error message (e.g. "Unsupported global: ...")."""
+    """The reason inside torch's long weights-only error message (e.g. "Unsupported operand 149"),
+    without its advice (which suggests loading with weights_only=False)."""
     text = str(exc)
     marker = "WeightsUnpickler error:"
     if marker in text:
-        rest = text.split(marker, 1)[1].strip()
-        return rest.splitlines()[0].strip() if rest else _first_line(exc)
-    return _first_line(exc)
+        text = text.split(marker, 1)[1]
+    reasons = [line.strip() for line in text.splitlines()
+               if line.strip() and "weights_only" not in line and "Check the documentation" not in line]
+    return reasons[0].split(". Please use")[0] if reasons else "a pickle the weights-only reader refuses"
+
+
+# Globals a weights pickle may name: torch's tensor and storage rebuilders and OrderedDict.
+_WEIGHTS_MODULES = ("torch", "collections")
+# Modules whose callables run commands or code (os.system, eval, subprocess.Popen, ...).
+_CODE_MODULES = {"os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy", "pty",
+                 "code", "codeop", "pickle", "_pickle", "marshal", "ctypes", "webbrowser", "multiprocessing",
+                 "asyncio", "pdb", "timeit", "operator", "functools", "types", "inspect", "platform", "signal",
+                 "tempfile", "pathlib", "io", "_io", "commands", "popen2", "urllib", "http", "requests", "torch.hub"}
+_CODE_BUILTINS = {"eval", "exec", "compile", "__import__", "getattr", "setattr", "delattr", "open", "input",
+                  "breakpoint", "globals", "locals", "vars", "print", "exit", "quit", "help"}
+
+
+def _runs_code(name: str) -> bool:
+    """Whether a pickle global ("module.attr") is a callable that runs commands or code."""
+    module, _, attr = name.rpartition(".")
+    if module in ("builtins", "__builtin__"):
+        return attr in _CODE_BUILTINS
+    return module in _CODE_MODULES or module.split(".")[0] in _CODE_MODULES
+
+
+def _pickle_globals(path: Path, limit: int = 64 << 20) -> list[str]:
+    """The globals ("module.attr") a torch pickle names, other than torch's own and OrderedDict.
+
+    Reads the opcodes only (``pickletools``, nothing is imported or called): the ``data.pkl`` of
+    a zip checkpoint, or the leading pickles of a legacy one. A corrupt stream ends the scan.
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(member) if member is not None else b""
+        else:
+            with open(path, "rb") as f:
+                data = f.read(limit)
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return []
+    found: list[str] = []
+    stream = io.BytesIO(data)
+    while stream.tell() < len(data):  # a legacy file is several pickles in a row
+        strings: list[str] = []
+        memo: dict[Any, Any] = {}
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                if isinstance(arg, str) and op.name.endswith(("UNICODE", "STRING", "UNICODE8")):
+                    strings.append(arg)
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE"):
+                    memo[arg if op.name != "MEMOIZE" else len(memo)] = strings[-1] if strings else None
+                elif op.name in ("BINGET", "LONG_BINGET", "GET") and isinstance(memo.get(arg), str):
+                    strings.append(memo[arg])
+                if op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+        except Exception:  # not a pickle (any more): tensor data, or a cut file
+            break
+    return list(dict.fromkeys(n for n in found if n.split(".")[0] not in _WEIGHTS_MODULES))
 
 
 def _first_line(exc: BaseException) -> str:
