@@ -319,7 +319,8 @@ class PromptTokenizer:
     truncation=True, max_length=text_len, add_special_tokens=True``) produces: a prompt that
     is too long keeps its first ``text_len - 1`` tokens and still ends with EOS (a warning is
     logged). Pad and EOS tokens come from ``tokenizer_config.json`` when it names them, else
-    T5's ``<pad>`` and ``</s>``.
+    T5's ``<pad>`` and ``</s>``; so does the unknown token (``<unk>``), which
+    :meth:`unknown_words` uses to find the words the vocabulary cannot spell.
     """
 
     def __init__(self, folder: str | Path, text_len: int, *, clean: bool = True) -> None:
@@ -344,6 +345,8 @@ class PromptTokenizer:
         self.tokenizer = Tokenizer.from_file(str(file))
         self.pad_id = self._token_id(_special_token(config, "pad_token", "<pad>"))
         self.eos_id = self._token_id(_special_token(config, "eos_token", "</s>"))
+        # None: a vocabulary without an unknown token (byte-level BPE spells every text).
+        self.unk_id = self.tokenizer.token_to_id(_special_token(config, "unk_token", "<unk>"))
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def _token_id(self, token: str) -> int:
@@ -381,6 +384,22 @@ class PromptTokenizer:
             ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             mask[row, : len(tokens)] = 1
         return TokenizedPrompts(ids=ids, mask=mask)
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` (as :meth:`prepare` returns it) that become the unknown token.
+
+        A word-level vocabulary (:func:`build_word_tokenizer`) maps every word it lacks to
+        ``<unk>``; a SentencePiece vocabulary such as umT5's spells almost any text in pieces
+        and yields ``<unk>`` only for characters it has never seen, so it rarely reports any.
+        Only tokens that are the unknown id count: no false alarms for words split in pieces.
+        Punctuation (a piece without a letter or digit) is not reported.
+        """
+        if self.unk_id is None:
+            return []
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        words = [text[start:end] for token, (start, end) in zip(encoding.ids, encoding.offsets)
+                 if token == self.unk_id]
+        return list(dict.fromkeys(w for w in words if any(c.isalnum() for c in w)))
 
     def decode(self, ids: Sequence[int]) -> str:
         """Token ids back to text, without pad / EOS / other special tokens."""
@@ -450,6 +469,9 @@ def build_word_tokenizer(words: Sequence[str], out_dir: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
+_WARNED_PROMPTS = 1024
+
+
 class TextEncoder:
     """Prompts -> per-prompt embeddings [n_tokens + 1, dim], with an LRU cache.
 
@@ -461,6 +483,10 @@ class TextEncoder:
     Misses are encoded in one batch padded to the longest of them rather than to
     ``text_len``: padded keys are masked out of attention, so the real rows are the same
     (up to floating-point summation order) as with Wan's padding to ``text_len``.
+
+    A prompt with words the tokenizer cannot read (:meth:`PromptTokenizer.unknown_words`) is
+    encoded all the same, with one logged warning naming them (once per prompt: the last
+    ``_WARNED_PROMPTS`` prompts warned about are remembered), since the video cannot show them.
     """
 
     def __init__(self, encoder: UMT5Encoder, tokenizer: PromptTokenizer, *,
@@ -478,6 +504,7 @@ class TextEncoder:
         self._cache: OrderedDict[str, Tensor] = OrderedDict()
         self.cache_hits = 0
         self.cache_misses = 0
+        self._warned: OrderedDict[str, None] = OrderedDict()
 
     @classmethod
     def from_files(cls, checkpoint: str | Path, tokenizer_dir: str | Path,
@@ -507,6 +534,8 @@ class TextEncoder:
         missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
         self.cache_misses += len(missing)
         self.cache_hits += len(texts) - len(missing)
+        for text in missing:
+            self._warn_unknown_words(text)
         fresh = dict(zip(missing, self._run(missing))) if missing else {}
         out = []
         for text in texts:
@@ -520,6 +549,20 @@ class TextEncoder:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return out
+
+    def _warn_unknown_words(self, text: str) -> None:
+        if text in self._warned:
+            return
+        unknown = self.tokenizer.unknown_words(text)
+        if not unknown:
+            return
+        self._warned[text] = None
+        while len(self._warned) > _WARNED_PROMPTS:
+            self._warned.popitem(last=False)
+        log.warning("prompt %r: the model does not know the word%s %s; %s read as an unknown token, so the "
+                    "video will not show %s: use words the model was trained on", text[:80],
+                    "s" if len(unknown) > 1 else "", ", ".join(repr(w) for w in unknown),
+                    "they are" if len(unknown) > 1 else "it is", "them" if len(unknown) > 1 else "it")
 
     def _run(self, texts: list[str]) -> list[Tensor]:
         tokens = self.tokenizer.tokenize_prepared(texts)
