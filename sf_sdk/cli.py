@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "longlive, reward-forcing, ...; default: from the file name)")
     p.add_argument("--lora", type=Path, help="a LoRA (PEFT folder or file, LongLive lora.pt) merged into the DiT")
     p.add_argument("--lora-scale", type=float, default=1.0, help="the LoRA's strength (default 1)")
+    p.add_argument("--image", type=Path, help="image-to-video: the first frame (resized and centre-cropped to the "
+                                              "model's size; frame-wise models)")
     p.add_argument("--prompt-at", action="append", default=[], metavar="FRAME:PROMPT",
                    help="switch to PROMPT at video frame FRAME (at the first chunk boundary at or after it); "
                         "repeatable, e.g. --prompt-at 40:\"a blue circle moving left\"")
@@ -162,6 +164,8 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str, Path]:
         raise UserError(f"--blend-chunks must be a positive number of chunks, got {args.blend_chunks}")
     if args.threads is not None and args.threads <= 0:
         raise UserError(f"--threads must be a positive number of CPU threads, got {args.threads}")
+    if args.image is not None and not args.image.is_file():
+        raise UserError(f"--image {args.image} is not a file: pass a PNG / JPEG image")
     import torch
 
     from sf_sdk.checkpoint import resolve_dtype
@@ -261,7 +265,7 @@ def _generate(args: argparse.Namespace, device: str, dtype: str, writer, signals
     if late:
         raise UserError(f"--prompt-at frame {late[0]} is not before the end of the video ({frames} frames)")
     writer.fps = Fraction(gen.fps)
-    with gen.stream(args.prompt, num_frames=frames, seed=args.seed) as stream:
+    with gen.stream(args.prompt, num_frames=frames, seed=args.seed, image=args.image) as stream:
         return _write(stream, gen, frames, writer, signals, progress=not (args.no_progress or args.quiet),
                       switches=args.switches, transition=args.transition, blend_chunks=args.blend_chunks)
 

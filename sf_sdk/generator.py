@@ -157,6 +157,7 @@ class StreamingGenerator:
         # used from several threads never interleave inside a chunk (the newest supersedes the others
         # between chunks; they raise at their next chunk). Many streams at once: pool().
         self._lock = threading.RLock()
+        self._vae_float32: tuple[torch.nn.Module, torch.nn.Module] | None = None  # image encoding (I2V)
         self.backend = Backend("none", dit, None)
         self.use_backend(backend, backend_options)
 
@@ -358,12 +359,23 @@ class StreamingGenerator:
         decode: bool = True,
         initial_latent: Tensor | None = None,
         initial_frames: np.ndarray | Tensor | None = None,
+        image: str | os.PathLike | np.ndarray | Tensor | None = None,
     ) -> VideoStream:
         """Start a stream. Iterate it for :class:`VideoChunk` objects; ``close()`` (or leave its
         ``with`` block) to stop early. ``num_frames`` counts video frames, initial ones included
         (``None``: unbounded, needs a rolling window). ``initial_latent`` [F, C, h, w] (normalized)
         or ``initial_frames`` uint8 [T, H, W, 3] extend a given video: its chunks come first,
-        unchanged, then the stream continues from it."""
+        unchanged, then the stream continues from it.
+
+        ``image`` (image-to-video; a path, or uint8 [H, W, 3] of any size, resized and
+        centre-cropped to :attr:`frame_size`, see :mod:`sf_sdk.image`) becomes the first latent
+        frame, encoded by the VAE in float32; the stream continues from it. It needs a frame-wise
+        model (one latent frame per chunk, e.g. Causal Forcing frame-wise); its first chunk is the
+        image's decoded frame."""
+        if image is not None:
+            if initial_latent is not None or initial_frames is not None:
+                raise ValueError("give image, initial_latent or initial_frames, not several")
+            initial_latent = self._image_latent(image)
         req = self._check_request(prompt, prompt_embeds, num_frames, seed, decode, initial_latent,
                                   initial_frames)
         return VideoStream(self, req)
@@ -399,6 +411,32 @@ class StreamingGenerator:
         return StreamPool(self, max_streams, latent_capacity=capacity)
 
     # ------------------------------------------------------------------ stages
+    def _image_latent(self, image: Any) -> Tensor:
+        """The conditioning image as one normalized latent frame [1, C, h, w] (model dtype), encoded
+        by a float32 VAE (a float32 copy of a half-precision VAE is made once)."""
+        from sf_sdk.image import fit_image
+
+        if self.vae is None:
+            raise ValueError("image-to-video encodes the image with the VAE: this model has none (pass "
+                             "initial_latent, one normalized latent frame, instead)")
+        c = self.streaming.num_frame_per_block
+        if c != 1:
+            raise ValueError(f"image-to-video conditions the first latent frame alone: it needs a frame-wise model "
+                             f"(num_frame_per_block=1; e.g. Causal Forcing frame-wise), this one has chunks of {c} "
+                             f"(load it with streaming={{'num_frame_per_block': 1}} only if it was trained so)")
+        pixels = fit_image(image, self.frame_size)  # [H, W, 3] uint8
+        video = pixels.permute(2, 0, 1)[None, :, None].to(self.device, torch.float32) / 127.5 - 1  # [1, 3, 1, H, W]
+        vae = self.vae
+        if vae.dtype != torch.float32:
+            if self._vae_float32 is None or self._vae_float32[0] is not vae:
+                import copy
+
+                self._vae_float32 = (vae, copy.deepcopy(vae).float())
+            vae = self._vae_float32[1]
+        with torch.inference_mode():
+            latent = vae.normalize(vae.encode(video))  # [1, C, 1, h, w]
+        return latent[0].transpose(0, 1).to(self.dtype)  # [1, C, h, w]
+
     def _check_prompt(self, prompt: Any) -> None:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")

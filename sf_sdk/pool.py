@@ -302,9 +302,13 @@ class StreamPool:
 
     def open(self, prompt: str | None = None, *, prompt_embeds: Tensor | None = None, seed: int = 0,
              num_frames: int | None = None, decode: bool = True, initial_latent: Tensor | None = None,
-             initial_frames: np.ndarray | Tensor | None = None) -> PooledStream:
+             initial_frames: np.ndarray | Tensor | None = None, image: Any = None) -> PooledStream:
         """Add a stream (arguments as :meth:`sf_sdk.StreamingGenerator.stream`); it computes its first
         chunk at the next :meth:`step`. Raises :class:`PoolFullError` when every slot is taken."""
+        if image is not None:
+            if initial_latent is not None or initial_frames is not None:
+                raise ValueError("give image, initial_latent or initial_frames, not several")
+            initial_latent = self._gen._image_latent(image)
         req = self._gen._check_request(prompt, prompt_embeds, num_frames, seed, decode, initial_latent,
                                        initial_frames)
         return self._open(req)
