@@ -70,9 +70,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x / rms(x) * weight over the last dim (float32 or wider inside; rounded to x's dtype before
+    the weight, as the official norm). ``weight`` broadcasts over x's trailing dims."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return F.rms_norm(x.float(), x.shape[-1:], None, eps).type_as(x) * weight
+    if weight.shape == x.shape[-1:]:
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
+    return F.rms_norm(x, x.shape[-1:], None, eps) * weight
 
 
 class LayerNorm(nn.LayerNorm):
@@ -130,9 +138,32 @@ class RotaryEmbedding:
         return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def _tracing() -> bool:
+    """Inside torch.compile / torch.export / jit tracing (graphs keep real-valued ops: ONNX and
+    TensorRT have no complex tensors)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def rotary_freqs(cos: Tensor, sin: Tensor) -> Tensor:
+    """The complex form ``cos + i sin`` of rotary tables [..., L, D/2] -> [..., L, 1, D/2] (complex64,
+    or complex128 for float64 tables), to rotate many tensors by the same angles."""
+    real = torch.float64 if cos.dtype == torch.float64 else torch.float32
+    return torch.complex(cos.to(real), sin.to(real)).unsqueeze(-2)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, freqs: Tensor | None = None) -> Tensor:
     """Rotate channel pairs of x [B, L, H, D] by angles whose cos/sin are [L, D/2] (every row the
-    same) or [B, L, D/2] (one table per row)."""
+    same) or [B, L, D/2] (one table per row).
+
+    Eager calls multiply by the complex table ``freqs`` (:func:`rotary_freqs` of cos/sin, made here
+    when not given): three ops instead of ten, computed in float32 (float64 for float64 x) and
+    rounded to x's dtype. Traced graphs run the same rotation with real-valued ops."""
+    if not _tracing():
+        if freqs is None:
+            freqs = rotary_freqs(cos, sin)
+        real = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xc = torch.view_as_complex(x.to(real).unflatten(-1, (-1, 2)))  # [B, L, H, D/2]
+        return torch.view_as_real(xc * freqs).flatten(-2).to(x.dtype)  # [B, L, H, D]
     b, n, h, d = x.shape
     xp = x.reshape(b, n, h, d // 2, 2)  # [B, L, H, D/2, 2]
     x0, x1 = xp.unbind(-1)
@@ -208,6 +239,16 @@ class StepAttention:
     new_k: list[Tensor] | None = None
     new_v: list[Tensor] | None = None
     _row_tables: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
+    _freqs_q: Tensor | None = field(default=None, repr=False)
+
+    def freqs_q(self) -> Tensor | None:
+        """The chunk's complex rotary table (:func:`rotary_freqs`), made once for all of its calls
+        and layers; None in traced graphs (they rotate with real-valued ops)."""
+        if _tracing():
+            return None
+        if self._freqs_q is None:
+            self._freqs_q = rotary_freqs(self.cos_q, self.sin_q)
+        return self._freqs_q
 
     def row_tables(self, rows: int) -> tuple[Tensor, Tensor, Tensor]:
         """Write slots [B, F*T] and rotary tables [B, F*T, D/2] with one row per stream (the graph
@@ -227,17 +268,18 @@ class StepAttention:
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         relative = self.cos_k is not None
-        q = apply_rotary(q, self.cos_q, self.sin_q)
+        freqs = self.freqs_q()
+        q = apply_rotary(q, self.cos_q, self.sin_q, freqs)
         differentiable = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
         if self.cache is not None and not self.functional:
             # The cache stores keys rotated (absolute positions) or as they are (cache_relative).
             self.cache.write(layer, k, v, self.plan, None if relative else (self.cos_q, self.sin_q))
             kc, vc = self._buffers(layer)
             if differentiable and not relative:
-                k = apply_rotary(k, self.cos_q, self.sin_q)
+                k = apply_rotary(k, self.cos_q, self.sin_q, freqs)
         else:
             if not relative:
-                k = apply_rotary(k, self.cos_q, self.sin_q)
+                k = apply_rotary(k, self.cos_q, self.sin_q, freqs)
             kc, vc = self._buffers(layer)
             if self.functional:
                 kc = write_rows(kc, self.write_slots, k, inplace=False)
@@ -302,14 +344,45 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(cfg.dim, cfg.dim)
         self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.qk_norm, self.eps = cfg.qk_norm, cfg.eps
+        self._fused: tuple[tuple, Tensor, Tensor, Tensor | None] | None = None
+
+    def fused_qkv(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The q, k, v projections as one weight [3*dim, dim] and bias, and the q/k norm weights as
+        one [2, dim] (None without qk_norm): a copy made on first use and remade whenever a
+        parameter changes (new tensor, in-place update or dtype), so the state dict keeps the
+        official q / k / v keys. Used without autograd only (gradients need the parameters)."""
+        params = [self.q.weight, self.q.bias, self.k.weight, self.k.bias, self.v.weight, self.v.bias]
+        if self.qk_norm:
+            params += [self.norm_q.weight, self.norm_k.weight]
+        key = tuple((p.data_ptr(), None if p.is_inference() else p._version) for p in params)
+        if self._fused is None or self._fused[0] != key:
+            with torch.no_grad():
+                w = torch.cat([self.q.weight, self.k.weight, self.v.weight])  # [3*dim, dim]
+                b = torch.cat([self.q.bias, self.k.bias, self.v.bias])  # [3*dim]
+                nw = torch.stack([self.norm_q.weight, self.norm_k.weight]) if self.qk_norm else None  # [2, dim]
+            self._fused = (key, w, b, nw)
+        return self._fused[1:]
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, L, dim] -> q, k (normed), v, each [B, L, H, D]."""
+        b, n, d = x.shape
+        heads = (b, n, self.num_heads, self.head_dim)
+        if torch.is_grad_enabled() or _tracing():
+            q = self.norm_q(F.linear(x, self.q.weight, self.q.bias)).view(heads)  # [B, L, H, D]
+            k = self.norm_k(F.linear(x, self.k.weight, self.k.bias)).view(heads)  # [B, L, H, D]
+            return q, k, F.linear(x, self.v.weight, self.v.bias).view(heads)
+        w, bias, norm_w = self.fused_qkv()
+        qkv = F.linear(x, w, bias).view(b, n, 3, d)  # [B, L, 3, dim]
+        qk = qkv[:, :, :2]  # [B, L, 2, dim]
+        if norm_w is not None:
+            qk = rms_norm(qk, norm_w, self.eps)  # both norms in one call
+        return qk[:, :, 0].view(heads), qk[:, :, 1].view(heads), qkv[:, :, 2].view(heads)
 
     def forward(self, x: Tensor, attend: SequenceAttention | StepAttention, layer: int) -> Tensor:
-        b, n, _ = x.shape
-        q = self.norm_q(self.q(x)).view(b, n, self.num_heads, self.head_dim)  # [B, L, H, D]
-        k = self.norm_k(self.k(x)).view(b, n, self.num_heads, self.head_dim)  # [B, L, H, D]
-        v = self.v(x).view(b, n, self.num_heads, self.head_dim)  # [B, L, H, D]
+        q, k, v = self.project(x)  # [B, L, H, D] each
         out = attend(layer, q, k, v)  # [B, L, H, D]
-        return self.o(out.flatten(2))  # [B, L, dim]
+        return F.linear(out.flatten(2), self.o.weight, self.o.bias)  # [B, L, dim]
 
 
 class CrossAttention(nn.Module):
@@ -332,20 +405,21 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor) -> Tensor:
         b, n, _ = x.shape
-        q = self.norm_q(self.q(x)).view(b, n, self.num_heads, self.head_dim)  # [B, L, H, D]
-        return self.o(attention(q, k, v).flatten(2))  # [B, L, dim]
+        q = self.norm_q(F.linear(x, self.q.weight, self.q.bias)).view(b, n, self.num_heads, self.head_dim)
+        return F.linear(attention(q, k, v).flatten(2), self.o.weight, self.o.bias)  # [B, L, dim]
 
 
-def _modulate(x: Tensor, shift: Tensor, scale: Tensor, frames: int) -> Tensor:
-    """adaLN per frame: x [B, F*T, dim], shift/scale [B, F, 1, dim] -> [B, F*T, dim]."""
+def _modulate(x: Tensor, shift: Tensor, scale1: Tensor, frames: int) -> Tensor:
+    """adaLN per frame: x [B, F*T, dim], shift and 1 + scale [B, F, 1, dim] -> [B, F*T, dim]."""
     b, n, d = x.shape
-    xf = x.view(b, frames, n // frames, d)  # [B, F, T, dim]
-    return (xf * (1 + scale) + shift).view(b, n, d)
+    return torch.addcmul(shift, x.view(b, frames, n // frames, d), scale1).view(b, n, d)  # [B, F*T, dim]
 
 
-def _gate(y: Tensor, gate: Tensor, frames: int) -> Tensor:
+def _gated_add(x: Tensor, y: Tensor, gate: Tensor, frames: int) -> Tensor:
+    """x + y * gate per frame: x, y [B, F*T, dim], gate [B, F, 1, dim] -> [B, F*T, dim]."""
     b, n, d = y.shape
-    return (y.view(b, frames, n // frames, d) * gate).view(b, n, d)  # [B, F*T, dim]
+    per_frame = (b, frames, n // frames, d)
+    return torch.addcmul(x.view(per_frame), y.view(per_frame), gate).view(b, n, d)
 
 
 class Block(nn.Module):
@@ -363,16 +437,25 @@ class Block(nn.Module):
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
+    def modulation_of(self, e: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        """The block's adaLN vectors for time projections e [B, F, 6, dim]: (shift, 1 + scale, gate)
+        for the self-attention, then for the FFN, each [B, F, 1, dim]."""
+        mod = (self.modulation.unsqueeze(1) + e).to(dtype)  # [B, F, 6, dim]
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unsqueeze(3).unbind(2)  # 6 x [B, F, 1, dim]
+        return shift1, 1 + scale1, gate1, shift2, 1 + scale2, gate2
+
     def forward(self, x: Tensor, e: Tensor, cross_k: Tensor, cross_v: Tensor,
                 attend: SequenceAttention | StepAttention, layer: int) -> Tensor:
         # e: [B, F, 6, dim] time projection of each frame
         frames = e.shape[1]
-        mod = (self.modulation.unsqueeze(1) + e).to(x.dtype).chunk(6, dim=2)  # 6 x [B, F, 1, dim]
-        y = self.self_attn(_modulate(self.norm1(x), mod[0], mod[1], frames), attend, layer)
-        x = x + _gate(y, mod[2], frames)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation_of(e, x.dtype)
+        y = self.self_attn(_modulate(self.norm1(x), shift1, scale1, frames), attend, layer)
+        x = _gated_add(x, y, gate1, frames)
         x = x + self.cross_attn(self.norm3(x), cross_k, cross_v)
-        y = self.ffn(_modulate(self.norm2(x), mod[3], mod[4], frames))
-        return x + _gate(y, mod[5], frames)
+        ffn_in, _, ffn_out = self.ffn
+        y = F.linear(_modulate(self.norm2(x), shift2, scale2, frames), ffn_in.weight, ffn_in.bias)
+        y = F.linear(F.gelu(y, approximate="tanh"), ffn_out.weight, ffn_out.bias)  # [B, F*T, dim]
+        return _gated_add(x, y, gate2, frames)
 
 
 class Head(nn.Module):
@@ -385,8 +468,8 @@ class Head(nn.Module):
     def forward(self, x: Tensor, e: Tensor) -> Tensor:
         # e: [B, F, dim] time embedding of each frame
         frames = e.shape[1]
-        mod = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).to(x.dtype).chunk(2, dim=2)  # 2 x [B,F,1,dim]
-        return self.head(_modulate(self.norm(x), mod[0], mod[1], frames))  # [B, F*T, out*p]
+        shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).to(x.dtype).unsqueeze(3).unbind(2)
+        return self.head(_modulate(self.norm(x), shift, 1 + scale, frames))  # [B, F*T, out*p]
 
 
 # --------------------------------------------------------------------------------------------
