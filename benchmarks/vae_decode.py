@@ -10,12 +10,23 @@ those (``CausalConv3d.onednn_single_clip``); this script times both ways in one 
 alternating repeats, and checks that they agree. Prints median seconds per decode of
 ``--latent-frames`` latent frames (one at a time through ``StreamingDecoder``, as streaming
 does) and per encode of the matching video, for each way, and the ratios.
+
+    python benchmarks/vae_decode.py --tiny [--model shapes-tiny] [--chunks 8] [--streams 8] [--onnx] [--json]
+
+``--tiny``: the tiny streaming decoder (TAEHV, ``decoder="tiny"``) against the Wan decoder, side by
+side in one run, on latents the model generates (8 prompts, ``--chunks`` chunks each): seconds per
+chunk of one stream (the median over every chunk after each stream's first and over the repeats;
+eager PyTorch, and with ``--onnx`` both decoders' decode steps exported to ONNX and run on ONNX
+Runtime), seconds per chunk of ``--streams`` streams decoded in one batched pass (a pool's decode),
+and the PSNR of the tiny decoder's frames against the Wan decoder's (uint8 frames, peak 255, over
+all frames). Decode only: no DiT, no uint8 conversion in the times.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
@@ -48,6 +59,133 @@ def timed(fn) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out
 
 
+PROMPTS = ("a red circle", "a blue square", "a green triangle moving left", "a yellow star",
+           "a white circle moving right", "a purple square moving up", "a red triangle", "an orange circle")
+
+
+def _median_chunk_seconds(make, chunks: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+    """Decode one stream's chunks; (seconds of each chunk after the first, the frames)."""
+    dec = make()
+    out, secs = [], []
+    for i, chunk in enumerate(chunks):
+        sec, frames = timed(lambda chunk=chunk: dec.decode(chunk))
+        out.append(frames)
+        if i:
+            secs.append(sec)
+    return secs, out
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two [-1, 1] videos as uint8 frames (peak 255)."""
+    def u8(x: torch.Tensor) -> torch.Tensor:
+        return ((x.clamp(-1, 1) + 1) * 127.5).round()
+
+    mse = (u8(a) - u8(b)).square().mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def _onnx_decoder(step_graphs, shapes, folder):
+    """Export (first, later) decode steps to ONNX in ``folder``; a StepDecoder factory on ONNX Runtime."""
+    from export.onnx import OrtDecodeStep, OrtStep, export_step_onnx
+    from export.runtime import StepDecoder
+    from export.settings import ONNXSettings
+
+    runners = []
+    for graph, first in zip(step_graphs, (True, False)):
+        path = folder / f"{graph.name}.onnx"
+        export_step_onnx(graph, path, ONNXSettings())
+        runners.append(OrtDecodeStep(OrtStep(path, shapes.inputs(), shapes.outputs(first), device=torch.device("cpu"),
+                                             threads=torch.get_num_threads()), shapes, first))
+    return lambda: StepDecoder(shapes, runners[0], runners[1], device="cpu")
+
+
+def tiny_main(args: argparse.Namespace) -> None:
+    """Tiny decoder against the Wan decoder: seconds per chunk and PSNR (see the module docstring)."""
+    import tempfile
+    from pathlib import Path
+
+    from sf_sdk import StreamingGenerator
+    from sf_sdk.models.taehv import decode_tiny_streams
+    from sf_sdk.models.vae import decode_streams
+
+    torch.set_num_threads(args.threads)
+    gen = StreamingGenerator.from_pretrained(args.model, decoder="tiny")
+    vae, tiny = gen.vae.eval(), gen.tiny_decoder.eval()
+    c = gen.streaming.num_frame_per_block
+    frames = video_frames_for_latents(c * args.chunks, gen.temporal_stride)
+    latents = [gen.generate(PROMPTS[i % len(PROMPTS)], num_frames=frames, seed=i, decode=False).latents
+               for i in range(max(args.streams, 2))]  # each [F, z, h, w]
+    streams = [[lat.transpose(0, 1)[None, :, j:j + c] for j in range(0, lat.shape[0], c)] for lat in latents]
+    makers = {"wan": vae.streaming_decoder, "tiny": tiny.streaming_decoder}
+    tmp = None
+    if args.onnx:
+        from export.settings import DecodeShapes, ExportModel, ExportSettings
+        from export.steps import decode_step_graphs
+        from export.tiny import tiny_decode_shapes, tiny_step_graphs
+
+        tmp = tempfile.TemporaryDirectory()
+        folder = Path(tmp.name)
+        settings = ExportSettings()
+        wan_graphs = decode_step_graphs(ExportModel(dit=None, streaming=gen.streaming, vae=vae), settings)
+        makers["wan_onnxruntime"] = _onnx_decoder(wan_graphs, DecodeShapes.from_vae(vae, gen.streaming), folder)
+        makers["tiny_onnxruntime"] = _onnx_decoder(tiny_step_graphs(tiny, gen.streaming),
+                                                   tiny_decode_shapes(tiny, gen.streaming), folder)
+    batched = {"wan": (vae, decode_streams), "tiny": (tiny, decode_tiny_streams)}
+    times: dict[str, list[float]] = {name: [] for name in makers}
+    pool_times: dict[str, list[float]] = {name: [] for name in batched}
+    decoded: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for rep in range(args.repeats + 1):  # the first round warms up
+            for name, make in makers.items():
+                for s, chunks in enumerate(streams[:2]):
+                    secs, out = _median_chunk_seconds(make, chunks)
+                    if rep:
+                        times[name] += secs
+                    if rep == 0 and s == 0 and name in ("wan", "tiny"):
+                        decoded[name] = [torch.cat(out, dim=2)]
+            for name, (model, decode_many) in batched.items():
+                decs = [model.streaming_decoder() for _ in range(args.streams)]
+                for j in range(args.chunks):
+                    z = torch.cat([streams[s][j] for s in range(args.streams)])
+                    sec, _ = timed(lambda f=decode_many, d=decs, z=z: f(d, z))
+                    if rep and j:
+                        pool_times[name].append(sec)
+        for s in range(1, len(streams)):  # the PSNR over every generated stream
+            for name in ("wan", "tiny"):
+                decoded[name].append(makers[name]().decode(torch.cat(streams[s], dim=2)))
+    if tmp is not None:
+        tmp.cleanup()
+    psnr = statistics.mean(_psnr(t, w) for t, w in zip(decoded["tiny"], decoded["wan"]))
+    med = {name: statistics.median(v) for name, v in times.items()}
+    pool_med = {name: statistics.median(v) for name, v in pool_times.items()}
+    result = {
+        "model": args.model, "chunk_latent_frames": c, "chunk_video_frames": c * gen.temporal_stride,
+        "latent_hw": [gen.streaming.latent_height, gen.streaming.latent_width], "chunks": args.chunks,
+        "streams": args.streams, "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "tiny_widths": list(tiny.config.widths),
+        "params": {"wan_decoder": sum(p.numel() for p in (*vae.decoder.parameters(), *vae.conv2.parameters())),
+                   "tiny_decoder": sum(p.numel() for p in tiny.parameters())},
+        "seconds_per_chunk": med, "pool_seconds_per_chunk": pool_med,
+        "speedup_tiny_vs_wan": med["wan"] / med["tiny"],
+        "pool_speedup_tiny_vs_wan": pool_med["wan"] / pool_med["tiny"],
+        "psnr_tiny_vs_wan_db": psnr, "psnr_streams": len(streams),
+    }
+    if "tiny_onnxruntime" in med:
+        result["speedup_tiny_onnxruntime_vs_wan_onnxruntime"] = med["wan_onnxruntime"] / med["tiny_onnxruntime"]
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{args.model}: chunks of {c} latent frames = {result['chunk_video_frames']} video frames at "
+          f"{gen.frame_size[0]}x{gen.frame_size[1]}, {args.threads} thread(s), median over {len(times['wan'])} chunks")
+    print(f"{'decoder':18} {'s / chunk':>10} {'vs wan':>8}")
+    for name, sec in med.items():
+        print(f"{name:18} {sec:10.4f} {med['wan'] / sec:7.2f}x")
+    for name, sec in pool_med.items():
+        print(f"{name + ' x' + str(args.streams):18} {sec:10.4f} {pool_med['wan'] / sec:7.2f}x  (batched streams)")
+    print(f"PSNR tiny vs wan frames: {psnr:.2f} dB over {len(streams)} generated streams")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="shapes-tiny", help="a model name or folder (its VAE)")
@@ -58,7 +196,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--tiny", action="store_true", help="the tiny decoder against the Wan decoder (see above)")
+    ap.add_argument("--chunks", type=int, default=8, help="--tiny: chunks per stream")
+    ap.add_argument("--streams", type=int, default=8, help="--tiny: streams of the batched (pool) decode")
+    ap.add_argument("--onnx", action="store_true", help="--tiny: also both decoders' steps on ONNX Runtime")
     args = ap.parse_args()
+    if args.tiny:
+        if args.chunks < 2 or args.streams < 1 or args.repeats < 1:
+            ap.error("--tiny needs --chunks >= 2, --streams >= 1 and --repeats >= 1")
+        tiny_main(args)
+        return
     if args.latent_frames < 1 or args.repeats < 1:
         ap.error("--latent-frames and --repeats must be at least 1")
     if not torch.backends.mkldnn.is_available():
