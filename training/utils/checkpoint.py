@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import re
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,16 @@ __all__ = ["TrainState", "save_checkpoint", "load_checkpoint", "latest_step", "a
 log = logging.getLogger(__name__)
 
 _CKPT = re.compile(r"ckpt-(\d{8})\.safetensors$")
+
+# Test hook (tests/test_training_faults.py): "NAME:POINT" kills this process with SIGKILL while it
+# writes the file NAME, at POINT: "written" (the temporary file is complete, not yet renamed) or
+# "renamed" (the file is in place, nothing after it done), as a crash there would.
+FAULT_ENV = "SF_TRAINING_FAULT"
+
+
+def _fault_point(path: Path, point: str) -> None:
+    if os.environ.get(FAULT_ENV) == f"{path.name}:{point}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -52,7 +63,9 @@ def atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str,
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        _fault_point(path, "written")
         os.replace(tmp, path)
+        _fault_point(path, "renamed")
     finally:
         if tmp.exists():
             tmp.unlink()
