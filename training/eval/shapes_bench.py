@@ -1086,10 +1086,10 @@ def write_png(path: Path, image: np.ndarray) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _sdk_generate(model: str, device: str) -> GenerateFn:
+def _sdk_generate(model: str, device: str, decoder: str = "wan") -> GenerateFn:
     from sf_sdk import StreamingGenerator  # lazy: the evaluator itself does not need the SDK
 
-    generator = StreamingGenerator.from_pretrained(model, device=device)
+    generator = StreamingGenerator.from_pretrained(model, device=device, decoder=decoder)
 
     def generate(prompt: str, num_frames: int, seed: int) -> Any:
         frames = generator.generate(prompt, num_frames=num_frames, seed=seed).frames
@@ -1101,17 +1101,20 @@ def _sdk_generate(model: str, device: str) -> GenerateFn:
     return generate
 
 
-def _vae_roundtrip(model: str, device: str) -> GenerateFn:
+def _vae_roundtrip(model: str, device: str, decoder: str = "wan") -> GenerateFn:
     """Real clips of each caption through the model's VAE (encode, decode): the ceiling that
-    no generator decoding with this VAE can pass."""
+    no generator decoding with this VAE can pass. ``decoder="tiny"``: decoded by the model's tiny
+    decoder instead (the same encoder and latents)."""
     import torch
 
     from sf_sdk import StreamingGenerator
     from training.data.shapes import frames_to_tensor, tensor_to_frames
 
-    vae = StreamingGenerator.from_pretrained(model, device=device).vae
+    gen = StreamingGenerator.from_pretrained(model, device=device, decoder=decoder)
+    vae = gen.vae
     if vae is None:
         raise ValueError(f"model {model!r} has no VAE: --reconstruct needs one")
+    decode = gen.tiny_decoder.decode if decoder == "tiny" else vae.decode
     domain = BenchConfig().domain
 
     def generate(prompt: str, num_frames: int, seed: int) -> Any:
@@ -1120,7 +1123,7 @@ def _vae_roundtrip(model: str, device: str) -> GenerateFn:
         clip = make_clip(seed, index, cfg, caption=prompt)
         video = frames_to_tensor(clip.frames)[None].to(device=device, dtype=vae.dtype)  # [1, 3, T, H, W]
         with torch.no_grad():
-            recon = vae.decode(vae.normalize(vae.encode(video)))
+            recon = decode(vae.normalize(vae.encode(video)))
         return tensor_to_frames(recon[0].float().cpu())
 
     return generate
@@ -1188,6 +1191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reconstruct", action="store_true",
                         help="score real clips passed through the model's VAE instead of generated "
                              "videos (the ceiling the VAE sets for any generator)")
+    parser.add_argument("--decoder", choices=("wan", "tiny"), default="wan",
+                        help="the model's decoder for generated and --reconstruct videos: wan (default) or its "
+                             "tiny streaming decoder (TAEHV)")
     parser.add_argument("--teacher", type=Path, metavar="RUN_DIR",
                         help="score the teacher of a training run instead of a model (its Euler ODE "
                              "with guidance; see --config-name, --teacher-steps, --guidance)")
@@ -1228,6 +1234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.teacher is not None:
             if args.model or args.reconstruct:
                 parser.error("--teacher scores a run's teacher: drop --model and --reconstruct")
+            if args.decoder != "wan":
+                parser.error("--teacher decodes with the run's VAE: drop --decoder")
             if args.teacher_steps <= 0:
                 parser.error("--teacher-steps must be positive")
             source = {"teacher": str(args.teacher), "config_name": args.config_name,
@@ -1237,8 +1245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             if not args.model:
                 parser.error("--model is required (or use --calibrate or --teacher)")
-            source = {"model": args.model, "reconstruct": args.reconstruct}
-            make_generate = partial(_vae_roundtrip if args.reconstruct else _sdk_generate, args.model, args.device)
+            source = {"model": args.model, "reconstruct": args.reconstruct, "decoder": args.decoder}
+            make_generate = partial(_vae_roundtrip if args.reconstruct else _sdk_generate, args.model, args.device,
+                                    args.decoder)
         import torch
 
         prompts = args.prompts or all_captions()
