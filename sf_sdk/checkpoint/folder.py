@@ -8,6 +8,8 @@ A model folder::
     vae.safetensors         VAE weights (optional: a DiT-only folder streams latents)
     text_encoder.safetensors  umT5-layout encoder (optional: prompt embeddings can be given)
     tokenizer/              a Hugging Face tokenizer folder (tokenizer.json, ...)
+    tiny_decoder.safetensors  a TAEHV tiny decoder (optional, for decoder="tiny"), its config
+                            under "tiny_decoder" in the index (sf_sdk.checkpoint.taehv)
 
 Models shipped inside the package (:data:`BUNDLED_MODELS`) are such folders under
 :data:`ASSETS_DIR`, loadable by name.
