@@ -135,7 +135,8 @@ class PooledStream:
         self.prompt = req.prompt
         self._embeds = embeds  # [text_len, text_dim], the prompt in effect
         self._rng = torch.Generator(device=gen.device).manual_seed(req.seed)
-        self._decoder = gen.backend.make_decoder() if req.decode and gen.backend.make_decoder else None
+        make = pool.backend.make_decoder
+        self._decoder = make() if req.decode and make else None
         self._pending: _Transition | None = None
         self._blend: _Transition | None = None
         self._reset_pending = False
@@ -215,6 +216,11 @@ class PooledStream:
         return init if init is not None and self.next_frame < init.shape[0] else None
 
     @property
+    def _frame_alone(self) -> bool:
+        """The next chunk is frame 0 on its own (``independent_first_frame``)."""
+        return self.next_frame == 0 and self._pool._gen.streaming.independent_first_frame
+
+    @property
     def _first_generated(self) -> bool:
         """The next chunk is the first this stream denoises (after any given video)."""
         init = self._req.initial_latent
@@ -235,10 +241,10 @@ class StreamPool:
             raise ValueError(f"max_streams must be a positive int, got {max_streams!r}")
         self._gen = gen
         self.max_streams = max_streams
-        self.backend = gen.backend
-        static = getattr(gen.backend.dit, "shapes", None)
+        self.backend = gen.backend.for_streams(max_streams)
+        static = getattr(self.backend.dit, "shapes", None)
         if static is not None and static.batch != max_streams:
-            raise ValueError(f"the {gen.backend.name} backend's chunk step was exported for a batch of {static.batch} "
+            raise ValueError(f"the {self.backend.name} backend's chunk step was exported for a batch of {static.batch} "
                              f"stream(s); a pool of {max_streams} needs an export with --batch {max_streams}")
         self._static_rows = static is not None
         st, cfg = gen.streaming, gen.dit.config
@@ -273,7 +279,7 @@ class StreamPool:
         if lay.global_attention and st.rolling:
             what = (f"a KV cache of {lay.capacity_frames} latent frames (the stream's length, under the window "
                     f"local_attn_size={st.local_attn_size})")
-            advice = "generate fewer frames"
+            advice = "generate fewer frames, or lower the window (local_attn_size / --window) below the stream's length"
         elif st.rolling:
             what = (f"a KV cache of {lay.capacity_frames} latent frames (the window: local_attn_size / --window "
                     f"{st.local_attn_size})")
@@ -405,39 +411,76 @@ class StreamPool:
             t0 = clock.mark()
             for s in active:
                 s._apply_boundary()
-            plan = cache.plan_rows([s.next_frame if s is not None else None for s in by_row], c)
-            initial = [s._initial if s is not None else None for s in by_row]
-            # Rows replaying a given video draw no noise for the denoising steps (as alone).
-            noise_gens = [s._rng if s is not None and initial[r] is None else None for r, s in enumerate(by_row)]
-            shape = (rows, c, gen.dit.config.in_dim, st.latent_height, st.latent_width)
-            noise = randn_rows(shape, noise_gens, device=gen.device, dtype=gen.dtype)
-            cross = CrossAttnCache(self._cross_k[:, :rows], self._cross_v[:, :rows])
-            model = self.backend.dit
-            attend = model.step_attention(cache, plan, self._attention(not plan.uniform, rows))  # once per chunk
-            if any(i is None for i, s in zip(initial, by_row) if s is not None):
-                firsts = [s is not None and s._first_generated for s in by_row]
-                x0 = denoise_chunk(model, noise, cross, cache, plan, gen.steps, generator=noise_gens,
-                                   update_cache=False, attend=attend, first_chunk=firsts)
-            else:  # every stream replays given latents: only the cache pass
-                x0 = noise
-            for r, init in enumerate(initial):
-                if init is not None:
-                    x0[r] = init[by_row[r].next_frame:by_row[r].next_frame + c]
-            cache_gens = [s._rng if s is not None else None for s in by_row]
-            cache_pass(model, x0, cross, cache, plan, gen.steps, generator=cache_gens, attend=attend)
-            lay = cache.layout
-            for s in active:
-                slots = [lay.frame_slot(f) for f in range(s.next_frame, s.next_frame + c)]
-                self._latents[s.row, slots] = x0[s.row]
-            t1 = clock.mark()
-            pixels = self._decode(active, x0)
-            starting = [s for s in active if s.chunks_done == 0]
-            if starting:
-                self._check_finite(starting, x0, pixels)
+            # A first frame of its own (independent_first_frame) runs alone, after the batch, in which
+            # its row is idle (computed into slots it rewrites, never read).
+            alone = [s for s in active if s._frame_alone]
+            batch = [s for s in active if not s._frame_alone]
+            by_row = [None if s is not None and s._frame_alone else s for s in by_row]
             out: dict[PooledStream, VideoChunk] = {}
-            for s in active:
-                out[s] = self._finish_chunk(s, x0[s.row:s.row + 1], pixels.get(s), t0, t1, initial[s.row] is not None)
-        return out
+            if batch:
+                plan = cache.plan_rows([s.next_frame if s is not None else None for s in by_row], c)
+                initial = [s._initial if s is not None else None for s in by_row]
+                # Rows replaying a given video draw no noise for the denoising steps (as alone).
+                noise_gens = [s._rng if s is not None and initial[r] is None else None for r, s in enumerate(by_row)]
+                shape = (rows, c, gen.dit.config.in_dim, st.latent_height, st.latent_width)
+                noise = randn_rows(shape, noise_gens, device=gen.device, dtype=gen.dtype)
+                cross = CrossAttnCache(self._cross_k[:, :rows], self._cross_v[:, :rows])
+                model = self.backend.dit
+                attend = model.step_attention(cache, plan, self._attention(not plan.uniform, rows))  # once per chunk
+                if any(i is None for i, s in zip(initial, by_row) if s is not None):
+                    firsts = [s is not None and s._first_generated for s in by_row]
+                    x0 = denoise_chunk(model, noise, cross, cache, plan, gen.steps, generator=noise_gens,
+                                       update_cache=False, attend=attend, first_chunk=firsts)
+                else:  # every stream replays given latents: only the cache pass
+                    x0 = noise
+                for r, init in enumerate(initial):
+                    if init is not None:
+                        x0[r] = init[by_row[r].next_frame:by_row[r].next_frame + c]
+                cache_gens = [s._rng if s is not None else None for s in by_row]
+                cache_pass(model, x0, cross, cache, plan, gen.steps, generator=cache_gens, attend=attend)
+                lay = cache.layout
+                for s in batch:
+                    slots = [lay.frame_slot(f) for f in range(s.next_frame, s.next_frame + c)]
+                    self._latents[s.row, slots] = x0[s.row]
+                t1 = clock.mark()
+                pixels = self._decode(batch, x0)
+                starting = [s for s in batch if s.chunks_done == 0]
+                if starting:
+                    self._check_finite(starting, x0, pixels)
+                for s in batch:
+                    out[s] = self._finish_chunk(s, x0[s.row:s.row + 1], pixels.get(s), t0, t1,
+                                                initial[s.row] is not None)
+            for s in alone:
+                out[s] = self._first_frame(s, t0)
+        return {s: out[s] for s in active}
+
+    def _first_frame(self, s: PooledStream, t0: Any) -> VideoChunk:
+        """Frame 0 of an ``independent_first_frame`` stream, alone in a one-row view of the cache: the
+        given image's latent written at timestep ``context_noise``, or one frame denoised (with the
+        first chunk's steps) from the stream's noise. The eager DiT runs it (one frame, batch 1)."""
+        gen, clock = self._gen, self._clock
+        st, dit = gen.streaming, gen.dit
+        view = self._cache.row_view(s.row)
+        cross = self._row_cross(s.row)
+        init = s._initial
+        if init is not None:
+            x0 = init[0:1].unsqueeze(0)  # [1, 1, C, h, w]
+            cache_pass(dit, x0, cross, view, 0, gen.steps, generator=s._rng)
+        else:
+            noise = torch.randn((1, 1, dit.config.in_dim, st.latent_height, st.latent_width), generator=s._rng,
+                                device=gen.device, dtype=gen.dtype)
+            x0 = denoise_chunk(dit, noise, cross, view, 0, gen.steps, generator=s._rng, first_chunk=True)
+        self._cache.absorb(view, s.row)
+        self._latents[s.row, self._cache.layout.frame_slot(0)] = x0[0, 0]
+        t1 = clock.mark()
+        decoded = None
+        if s._decoder is not None:
+            d0 = clock.mark()
+            pixels = s._decoder.decode(x0.transpose(1, 2))  # [1, 3, 1, H, W]
+            decoded = (pixels, d0, clock.mark(), 1.0)
+        if s.chunks_done == 0:
+            self._check_finite([s], x0.expand(s.row + 1, *x0.shape[1:]), {s: decoded} if decoded else {})
+        return self._finish_chunk(s, x0, decoded, t0, t1, init is not None, frames=1)
 
     def _check_finite(self, streams: list[PooledStream], x0: Tensor,
                       pixels: dict[PooledStream, tuple[Tensor, Any, Any, float]]) -> None:
@@ -483,9 +526,9 @@ class StreamPool:
         return out
 
     def _finish_chunk(self, s: PooledStream, latents: Tensor, decoded: tuple[Tensor, Any, Any, float] | None,
-                      t0: Any, t1: Any, is_initial: bool) -> VideoChunk:
+                      t0: Any, t1: Any, is_initial: bool, frames: int | None = None) -> VideoChunk:
         gen, clock = self._gen, self._clock
-        c = gen.streaming.num_frame_per_block
+        c = gen.streaming.num_frame_per_block if frames is None else frames
         frames = None
         d0 = d1 = t1
         share = 1.0
