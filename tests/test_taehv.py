@@ -203,6 +203,7 @@ def test_tiny_decoder_errors(tiny_folder: Path, tmp_path: Path) -> None:
         StreamingGenerator.from_pretrained(broken, decoder="tiny")
 
 
+@pytest.mark.slow
 def test_tiny_decoder_onnx_steps_match_eager(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
@@ -219,6 +220,7 @@ def _smoke(run_dir: Path, *overrides: str) -> None:
     run(compose("smoke", [f"run_dir={run_dir}", *overrides]))
 
 
+@pytest.mark.slow
 def test_training_stage_runs_and_resumes_exactly(tmp_path: Path) -> None:
     base = tmp_path / "base"
     _smoke(base, "stages=[vae]", "vae.steps=1", "vae.stats_clips=1")
