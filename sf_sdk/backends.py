@@ -1,6 +1,7 @@
 """The backend registry: what a stream runs its chunks and its decode on.
 
-``backend="eager"`` runs the PyTorch modules; other names (``compile``, ``aoti``,
+``backend="eager"`` runs the PyTorch modules; other names (``auto``, the default: the fastest
+measured backend per component with an artifact cache, and ``compile``, ``aoti``,
 ``onnxruntime``, ``tensorrt``, ``torch_tensorrt``) are provided by the ``export`` package,
 imported on first use, and registered under the same API (:func:`register_backend`).
 """
@@ -20,7 +21,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from sf_sdk.generator import StreamingGenerator
 
 __all__ = ["Backend", "Decoder", "BackendFactory", "register_backend", "backend_names", "backend_status",
-           "resolve_backend"]
+           "resolve_backend", "DEFAULT_BACKEND"]
+
+# What every constructor, sf-generate and sf-serve use unless told otherwise (export.auto).
+DEFAULT_BACKEND = "auto"
 
 
 class Decoder(Protocol):
@@ -31,11 +35,22 @@ class Decoder(Protocol):
 
 @dataclass
 class Backend:
-    """What the streaming loop runs: a chunk model and a streaming decoder factory."""
+    """What the streaming loop runs: a chunk model and a streaming decoder factory.
+
+    The two may come from different backends (``backend="auto"`` picks each component's:
+    ``components`` names them). ``streams`` (optional) gives the backend a pool of ``n`` streams
+    runs (an exported step has a static batch); None: this one, for every pool size.
+    """
 
     name: str
     dit: ChunkModel
     make_decoder: Callable[[], Decoder] | None
+    streams: Callable[[int], Backend] | None = None
+    components: dict[str, str] | None = None
+
+    def for_streams(self, n: int) -> Backend:
+        """The backend a pool of ``n`` streams runs."""
+        return self if self.streams is None else self.streams(n)
 
 
 BackendFactory = Callable[["StreamingGenerator", dict[str, Any]], Backend]
@@ -45,6 +60,7 @@ _BACKENDS: dict[str, BackendFactory] = {}
 _AVAILABLE: dict[str, AvailabilityCheck] = {}
 # Backends living in the export package, imported on first use.
 _LAZY_BACKENDS = {
+    "auto": "export.auto",
     "compile": "export.backends",
     "aoti": "export.backends",
     "onnxruntime": "export.backends",

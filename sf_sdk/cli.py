@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wan (default): the model's VAE decoder; tiny: its tiny streaming decoder (TAEHV), faster")
     p.add_argument("--decoder-path", type=Path, help="a TAEHV file for --decoder tiny (taew2_1.pth for the "
                                                      "official checkpoints)")
-    p.add_argument("--backend", default="eager", help="eager (default), compile, aoti, onnxruntime, ...")
+    p.add_argument("--backend", default="auto",
+                   help="auto (default: the fastest measured backend per component; a first run stays eager while "
+                        "the export is built in the background for later runs), eager, onnxruntime, compile, ...")
     p.add_argument("--artifact-dir", type=Path, help="the artifact folder of an export backend (aoti, "
                                                      "onnxruntime, tensorrt, torch_tensorrt): the --out of "
                                                      "python -m export.aoti|onnx|trt")

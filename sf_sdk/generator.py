@@ -13,10 +13,11 @@ Stages of one stream (each a method, in this order):
 One stream at a time per :meth:`StreamingGenerator.stream` (starting a stream supersedes an
 unfinished one); many at once, batched, through :meth:`StreamingGenerator.pool`.
 
-Backends (:mod:`sf_sdk.backends`): ``backend="eager"`` runs the PyTorch modules; other names
-(``compile``, ``aoti``, ``onnxruntime``, ``tensorrt``, ``torch_tensorrt``) are provided by the
-``export`` package and registered under the same API (:func:`register_backend`). Results are
-in :mod:`sf_sdk.results`.
+Backends (:mod:`sf_sdk.backends`): ``backend="auto"`` (the default, :mod:`export.auto`) runs
+each component on the fastest backend measured for the device, exported on first use into an
+artifact cache; ``backend="eager"`` runs the PyTorch modules; other names (``compile``, ``aoti``,
+``onnxruntime``, ``tensorrt``, ``torch_tensorrt``) are provided by the ``export`` package and
+registered under the same API (:func:`register_backend`). Results are in :mod:`sf_sdk.results`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor
 
 from sf_sdk.backends import (
+    DEFAULT_BACKEND,
     Backend,
     backend_names,
     backend_status,
@@ -129,7 +131,7 @@ class StreamingGenerator:
         vae: torch.nn.Module | None = None,
         text_encoder: Any | None = None,
         fps: int = DEFAULT_FPS,
-        backend: str = "eager",
+        backend: str = DEFAULT_BACKEND,
         backend_options: dict[str, Any] | None = None,
         tiny_decoder: torch.nn.Module | None = None,
         decoder: str = "wan",
@@ -170,7 +172,7 @@ class StreamingGenerator:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         streaming: dict[str, Any] | StreamingConfig | None = None,
-        backend: str = "eager",
+        backend: str = DEFAULT_BACKEND,
         backend_options: dict[str, Any] | None = None,
         load_text_encoder: bool = True,
         text_dtype: str | torch.dtype | None = None,
@@ -222,7 +224,7 @@ class StreamingGenerator:
         loaded: LoadedModel,
         *,
         streaming: dict[str, Any] | StreamingConfig | None = None,
-        backend: str = "eager",
+        backend: str = DEFAULT_BACKEND,
         backend_options: dict[str, Any] | None = None,
         decoder: str = "wan",
         tiny_decoder: torch.nn.Module | None = None,
@@ -251,7 +253,7 @@ class StreamingGenerator:
         dtype: str | torch.dtype = "float32",
         seed: int = 0,
         fps: int = DEFAULT_FPS,
-        backend: str = "eager",
+        backend: str = DEFAULT_BACKEND,
         backend_options: dict[str, Any] | None = None,
         tokenizer_dir: str | os.PathLike | None = None,
         tiny_decoder: Any | None = None,
@@ -292,9 +294,9 @@ class StreamingGenerator:
         return self.vae.streaming_decoder() if self.vae is not None else None
 
     def use_backend(self, name: str, options: dict[str, Any] | None = None) -> None:
-        """Run later streams on backend ``name`` (``"eager"``, or one from the export package)."""
+        """Run later streams on backend ``name`` (``"auto"``, ``"eager"``, or one from the export package)."""
         backend = resolve_backend(name)(self, dict(options or {}))
-        if self.decoder == "tiny" and backend.name != "eager":
+        if self.decoder == "tiny" and backend.name != "eager" and backend.components is None:
             backend.make_decoder = _tiny_backend_decoder(self, backend, dict(options or {}))
         self._close_active()
         self.backend = backend

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 import threading
@@ -35,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", help="float32 or bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--backend", default="eager", help="generator backend (default eager)")
+    p.add_argument("--backend", default="auto",
+                   help="generator backend (default auto: the fastest per component, exported into the artifact "
+                        "cache before serving on first use; eager, onnxruntime, ...)")
     p.add_argument("--max-sessions", type=int, default=4, help="streams served at once: the pool size (default 4)")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
                    help=f"rolling attention window in latent frames (default {DEFAULT_WINDOW})")
@@ -81,7 +84,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     try:
+        # A server lives long: auto exports its pool's DiT before serving (once; later starts load it),
+        # unless $SF_SDK_AUTO_BUILD says otherwise.
+        options = None
+        if args.backend == "auto":
+            from export.auto import BUILD_ENV
+
+            options = {"build": os.environ.get(BUILD_ENV) or "now", "streams": args.max_sessions}
         gen = StreamingGenerator.from_pretrained(args.model, device=device, dtype=dtype, backend=args.backend,
+                                                 backend_options=options,
                                                  streaming={"local_attn_size": args.window})
         config = ServeConfig(engine=EngineConfig(max_sessions=args.max_sessions, buffer_frames=args.buffer_frames,
                                                  record_dir=args.record, warmup_steps=max(0, args.warmup)),

@@ -1,0 +1,198 @@
+"""backend="auto": the per-component rule, the artifact cache (build once, reuse, rebuild when a key
+changes, one artifact when two processes build at once) and the eager fallback of a failed export.
+
+Every test uses its own temporary cache (``cache_dir=``), never the home cache; the tiny DiT
+exports to ONNX in a few seconds, and only two tests export for real.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.artifact_cache import KEY_FILE, ArtifactCache, default_cache_root
+from export.auto import BUILD_ENV, Capabilities, Workload, choose_backends, component_key
+from sf_sdk import StreamingGenerator
+from sf_sdk.config import StreamingConfig
+
+pytest.importorskip("onnxruntime")
+
+REPO = Path(__file__).resolve().parents[1]
+STREAM = StreamingConfig(latent_height=2, latent_width=2, local_attn_size=6)
+TEXT_DIM = 32  # the tiny DiT's text_dim
+BACKGROUND_TIMEOUT_S = 240
+
+
+def _gen(cache: Path, build: str, stream: StreamingConfig = STREAM, **kwargs) -> StreamingGenerator:
+    return StreamingGenerator.from_config("tiny", stream, vae="tiny", seed=0,
+                                          backend_options={"cache_dir": str(cache), "build": build, **kwargs})
+
+
+def _entries(cache: Path) -> list[Path]:
+    return sorted(p for p in (cache / "onnxruntime").glob("dit-*") if p.is_dir())
+
+
+def _embeds() -> torch.Tensor:
+    return torch.randn(5, TEXT_DIM, generator=torch.Generator().manual_seed(7))
+
+
+# --------------------------------------------------------------------------------------------
+# The rule
+# --------------------------------------------------------------------------------------------
+
+
+def test_auto_is_the_default_and_picks_onnxruntime_for_the_dit_on_this_cpu(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SF_SDK_ARTIFACT_CACHE", str(tmp_path))
+    monkeypatch.setenv(BUILD_ENV, "never")
+    gen = StreamingGenerator.from_config("tiny", STREAM, vae="tiny")
+    assert gen.backend.components == {"dit": "eager", "decoder": "eager"}  # nothing cached, build never
+    choice = choose_backends(Capabilities.probe(torch.device("cpu")), Workload.of(gen))
+    assert (choice.dit, choice.decoder) == ("onnxruntime", "eager")
+    assert default_cache_root() == tmp_path
+
+
+CPU_ORT = Capabilities("cpu", frozenset({"onnxruntime"}))
+CUDA_TRT = Capabilities("cuda", frozenset({"tensorrt"}))
+F32 = Workload(torch.float32, rolling=True)
+
+
+@pytest.mark.parametrize(("caps", "work", "dit", "decoder"), [
+    (CPU_ORT, F32, "onnxruntime", "eager"),
+    (Capabilities("cpu", frozenset()), F32, "eager", "eager"),  # onnxruntime not installed
+    (CPU_ORT, dataclasses.replace(F32, dtype=torch.bfloat16), "eager", "eager"),  # ORT has no bf16 graphs
+    (CPU_ORT, dataclasses.replace(F32, rolling=False), "eager", "eager"),  # global attention: one export per length
+    (CPU_ORT, dataclasses.replace(F32, position_mode="cache_relative"), "eager", "eager"),
+    (CPU_ORT, dataclasses.replace(F32, decoder="tiny"), "onnxruntime", "eager"),
+    (CPU_ORT, dataclasses.replace(F32, decoder=None), "onnxruntime", None),
+    (CUDA_TRT, F32, "tensorrt", "eager"),
+    (CUDA_TRT, dataclasses.replace(F32, dtype=torch.bfloat16), "eager", "eager"),  # engines come from fp32
+    (Capabilities("cuda", frozenset()), F32, "eager", "eager"),  # no TensorRT
+    (Capabilities("cuda", frozenset({"onnxruntime"})), F32, "eager", "eager"),  # ORT-GPU is not a CUDA pick
+])
+def test_rule_for_given_capabilities(caps: Capabilities, work: Workload, dit: str, decoder: str | None) -> None:
+    choice = choose_backends(caps, work)
+    assert (choice.dit, choice.decoder) == (dit, decoder)
+    assert choice.why["dit"]  # every pick says why
+
+
+# --------------------------------------------------------------------------------------------
+# The cache
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache whose DiT entry was exported by the background builder the first construction started."""
+    cache = tmp_path_factory.mktemp("auto-cache")
+    first = _gen(cache, "background")
+    assert first.backend.components["dit"] == "eager"  # this run: eager while the export is built
+    deadline = time.monotonic() + BACKGROUND_TIMEOUT_S
+    while not _entries(cache) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    logs = "".join(p.read_text() for p in (cache / "onnxruntime").glob("*.log"))
+    assert _entries(cache), f"the background export did not finish:\n{logs}"
+    assert not list((cache / "onnxruntime").glob(".build-*")), "the build folder was not cleaned up"
+    return cache
+
+
+def test_background_build_then_later_constructions_reuse_it(built: Path) -> None:
+    [entry] = _entries(built)
+    stamp = (entry / KEY_FILE).stat().st_mtime_ns, entry.stat().st_ino
+    gen = _gen(built, "now")
+    assert gen.backend.components == {"dit": "onnxruntime", "decoder": "eager"}
+    assert gen.backend.dit.name == "ONNX Runtime"
+    assert _entries(built) == [entry]
+    assert ((entry / KEY_FILE).stat().st_mtime_ns, entry.stat().st_ino) == stamp  # loaded, not rebuilt
+    key = json.loads((entry / KEY_FILE).read_text())
+    assert key["geometry"]["latent_height"] == 2 and key["geometry"]["batch"] == 1
+    assert {"torch", "onnxruntime", "sf-sdk"} <= set(key["versions"])
+    # The artifact computes what eager computes.
+    eager = StreamingGenerator.from_config("tiny", STREAM, vae="tiny", seed=0, backend="eager")
+    a = gen.generate(prompt_embeds=_embeds(), num_frames=21, seed=3)
+    b = eager.generate(prompt_embeds=_embeds(), num_frames=21, seed=3)
+    assert torch.allclose(a.latents, b.latents, atol=1e-3)
+
+
+def test_changed_weights_are_not_served_from_the_cache(built: Path) -> None:
+    gen = _gen(built, "never")
+    with torch.no_grad():
+        gen.dit.head.head.weight.add_(1e-3)
+    before = _entries(built)
+    again = StreamingGenerator(gen.dit, STREAM, vae=gen.vae,
+                               backend_options={"cache_dir": str(built), "build": "never"})
+    assert again.backend.components["dit"] == "eager"  # the stale artifact is not loaded
+    cache = ArtifactCache(built)
+    assert cache.lookup(component_key(again, "onnxruntime", "dit")) is None
+    assert component_key(again, "onnxruntime", "dit").digest != component_key(_gen(built, "never"), "onnxruntime",
+                                                                             "dit").digest
+    assert _entries(built) == before
+
+
+_BUILD_SCRIPT = """
+import logging, sys
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+from sf_sdk import StreamingGenerator
+from sf_sdk.config import StreamingConfig
+stream = StreamingConfig(latent_height=4, latent_width=2, local_attn_size=6)
+gen = StreamingGenerator.from_config("tiny", stream, vae="tiny", seed=0,
+                                     backend_options={"cache_dir": sys.argv[1], "build": "now"})
+print("DIT", gen.backend.components["dit"])
+"""
+
+
+def test_two_processes_building_a_new_geometry_make_one_artifact(built: Path) -> None:
+    before = _entries(built)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILD_SCRIPT, str(built)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO) for _ in range(2)]
+    outs = [p.communicate(timeout=BACKGROUND_TIMEOUT_S)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
+    assert all("DIT onnxruntime" in out for out in outs), "\n".join(outs)
+    assert sum(out.count("building the onnxruntime dit") for out in outs) == 1, "\n".join(outs)
+    after = _entries(built)
+    assert len(after) == len(before) + 1 and set(before) <= set(after)  # the geometry change made a new entry
+    [new] = set(after) - set(before)
+    assert json.loads((new / KEY_FILE).read_text())["geometry"]["latent_height"] == 4
+    assert not list((built / "onnxruntime").glob(".build-*"))
+
+
+def test_a_broken_export_warns_once_and_runs_eagerly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    import export.onnx
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("the exporter cannot lower this graph")
+
+    monkeypatch.setattr(export.onnx, "export_onnx", broken)
+    with caplog.at_level(logging.INFO):
+        gen = _gen(tmp_path, "now")
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "cannot lower this graph" in warnings[0].getMessage()
+    assert gen.backend.components["dit"] == "eager" and calls == [1]
+    assert gen.generate(prompt_embeds=_embeds(), num_frames=9).frames.shape[0] == 9
+    assert _entries(tmp_path) == [] and not list((tmp_path / "onnxruntime").glob(".build-*"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # the failure is recorded: not retried, one warning again
+        again = _gen(tmp_path, "now")
+    assert again.backend.components["dit"] == "eager" and calls == [1]
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+
+
+def test_bad_options_say_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="build='sometimes'"):
+        _gen(tmp_path, "sometimes")
+    with pytest.raises(ValueError, match="artifact_dir"):
+        StreamingGenerator.from_config("tiny", STREAM, backend_options={"artifact_dir": str(tmp_path)})
