@@ -179,8 +179,9 @@ def read_manifest(artifact_dir: str | os.PathLike, backend: str | None = None) -
              "decode_shapes", "weights", "config_hash"}
     return Manifest(
         root=root, backend=data["backend"], files=dict(data["files"]),
-        dit=from_dict(DiTConfig, data["dit"]), streaming=from_dict(StreamingConfig, data["streaming"]),
-        vae=from_dict(VAEConfig, data["vae"]) if data.get("vae") else None, settings=data["settings"],
+        dit=from_dict(DiTConfig, data["dit"], source=path),
+        streaming=from_dict(StreamingConfig, data["streaming"], source=path),
+        vae=from_dict(VAEConfig, data["vae"], source=path) if data.get("vae") else None, settings=data["settings"],
         chunk_shapes=data["chunk_shapes"], decode_shapes=data.get("decode_shapes"), weights=data["weights"],
         config_hash=data["config_hash"], extra={k: v for k, v in data.items() if k not in known})
 

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import math
 import numbers
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -439,15 +440,24 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
-def from_dict(cls: type[T], data: dict[str, Any], *, base: T | None = None) -> T:
+def from_dict(cls: type[T], data: dict[str, Any], *, base: T | None = None, source: str | os.PathLike | None = None
+              ) -> T:
     """Build ``cls`` from ``data``, starting from ``base`` (or the defaults).
 
-    Unknown keys are an error, never silently dropped.
+    Unknown keys are an error, never silently dropped; values are checked against the field
+    types (:func:`check_fields`). ``source`` (the file ``data`` was read from) starts every error.
     """
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys are {sorted(names)}")
-    start = base if base is not None else cls()
-    return dataclasses.replace(start, **data)  # type: ignore[type-var]
+    try:
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.__name__} must be a mapping of its fields, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys are {sorted(names)}")
+        start = base if base is not None else cls()
+        return dataclasses.replace(start, **data)  # type: ignore[type-var]
+    except (TypeError, ValueError) as exc:
+        if source is None:
+            raise
+        raise ValueError(f"{source}: {exc}") from exc
 

@@ -150,3 +150,11 @@ def test_training_config_from_python_is_checked(tmp_path: Path) -> None:
         train_config.TrainConfig(run_dir=str(tmp_path), stream={"local_attn_size": 6})
     cfg = train_config.build_config(train_config.TrainConfig, {"run_dir": str(tmp_path), "stages": ["vae"]})
     assert cfg.stages == ("vae",)
+
+
+def test_from_dict_names_its_source_file() -> None:
+    with pytest.raises(ValueError, match=r"^artifacts/export\.json: StreamingConfig\.num_frame_per_block must be an int, "
+                                         r"got '3'"):
+        from_dict(StreamingConfig, {"num_frame_per_block": "3"}, source="artifacts/export.json")
+    with pytest.raises(ValueError, match=r"^dit_config\.json: unknown DiTConfig keys \['depth'\]"):
+        from_dict(DiTConfig, {"depth": 3}, source="dit_config.json")

@@ -113,7 +113,7 @@ def save_dit(folder: Path, state: dict[str, Tensor], dit_cfg: DiTConfig) -> None
 def load_dit(folder: Path, device: torch.device, *, what: str) -> WanDiT:
     if not (folder / DIT_FILE).is_file():
         raise ValueError(f"{folder} holds no {what} DiT: run that stage first")
-    dit_cfg = from_dict(DiTConfig, json.loads((folder / DIT_CONFIG_FILE).read_text()))
+    dit_cfg = from_dict(DiTConfig, json.loads((folder / DIT_CONFIG_FILE).read_text()), source=folder / DIT_CONFIG_FILE)
     model = WanDiT(dit_cfg)
     load_into(model, load_state_dict(folder / DIT_FILE), what=what, config=dit_cfg)
     return model.to(device)

@@ -40,7 +40,8 @@ def export_model(cfg: TrainConfig, out_dir: str | os.PathLike, source: str) -> P
         raise ValueError(f"the student in {dit_dir} was trained with another DiT config than this run's")
     # The decoder fine-tuned with the encoder frozen (stage vae_decoder), when it finished.
     vae_dir = finished_vae_dir(run) or run / "vae" / "final"
-    vae_cfg = from_dict(VAEConfig, json.loads((vae_dir / VAE_CONFIG_FILE).read_text()))
+    vae_cfg = from_dict(VAEConfig, json.loads((vae_dir / VAE_CONFIG_FILE).read_text()),
+                        source=vae_dir / VAE_CONFIG_FILE)
     folder = save_pretrained(
         out_dir,
         dit=load_state_dict(dit_dir / DIT_FILE),

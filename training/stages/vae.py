@@ -379,7 +379,7 @@ def finished_vae_dir(run_dir: str | Path) -> Path | None:
 
 def load_vae_dir(folder: Path, device: torch.device) -> WanVAE:
     """A VAE saved by :func:`save_trained_vae` (weights and config with latent statistics), frozen."""
-    vae_cfg = from_dict(VAEConfig, json.loads((folder / VAE_CONFIG_FILE).read_text()))
+    vae_cfg = from_dict(VAEConfig, json.loads((folder / VAE_CONFIG_FILE).read_text()), source=folder / VAE_CONFIG_FILE)
     vae = WanVAE(vae_cfg)
     load_into(vae, load_state_dict(folder / VAE_FILE), what=f"VAE ({folder})", config=vae_cfg)
     return vae.to(device).eval().requires_grad_(False)
