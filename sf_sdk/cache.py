@@ -363,6 +363,24 @@ class KVCache:
             self.end_frames[r] = 0
         self._last = None
 
+    def row_view(self, row: int) -> KVCache:
+        """A one-row cache over row ``row``'s buffers (views, no copy), for a call that covers that
+        row alone; its writes land in this cache. Give its bookkeeping back with :meth:`absorb`."""
+        if not 0 <= row < self.batch_size:
+            raise ValueError(f"row {row} does not exist: the cache has {self.batch_size} rows")
+        view = KVCache.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view.batch_size = 1
+        view._k, view._v = self._k[:, row:row + 1], self._v[:, row:row + 1]  # [L, 1, cap, H, D] views
+        view.end_frames = [self.end_frames[row]]
+        view._last = None
+        return view
+
+    def absorb(self, view: KVCache, row: int) -> None:
+        """Take back the frames a :meth:`row_view` of row ``row`` wrote."""
+        self.end_frames[row] = view.end_frames[0]
+        self._last = None
+
     def nbytes(self) -> int:
         return self._k.numel() * self._k.element_size() * 2
 

@@ -241,6 +241,9 @@ class StreamingConfig:
     # evicted, frame by frame; needs sink_size == num_frame_per_block, a ring of whole chunks
     # and position_mode "cache_relative" (keys cached before the rotary embedding).
     sink_decay: float = 1.0
+    # The official independent_first_frame layout: latent frame 0 is a chunk of its own (denoised
+    # alone, or the image of image-to-video), then chunks of num_frame_per_block: [1, c, c, ...].
+    independent_first_frame: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -296,6 +299,9 @@ class StreamingConfig:
             if self.position_mode != "cache_relative":
                 raise ValueError("sink_decay < 1 (EMA sinks) averages cached keys of different frames: it needs "
                                  "position_mode='cache_relative' (keys cached before the rotary embedding)")
+            if self.independent_first_frame:
+                raise ValueError("sink_decay < 1 (EMA sinks) folds whole chunks into the sinks: it cannot be combined "
+                                 "with independent_first_frame (a first chunk of one frame)")
 
     @property
     def rolling(self) -> bool:
@@ -304,6 +310,16 @@ class StreamingConfig:
     @property
     def num_steps(self) -> int:
         return len(self.denoising_step_list)
+
+    @property
+    def first_chunk_frames(self) -> int:
+        """Latent frames of a stream's first chunk: 1 with independent_first_frame, else a chunk."""
+        return 1 if self.independent_first_frame else self.num_frame_per_block
+
+    def whole_chunks(self, latent_frames: int) -> bool:
+        """Whether ``latent_frames`` is a whole number of chunks (the first one included)."""
+        first = self.first_chunk_frames
+        return latent_frames >= first and (latent_frames - first) % self.num_frame_per_block == 0
 
 
 STREAMING_PRESETS: dict[str, StreamingConfig] = {

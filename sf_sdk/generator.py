@@ -331,16 +331,16 @@ class StreamingGenerator:
 
     def valid_num_frames(self, near: int, count: int = 2) -> list[int]:
         """Video frame counts this model can produce (whole chunks), nearest to ``near``."""
-        c = self.streaming.num_frame_per_block
-        lat = max(c, math.ceil(latent_frames_floor(near, self.temporal_stride) / c) * c)
-        cands = {video_frames_for_latents(x, self.temporal_stride) for x in (lat - c, lat, lat + c) if x > 0}
+        c, f = self.streaming.num_frame_per_block, self.streaming.first_chunk_frames
+        lat = f + max(0, math.ceil((latent_frames_floor(near, self.temporal_stride) - f) / c) * c)
+        cands = {video_frames_for_latents(x, self.temporal_stride) for x in (lat - c, lat, lat + c) if x >= f}
         return sorted(cands, key=lambda n: (abs(n - near), n))[:count]
 
     def round_up_frames(self, num_frames: int) -> int:
         """The smallest valid video frame count (whole chunks) that is at least ``num_frames``."""
-        c, s = self.streaming.num_frame_per_block, self.temporal_stride
+        c, s, f = self.streaming.num_frame_per_block, self.temporal_stride, self.streaming.first_chunk_frames
         latents = 1 + math.ceil((max(num_frames, 1) - 1) / s)
-        return video_frames_for_latents(math.ceil(latents / c) * c, s)
+        return video_frames_for_latents(f + max(0, math.ceil((latents - f) / c)) * c, s)
 
     # ------------------------------------------------------------------ public API
     def encode_prompt(self, prompt: str) -> Tensor:
@@ -421,11 +421,12 @@ class StreamingGenerator:
         if self.vae is None:
             raise ValueError("image-to-video encodes the image with the VAE: this model has none (pass "
                              "initial_latent, one normalized latent frame, instead)")
-        c = self.streaming.num_frame_per_block
-        if c != 1:
+        if self.streaming.first_chunk_frames != 1:
+            c = self.streaming.num_frame_per_block
             raise ValueError(f"image-to-video conditions the first latent frame alone: it needs a frame-wise model "
-                             f"(num_frame_per_block=1; e.g. Causal Forcing frame-wise), this one has chunks of {c} "
-                             f"(load it with streaming={{'num_frame_per_block': 1}} only if it was trained so)")
+                             f"(num_frame_per_block=1; e.g. Causal Forcing frame-wise) or a first frame of its own "
+                             f"(independent_first_frame=True); this one has chunks of {c} (change either only "
+                             f"if the model was trained so)")
         pixels = fit_image(image, self.frame_size)  # [H, W, 3] uint8
         video = pixels.permute(2, 0, 1)[None, :, None].to(self.device, torch.float32) / 127.5 - 1  # [1, 3, 1, H, W]
         vae = self.vae
@@ -459,10 +460,11 @@ class StreamingGenerator:
                 raise ValueError(f"num_frames must be a positive int (video frames) or None, got {num_frames!r}")
             ok = (num_frames - 1) % self.temporal_stride == 0
             latent_total = latent_frames_floor(num_frames, self.temporal_stride)
-            if not ok or latent_total % c:
+            if not ok or not self.streaming.whole_chunks(latent_total):
                 raise ValueError(f"{num_frames} video frames is not a whole number of chunks "
                                  f"({c} latent frames = {self.chunk_frames} video frames each, the first "
-                                 f"chunk {video_frames_for_latents(c, self.temporal_stride)}); nearest valid: "
+                                 f"chunk {video_frames_for_latents(self.streaming.first_chunk_frames, self.temporal_stride)}); nearest "
+                                 f"valid: "
                                  f"{self.valid_num_frames(num_frames)}")
         elif not self.streaming.rolling:
             raise ValueError("unbounded streams need a rolling KV cache: pass num_frames, or load the model "
@@ -519,7 +521,7 @@ class StreamingGenerator:
                 raise ValueError(f"initial_frames must be uint8, got {frames.dtype}")
             t, s = frames.shape[0], self.temporal_stride
             latents = latent_frames_floor(t, s)
-            if (t - 1) % s or latents % c:
+            if (t - 1) % s or not self.streaming.whole_chunks(latents):
                 valid = [n for n in self.valid_num_frames(t, 3) if n >= 1]
                 raise ValueError(f"initial_frames has {t} frames; it must be whole chunks of {c} latent frames "
                                  f"(1 + {s}k video frames): trim or extend it to one of {valid}")
@@ -537,7 +539,7 @@ class StreamingGenerator:
         if initial_latent.dim() != 4 or tuple(initial_latent.shape[1:]) != shape:
             raise ValueError(f"initial_latent must be [F, {shape[0]}, {shape[1]}, {shape[2]}] normalized "
                              f"latents, got {tuple(initial_latent.shape)}")
-        if initial_latent.shape[0] % c:
+        if not self.streaming.whole_chunks(initial_latent.shape[0]):
             raise ValueError(f"the initial video has {initial_latent.shape[0]} latent frames, not a multiple of "
                              f"the chunk size {c}: trim or extend it (video frames 1 + 4k with k+1 a multiple "
                              f"of {c})")

@@ -153,3 +153,75 @@ def test_first_chunk_steps_stream_equals_direct_loop_and_pools_with_others():
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
     for x, y in zip(got[b], chunks):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# A first frame of its own (the official independent_first_frame layout [1, c, c, ...])
+# --------------------------------------------------------------------------------------------
+
+
+def _offset_mask(frames: int, chunk: int, tokens: int, ring: int | None = None, sinks: int = 0) -> torch.Tensor:
+    """Frame 0 alone, then chunks of ``chunk``: frame i sees the frames before its chunk's end that
+    are sinks or within ``ring`` frames of that end (None: all)."""
+    block = torch.tensor([0] + [1 + (f - 1) // chunk for f in range(1, frames)])
+    end = torch.tensor([1 if b == 0 else 1 + b * chunk for b in block.tolist()])  # [F] chunk end of each frame
+    j = torch.arange(frames)
+    vis = j[None] < end[:, None]
+    if ring is not None:
+        vis &= (j[None] >= (end - ring)[:, None]) | (j[None] < sinks)
+    return vis.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
+
+
+@pytest.mark.parametrize("window", [None, (6, 0), (5, 1)])
+def test_first_frame_alone_streams_like_the_full_sequence(window):
+    model = tiny_model()
+    extra = {} if window is None else {"local_attn_size": window[0], "sink_size": window[1]}
+    stream = StreamingConfig(**GRID, independent_first_frame=True, **extra)
+    frames = 13  # 1 + 4 chunks of 3: evictions in the windowed cases
+    x = torch.randn(1, frames, 16, 4, 6, dtype=torch.float64)
+    t = torch.rand(1, frames, dtype=torch.float64) * 1000
+    ctx = torch.randn(1, 5, TINY.text_dim, dtype=torch.float64)
+    with torch.no_grad():
+        cross = model.encode_context(ctx)
+        cache = model.new_cache(stream, 1, num_frames=frames)
+        outs = [model.forward_chunk(x[:, :1], t[:, :1], cross, cache, 0)]
+        for s in range(1, frames, 3):
+            outs.append(model.forward_chunk(x[:, s:s + 3], t[:, s:s + 3], cross, cache, s))
+        ring = None if window is None else window[0] - window[1]
+        sinks = 0 if window is None else window[1]
+        full = model(x, t, ctx, mask=_offset_mask(frames, 3, 6, ring, sinks))
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-9, atol=1e-9)
+
+
+FIRST_ALONE = StreamingConfig(latent_height=2, latent_width=2, local_attn_size=6, independent_first_frame=True)
+
+
+def test_first_frame_alone_stream_equals_direct_loop_solo_and_pooled():
+    embeds = torch.randn(5, TINY.text_dim, generator=torch.Generator().manual_seed(3))
+    gen = StreamingGenerator.from_config("tiny", FIRST_ALONE, vae="tiny", seed=0)
+    chunks = list(gen.stream(prompt_embeds=embeds, num_frames=37, seed=4))  # latents 1 + 3 x 3
+    assert [c.latents.shape[0] for c in chunks] == [1, 3, 3, 3]
+    assert [c.frames.shape[0] for c in chunks] == [1, 12, 12, 12]
+    with torch.no_grad():
+        cross = gen.dit.encode_context(embeds[None])
+        cache = gen.dit.new_cache(FIRST_ALONE, 1)
+        rng = torch.Generator().manual_seed(4)
+        for i, (start, n) in enumerate([(0, 1), (1, 3), (4, 3), (7, 3)]):
+            noise = torch.randn(1, n, 16, 2, 2, generator=rng)
+            x0 = denoise_chunk(gen.dit, noise, cross, cache, start, gen.steps, generator=rng)
+            torch.testing.assert_close(chunks[i].latents, x0[0], rtol=0, atol=0)
+    # pooled: a stream starting (frame 0 alone) while another is mid-stream equals both alone
+    pool = gen.pool(2)
+    a = pool.open(prompt_embeds=embeds, num_frames=37, seed=4, decode=False)
+    got = {a: [pool.step()[a].latents]}
+    b = pool.open(prompt_embeds=embeds, num_frames=25, seed=4, decode=False)
+    got[b] = []
+    while pool.streams:
+        for s, ch in pool.step().items():
+            got[s].append(ch.latents)
+    for s in (a, b):
+        assert len(got[s]) == (4 if s is a else 3)
+        for x, y in zip(got[s], [c.latents for c in chunks]):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"nearest valid: \[37, 25\]"):
+        gen.stream(prompt_embeds=embeds, num_frames=33)

@@ -80,6 +80,24 @@ def test_image_becomes_frame_0_and_the_video_moves_on(framewise: StreamingGenera
     torch.testing.assert_close(video.latents[1:2], nxt[0], rtol=1e-5, atol=1e-5)
 
 
+def test_chunkwise_model_with_a_first_frame_of_its_own(image: np.ndarray) -> None:
+    # independent_first_frame: the image is frame 0 alone, then chunks of 3 continue from it
+    gen = StreamingGenerator.from_pretrained("shapes-tiny", streaming={"independent_first_frame": True})
+    chunks = list(gen.stream(PROMPT, num_frames=25, seed=3, image=image))
+    assert [c.latents.shape[0] for c in chunks] == [1, 3, 3] and [c.is_initial for c in chunks] == [True, False, False]
+    assert np.abs(chunks[0].frames[0].astype(float) - image).mean() < 4.0
+    latent = gen._image_latent(image)
+    torch.testing.assert_close(chunks[0].latents, latent, rtol=0, atol=0)
+    with torch.no_grad():
+        dit = gen.dit
+        cross = dit.encode_context(gen.encode_prompt(PROMPT)[None])
+        cache = dit.new_cache(gen.streaming, 1)
+        rng = torch.Generator().manual_seed(3)
+        cache_pass(dit, latent[None], cross, cache, 0, gen.steps, generator=rng)
+        nxt = denoise_chunk(dit, torch.randn(1, 3, 16, 8, 8, generator=rng), cross, cache, 1, gen.steps, generator=rng)
+    torch.testing.assert_close(chunks[1].latents, nxt[0], rtol=1e-5, atol=1e-5)
+
+
 def test_any_size_and_a_path(framewise: StreamingGenerator, image: np.ndarray, tmp_path: Path) -> None:
     pil = pytest.importorskip("PIL.Image")
     big = np.repeat(np.repeat(image, 3, axis=0), 3, axis=1)  # 192 x 192: resized back to 64 x 64
