@@ -24,12 +24,13 @@ from sf_sdk.config import (
     check_value,
     from_dict,
 )
+from training.data.shapes import ShapesConfig
 from training.utils import config as train_config
 
 SDK_CONFIGS = [DiTConfig, StreamingConfig, VAEConfig, TextEncoderConfig]
 TRAIN_CONFIGS = [train_config.StageConfig, train_config.VAEStageConfig, train_config.TeacherStageConfig,
                  train_config.ODEInitStageConfig, train_config.SelfForcingStageConfig,
-                 train_config.ExportStageConfig]
+                 train_config.ExportStageConfig, ShapesConfig]
 
 
 def _wrong_values(tp: typing.Any) -> list[typing.Any]:

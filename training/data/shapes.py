@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from sf_sdk.config import check_fields
+
 __all__ = [
     "SHAPES",
     "COLOURS",
@@ -96,6 +98,7 @@ class ShapesConfig:
     antialias: bool = True
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for name in ("height", "width", "fps", "num_frames", "frame_stride"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
