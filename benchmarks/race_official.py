@@ -19,8 +19,11 @@ What each figure includes: ``s/chunk`` is the median over the chunks after the f
 chunk's denoising steps, their re-noising and the cache pass (DiT only). Official: from the start
 of a chunk's first DiT call to the end of its cache pass (forward hooks on its DiT wrapper).
 sf-sdk: the host clock around ``next(stream)``, so it also counts our pool's per-chunk
-bookkeeping. One warm-up stream of two chunks runs on each side first. Before timing, one DiT call
-on the same input checks that both sides compute the same flow (``parity_max_abs``).
+bookkeeping; ``CPU s/chunk`` is the same span's CPU time over all the process's threads (the work
+done, robust to other load on a shared machine). A warm-up stream (``--warmup-chunks``) runs on each
+side first; with ``--rounds`` the sides alternate, and the first chunk of every stream is left out.
+Before timing, one DiT call on the same input checks that both sides compute the same flow
+(``parity_max_abs``).
 
 Shims (the official code as published runs only on CUDA with its model files; each shim is named
 ``shim_*`` below and changes only what its docstring says):
@@ -329,7 +332,8 @@ def ours_first_flow(gen: StreamingGenerator, embeds: torch.Tensor, x: torch.Tens
 # --------------------------------------------------------------------------------------------
 
 
-def race(src: Path, name: str, chunks: int, rounds: int, backends: list[str], seed: int) -> dict[str, Any]:
+def race(src: Path, name: str, chunks: int, rounds: int, warmup: int, backends: list[str], seed: int
+         ) -> dict[str, Any]:
     rc = CONFIGS[name]
     num_latent = chunks * CHUNK_FRAMES
     h, w = rc.latent_hw
@@ -351,7 +355,7 @@ def race(src: Path, name: str, chunks: int, rounds: int, backends: list[str], se
     result: dict[str, Any] = {"config": name, "dit": to_dict(rc.dit), "latent_hw": list(rc.latent_hw),
                               "chunks": chunks, "rounds": rounds, "chunk_frames": CHUNK_FRAMES, "parity_max_abs": parity,
                               "official_commit": official.commit, "sides": {}}
-    runs: dict[str, Any] = {"official": lambda: official.run(noise[:, :2 * CHUNK_FRAMES])}
+    runs: dict[str, Any] = {"official": lambda: official.run(noise[:, :warmup * CHUNK_FRAMES])}
     for b in backends:
         reason = backend_status(b) if b != "eager" else None
         if reason is not None:
@@ -359,12 +363,12 @@ def race(src: Path, name: str, chunks: int, rounds: int, backends: list[str], se
             log.warning("backend %s skipped: %s", b, reason)
             continue
         runs[f"sf-sdk {b}"] = b
-    for side, what in runs.items():  # warm-up: a two-chunk stream on each side
+    for side, what in runs.items():  # warm-up: a short stream on each side
         if side == "official":
             what()
         else:
             gen.use_backend(what)
-            ours_run(gen, embeds, 2 * CHUNK_FRAMES)
+            ours_run(gen, embeds, warmup * CHUNK_FRAMES)
     measured: dict[str, tuple[list[float], list[float]]] = {side: ([], []) for side in runs}
     for _ in range(rounds):  # sides alternate, so a load change on a shared machine hits all of them
         for side, what in runs.items():
@@ -405,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("official_src", type=Path, help="a checkout of github.com/guandeh17/Self-Forcing")
     p.add_argument("--config", choices=[*CONFIGS, "all"], default="tiny")
     p.add_argument("--chunks", type=int, default=7, help="chunks per measured stream (the first is not counted)")
+    p.add_argument("--warmup-chunks", type=int, default=2, help="chunks of the warm-up stream on each side")
     p.add_argument("--rounds", type=int, default=1, help="measured streams per side, the sides alternating")
     p.add_argument("--backends", default="eager", help="comma-separated sf-sdk backends, e.g. eager,auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -414,11 +419,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.chunks < 2:
         p.error("--chunks must be at least 2 (the first chunk is not counted)")
+    if args.warmup_chunks < 1 or args.rounds < 1:
+        p.error("--warmup-chunks and --rounds must be at least 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     names = list(CONFIGS) if args.config == "all" else [args.config]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    results = [race(args.official_src, n, args.chunks, args.rounds, backends, args.seed) for n in names]
+    results = [race(args.official_src, n, args.chunks, args.rounds, args.warmup_chunks, backends, args.seed)
+               for n in names]
     print(table(results))
     if args.json is not None:
         doc = {"results": results, "threads": torch.get_num_threads(), "torch": torch.__version__,

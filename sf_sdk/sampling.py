@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from sf_sdk.cache import ChunkPlan, KVCache
-from sf_sdk.models.dit import CrossAttnCache, StepAttention, WanDiT
+from sf_sdk.models.dit import ChunkTimesteps, CrossAttnCache, StepAttention, WanDiT
 from sf_sdk.scheduler import FlowMatchSchedule
 
 __all__ = ["ChunkModel", "ChunkSchedule", "Generators", "cache_pass", "denoise_chunk", "kept_frames", "recache",
@@ -89,6 +89,15 @@ def _plan(cache: KVCache, start: int | ChunkPlan, frames: int) -> ChunkPlan:
     return start if isinstance(start, ChunkPlan) else cache.plan_chunk(start, frames)
 
 
+def _chunk_timesteps(attend: StepAttention, values: tuple[float, ...], like: Tensor) -> ChunkTimesteps:
+    """The timestep tensors of a chunk's calls at ``values`` (its steps, then the cache pass), made
+    once and kept on ``attend`` for the chunk's calls (an eager DiT then embeds them in one call)."""
+    table = attend.timesteps
+    if table is None or table.values != values:
+        table = attend.timesteps = ChunkTimesteps.make(values, *like.shape[:2], device=like.device, dtype=like.dtype)
+    return table
+
+
 def cache_pass(model: ChunkModel, clean: Tensor, cross: CrossAttnCache, cache: KVCache, start: int | ChunkPlan,
                steps: ChunkSchedule, *, generator: Generators = None, attend: StepAttention | None = None,
                attention: str | None = None) -> None:
@@ -102,7 +111,10 @@ def cache_pass(model: ChunkModel, clean: Tensor, cross: CrossAttnCache, cache: K
         if attend is None or attend.plan is not plan:
             attend = model.step_attention(cache, plan, attention)
         clean = clean.detach()
-        tc = torch.full((b, f), steps.context_noise, device=clean.device, dtype=clean.dtype)
+        table = attend.timesteps  # made by denoise_chunk for this chunk's calls, when it ran first
+        tc = table.row(steps.context_noise) if table is not None else None
+        if tc is None:
+            tc = torch.full((b, f), steps.context_noise, device=clean.device, dtype=clean.dtype)
         if steps.context_noise > 0:
             fresh = randn_rows(clean.shape, generator, device=clean.device, dtype=clean.dtype)
             clean = steps.schedule.add_noise(clean, fresh, tc)
@@ -159,17 +171,16 @@ def denoise_chunk(
     if attend is None or attend.plan is not plan:
         with torch.no_grad():
             attend = model.step_attention(cache, plan, attention)
+    ts = _chunk_timesteps(attend, (*timesteps, steps.context_noise), noise).rows  # ts[-1]: the cache pass
     x = noise
     x0 = noise
     for i in range(exit_step + 1):
-        t = torch.full((b, f), timesteps[i], device=noise.device, dtype=noise.dtype)
         with torch.set_grad_enabled(grad_at_exit and i == exit_step and torch.is_grad_enabled()):
-            flow = model.forward_chunk(x, t, cross, cache, plan, attend)
-            x0 = steps.schedule.x0_from_flow(flow, x, t)
+            flow = model.forward_chunk(x, ts[i], cross, cache, plan, attend)
+            x0 = steps.schedule.x0_from_flow(flow, x, ts[i])
         if i < exit_step:
             fresh = randn_rows(x0.shape, generator, device=x0.device, dtype=x0.dtype)
-            t_next = torch.full((b, f), timesteps[i + 1], device=noise.device, dtype=noise.dtype)
-            x = steps.schedule.add_noise(x0, fresh, t_next)
+            x = steps.schedule.add_noise(x0, fresh, ts[i + 1])
     if update_cache:
         cache_pass(model, x0, cross, cache, plan, steps, generator=generator, attend=attend)
     return x0

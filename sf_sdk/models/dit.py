@@ -19,6 +19,7 @@ frame's tokens (adaLN with 6 vectors per block, 2 for the head).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -35,6 +36,7 @@ from sf_sdk.config import DiTConfig, StreamingConfig
 __all__ = [
     "WanDiT",
     "ChunkStep",
+    "ChunkTimesteps",
     "ChunkInputs",
     "CHUNK_BATCH_AXES",
     "CHUNK_OUTPUTS",
@@ -204,6 +206,44 @@ class SequenceAttention:
 
 
 @dataclass
+class ChunkTimesteps:
+    """The timesteps of one chunk's calls (its denoising steps and the cache pass), made once per
+    chunk: ``rows[i]`` is the ``[B, F]`` timestep tensor of the call at ``values[i]`` (views of one
+    ``[S, B, F]`` tensor, ``stacked``). The first call given one of these very tensors embeds all of
+    them in one batched call; the chunk's later calls reuse those embeddings (without autograd
+    only: a call with gradients embeds its own timestep)."""
+
+    values: tuple[float, ...]
+    stacked: Tensor  # [S, B, F]
+    rows: tuple[Tensor, ...] = ()
+    _embedded: tuple[Tensor, Tensor] | None = field(default=None, repr=False)  # [S, B, F, dim], [S, B, F, 6, dim]
+
+    @classmethod
+    def make(cls, values: Sequence[float], batch: int, frames: int, *, device: torch.device, dtype: torch.dtype
+             ) -> ChunkTimesteps:
+        t = torch.tensor(values, dtype=dtype).to(device).view(-1, 1, 1).expand(-1, batch, frames)  # [S, B, F]
+        return cls(tuple(values), t, tuple(t.unbind(0)))
+
+    def row(self, value: float) -> Tensor | None:
+        """The timestep tensor of ``value`` (None if the chunk has none)."""
+        return self.rows[self.values.index(value)] if value in self.values else None
+
+    def embedding(self, timestep: Tensor, embed) -> tuple[Tensor, Tensor] | None:
+        """(e, e0) of ``timestep`` if it is one of :attr:`rows` (``embed``: the model's
+        :meth:`WanDiT.embed_time`, run once for every row), else None."""
+        if torch.is_grad_enabled():
+            return None
+        for i, row in enumerate(self.rows):
+            if row is timestep:
+                if self._embedded is None:
+                    s, b, f = self.stacked.shape
+                    e, e0 = embed(self.stacked.reshape(s * b, f))  # [S*B, F, dim], [S*B, F, 6, dim]
+                    self._embedded = (e.unflatten(0, (s, b)), e0.unflatten(0, (s, b)))
+                return self._embedded[0][i], self._embedded[1][i]
+        return None
+
+
+@dataclass
 class StepAttention:
     """One chunk's self-attention through the KV cache (explicit tensors: export-ready).
 
@@ -240,6 +280,8 @@ class StepAttention:
     new_v: list[Tensor] | None = None
     _row_tables: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
     _freqs_q: Tensor | None = field(default=None, repr=False)
+    # The chunk's timesteps (sf_sdk.sampling makes them once per chunk; None: each call embeds its own).
+    timesteps: ChunkTimesteps | None = field(default=None, repr=False)
 
     def freqs_q(self) -> Tensor | None:
         """The chunk's complex rotary table (:func:`rotary_freqs`), made once for all of its calls
@@ -567,8 +609,13 @@ class WanDiT(nn.Module):
         return CrossAttnCache(torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv]))
 
     def _patchify(self, x: Tensor) -> Tensor:
-        x = self.patch_embedding(x.permute(0, 2, 1, 3, 4))  # [B, dim, F, h, w]
-        return x.flatten(2).transpose(1, 2)  # [B, F*h*w, dim]
+        """The patch embedding (a Conv3d whose stride is its kernel) as one matmul over the patches."""
+        b, f, c, h, w = x.shape
+        _, ph, pw = self.config.patch_size
+        patches = x.view(b, f, c, h // ph, ph, w // pw, pw).permute(0, 1, 3, 5, 2, 4, 6)  # [B, F, h, w, C, ph, pw]
+        patches = patches.reshape(b, f * (h // ph) * (w // pw), c * ph * pw)  # [B, F*h*w, C*ph*pw]
+        weight = self.patch_embedding.weight.view(self.config.dim, -1)  # [dim, C*1*ph*pw]
+        return F.linear(patches, weight, self.patch_embedding.bias)  # [B, F*h*w, dim]
 
     def _unpatchify(self, tokens: Tensor, frames: int, grid_hw: tuple[int, int]) -> Tensor:
         cfg = self.config
@@ -582,7 +629,9 @@ class WanDiT(nn.Module):
     def _run_blocks(self, x: Tensor, timestep: Tensor, cross: CrossAttnCache,
                     attend: SequenceAttention | StepAttention, grid_hw: tuple[int, int]) -> Tensor:
         frames = timestep.shape[1]
-        e, e0 = self.embed_time(timestep)
+        table = attend.timesteps if isinstance(attend, StepAttention) else None
+        embedded = table.embedding(timestep, self.embed_time) if table is not None else None
+        e, e0 = embedded if embedded is not None else self.embed_time(timestep)
         tokens = self._patchify(x)  # [B, F*T, dim]
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
