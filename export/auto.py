@@ -353,7 +353,7 @@ class _Auto:
             if build == "background":
                 module = gen.dit if component == "dit" else gen.tiny_decoder
                 log_file = cache.build_in_background(key, lambda folder: save_source(component, module, folder),
-                                                     _spec(gen, what))
+                                                     _spec(gen, batch))
                 if log_file is None:
                     log.info("auto: another process is exporting the %s %s: this run is eager", backend, what)
                 else:
@@ -362,7 +362,8 @@ class _Auto:
                 return None
             module = gen.dit if component == "dit" else gen.tiny_decoder
             try:
-                path = cache.build(key, lambda out: export_component(key, module, _spec(gen, what), out), what=what)
+                path = cache.build(key, lambda out: export_component(key, module, _spec(gen, batch), out),
+                                   what=_describe(gen, batch))
             except Exception as exc:
                 log.warning("auto: exporting the %s %s failed (%s: %s): it runs eagerly", backend, what,
                             type(exc).__name__, " ".join(str(exc).split())[:300])
@@ -381,8 +382,9 @@ def _describe(gen: Any, batch: int) -> str:
             f"{st.local_attn_size}, batch {batch}, {str(gen.dtype).removeprefix('torch.')}")
 
 
-def _spec(gen: Any, what: str) -> dict[str, Any]:
-    return {"streaming": to_dict(gen.streaming), "what": what}
+def _spec(gen: Any, batch: int) -> dict[str, Any]:
+    """What an export needs besides the module (JSON, for a background builder too)."""
+    return {"streaming": to_dict(gen.streaming), "what": _describe(gen, batch)}
 
 
 def auto_backend(gen: Any, options: dict[str, Any]) -> Backend:

@@ -150,6 +150,7 @@ print("DIT", gen.backend.components["dit"])
 """
 
 
+@pytest.mark.slow
 def test_two_processes_building_a_new_geometry_make_one_artifact(built: Path) -> None:
     before = _entries(built)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
