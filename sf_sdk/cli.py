@@ -257,6 +257,11 @@ def _generate(args: argparse.Namespace, device: str, dtype: str, writer, signals
     n = torch.get_num_threads()
     threads = f", {n} CPU thread{'s' if n != 1 else ''}" if gen.device.type == "cpu" else ""
     log.info("loaded %s on %s (%s%s) in %.1f s", args.model, device, dtype, threads, time.perf_counter() - t0)
+    if getattr(gen.backend, "make_decoder", None) is None:
+        where = (f"the {args.backend} artifacts in {args.artifact_dir} hold no VAE step (exported with --no-vae): "
+                 f"export them again without --no-vae" if args.artifact_dir is not None
+                 else f"{args.model} has no VAE: use a model folder with one")
+        raise UserError(f"no decoder to make frames with: {where}")
     frames = _num_frames(args, gen)
     st = gen.streaming
     latent = (frames - 1) // gen.temporal_stride + 1

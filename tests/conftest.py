@@ -33,3 +33,28 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+# The vocabulary of the tiny model below: prompts with other words are partly unknown to it.
+TINY_WORDS = ("a", "red", "blue", "circle", "square", "moving", "left", "right")
+TINY_FPS = 8
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny model folder with a word-level text encoder: 2x2 latents (16x16 pixels), a rolling
+    window of 6 latent frames, 8 fps (random weights, seed 0), written by save_pretrained."""
+    from sf_sdk.checkpoint import save_pretrained
+    from sf_sdk.config import DIT_PRESETS, TEXT_PRESETS, VAE_PRESETS, StreamingConfig
+    from sf_sdk.models.dit import WanDiT
+    from sf_sdk.models.text import UMT5Encoder, build_word_tokenizer
+    from sf_sdk.models.vae import WanVAE
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    tok = build_word_tokenizer(list(TINY_WORDS), root / "tok")
+    torch.manual_seed(0)
+    dit, vae, text = DIT_PRESETS["tiny"], VAE_PRESETS["tiny"], TEXT_PRESETS["tiny"]
+    stream = StreamingConfig(latent_height=2, latent_width=2, local_attn_size=6)
+    return save_pretrained(root / "model", dit=WanDiT(dit), dit_config=dit, streaming=stream, vae=WanVAE(vae),
+                           vae_config=vae, text_encoder=UMT5Encoder(text), text_config=text, tokenizer_dir=tok,
+                           extra={"fps": TINY_FPS})

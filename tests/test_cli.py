@@ -7,8 +7,10 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +18,7 @@ import pytest
 import torch
 
 from sf_sdk import StreamingGenerator
-from sf_sdk.checkpoint import save_pretrained
 from sf_sdk.cli import main
-from sf_sdk.config import DIT_PRESETS, TEXT_PRESETS, VAE_PRESETS, StreamingConfig
-from sf_sdk.models.dit import WanDiT
-from sf_sdk.models.text import UMT5Encoder, build_word_tokenizer
-from sf_sdk.models.vae import WanVAE
 from sf_sdk.video import read_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,16 +37,9 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny model with a text encoder: 2x2 latents (16x16 pixels), a rolling window of 6."""
-    root = tmp_path_factory.mktemp("cli")
-    tok = build_word_tokenizer(["a", "red", "blue", "circle", "square", "moving", "left", "right"], root / "tok")
-    torch.manual_seed(0)
-    dit, vae, text = DIT_PRESETS["tiny"], VAE_PRESETS["tiny"], TEXT_PRESETS["tiny"]
-    stream = StreamingConfig(latent_height=2, latent_width=2, local_attn_size=6)
-    return save_pretrained(root / "model", dit=WanDiT(dit), dit_config=dit, streaming=stream, vae=WanVAE(vae),
-                           vae_config=vae, text_encoder=UMT5Encoder(text), text_config=text, tokenizer_dir=tok,
-                           extra={"fps": FPS})
+def model_dir(tiny_model_dir: Path) -> Path:
+    """The shared tiny model (conftest): 2x2 latents (16x16 pixels), a rolling window of 6, 8 fps."""
+    return tiny_model_dir
 
 
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -146,6 +136,113 @@ def test_ctrl_c_leaves_a_valid_mp4(model_dir: Path, tmp_path: Path, capsys, monk
     assert "interrupted" in err and "Traceback" not in err
     frames = read_video(out)
     assert 9 <= frames.shape[0] < 3993 and frames.shape[1:] == (16, 16, 3)
+
+
+def test_default_output_is_the_prompt_and_the_seed(model_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    from sf_sdk.cli import _default_output
+
+    assert _default_output("A red circle, moving LEFT!", 7) == Path("a_red_circle_moving_left_seed7.mp4")
+    # Nothing of a path survives: no separators, no leading dot or dash, never empty.
+    for prompt in ("../../etc/passwd", ".hidden -rf", "/", "***"):
+        name = _default_output(prompt, 0).name
+        assert "/" not in name and name[0] not in ".-" and name.endswith("_seed0.mp4"), name
+    assert _default_output("x" * 500, 1).name == "x" * 60 + "_seed1.mp4"
+    monkeypatch.chdir(tmp_path)
+    for seed in ("1", "2"):  # one prompt, two seeds: two files
+        assert main([PROMPT, "--frames", "9", "--seed", seed, "--model", str(model_dir), "--no-progress"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"a_red_circle_moving_left_seed{s}.mp4" for s in "12"]
+
+
+def test_an_existing_output_needs_overwrite(model_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "keep.mp4"
+    out.write_bytes(b"an earlier video")
+    args = [PROMPT, "--frames", "9", "--model", str(model_dir), "--output", str(out), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{out} exists: pass --overwrite to replace it" in err and "loaded" not in err  # before any loading
+    assert out.read_bytes() == b"an earlier video"
+    assert main([*args, "--overwrite"]) == 0
+    assert read_video(out).shape == (9, 16, 16, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.mp4"]  # no .part left
+
+
+def test_sigterm_and_a_second_run_on_the_same_output(model_dir: Path, tmp_path: Path, capsys) -> None:
+    """A long run in a subprocess: a second run writing the same output fails at once (exit 2), then
+    SIGTERM stops the first like Ctrl-C: exit 143 and a finished MP4 of exactly the frames it reports."""
+    out = tmp_path / "long.mp4"
+    part = tmp_path / ".long.mp4.part"
+    proc = subprocess.Popen([sys.executable, "-m", "sf_sdk", PROMPT, "--frames", "3993", "--model", str(model_dir),
+                             "--output", str(out), "--no-progress", "--threads", "1"],
+                            cwd=REPO, env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (part.exists() and part.stat().st_size > 2000) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        assert main([PROMPT, "--frames", "9", "--model", str(model_dir), "--output", str(out),
+                     "--overwrite"]) == 2
+        assert "another process is writing" in capsys.readouterr().err
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    said = re.search(r"terminated: .* holds the (\d+) frames written so far", err)
+    assert said and err.rstrip().endswith("sf-generate: terminated") and "Traceback" not in err, err
+    frames = read_video(out)
+    assert frames.shape[0] == int(said.group(1)) and 9 <= frames.shape[0] < 3993
+    assert not part.exists()
+
+
+_FULL_DISK = """
+import resource, signal, sys
+from sf_sdk.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_fails_cleanly(model_dir: Path, tmp_path: Path) -> None:
+    """For real: files of at most 6 kB (RLIMIT_FSIZE), so the MP4 write fails part-way, as on a full
+    disk (EFBIG here, ENOSPC there: the same path through the writer)."""
+    out = tmp_path / "big.mp4"
+    run = subprocess.run([sys.executable, "-c", _FULL_DISK, PROMPT, "--frames", "3993", "--model", str(model_dir),
+                          "--output", str(out), "--no-progress", "--threads", "1"], cwd=REPO, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("sf-generate: failed: OSError: [Errno 27] cannot write") and "File too large" in last
+    assert "no file was left there" in last and "Traceback" not in run.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_words_are_named(model_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["a red cat surfing left", "--frames", "9", "--model", str(model_dir), "--output",
+                 str(tmp_path / "cat.mp4"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "the model does not know the words 'cat', 'surfing'" in err
+    assert main([PROMPT, "--frames", "9", "--model", str(model_dir), "--output", str(tmp_path / "ok.mp4"),
+                 "--no-progress"]) == 0
+    assert "does not know" not in capsys.readouterr().err
+
+
+def test_an_onnx_artifact_runs_from_the_command_line(model_dir: Path, tmp_path: Path, capsys) -> None:
+    """--backend onnxruntime --artifact-dir DIR: the artifacts exported here, with the VAE step."""
+    from export import onnx as onnx_export
+
+    artifacts = tmp_path / "onnx"
+    assert onnx_export.main(["--model", str(model_dir), "--out", str(artifacts)]) == 0
+    base = [PROMPT, "--frames", "9", "--seed", "1", "--model", str(model_dir), "--no-progress"]
+    assert main([*base, "--backend", "onnxruntime", "--output", str(tmp_path / "x.mp4")]) == 2
+    assert "--backend onnxruntime needs --artifact-dir DIR" in capsys.readouterr().err
+    assert main([*base, "--backend", "onnxruntime", "--artifact-dir", str(artifacts),
+                 "--output", str(tmp_path / "ort.mp4")]) == 0
+    assert main([*base, "--backend", "eager", "--output", str(tmp_path / "eager.mp4")]) == 0
+    ort, eager = read_video(tmp_path / "ort.mp4"), read_video(tmp_path / "eager.mp4")
+    assert ort.shape == eager.shape == (9, 16, 16, 3)
+    assert np.abs(ort.astype(int) - eager).max() <= 2  # the same video, up to float rounding in H.264
 
 
 def _script(name: str):
