@@ -451,6 +451,10 @@ class StreamingGenerator:
         prompt_embeds = self._check_prompt_args(prompt, prompt_embeds)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise ValueError(f"seed must lie in [-2**63, 2**64 - 1], got {seed}")
+        if not isinstance(decode, bool):
+            raise ValueError(f"decode must be True or False, got {decode!r}")
         if decode and self.vae is None and self.decoder != "tiny":
             raise ValueError("this model has no VAE: stream with decode=False to get latents")
         c = self.streaming.num_frame_per_block
