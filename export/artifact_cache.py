@@ -213,12 +213,8 @@ class ArtifactCache:
         with open(log_file, "w") as out:
             subprocess.Popen([sys.executable, "-m", "export.artifact_cache", str(self.root), str(tmp)],
                              stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                             start_new_session=True, preexec_fn=_lowest_priority, cwd=str(root))
+                             start_new_session=True, cwd=str(root))
         return log_file
-
-
-def _lowest_priority() -> None:
-    os.nice(19)
 
 
 def _key_from_dict(data: dict[str, Any]) -> CacheKey:
@@ -249,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         sys.stderr.write("usage: python -m export.artifact_cache CACHE_ROOT BUILD_DIR (started by backend='auto')\n")
         return 2
+    os.nice(19)  # a background build: the lowest CPU priority, the foreground run goes first
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -352,8 +352,13 @@ class _Auto:
                 return None
             if build == "background":
                 module = gen.dit if component == "dit" else gen.tiny_decoder
-                log_file = cache.build_in_background(key, lambda folder: save_source(component, module, folder),
-                                                     _spec(gen, batch))
+                try:
+                    log_file = cache.build_in_background(key, lambda folder: save_source(component, module, folder),
+                                                         _spec(gen, batch))
+                except Exception as exc:
+                    log.warning("auto: could not start the background export of the %s %s (%s: %s): it runs "
+                                "eagerly", backend, what, type(exc).__name__, " ".join(str(exc).split())[:300])
+                    return None
                 if log_file is None:
                     log.info("auto: another process is exporting the %s %s: this run is eager", backend, what)
                 else:
