@@ -4,8 +4,8 @@ The encoder (the run's ``vae`` stage result, e.g. taken from ``init_vae=shapes-t
 the decoder learns to map exactly the latents the DiT was trained on back to video. Each step
 renders shapes clips, encodes them (posterior mean plus ``latent_noise``, normalized as the DiT
 sees them) and decodes them with the tiny decoder; the loss is the object-weighted L1 plus the
-image-gradient L1 against the rendered clip (:func:`training.stages.vae.reconstruction_loss`, no
-MSE), and with ``wan_weight`` the same loss against the Wan decoder's frames of the same latents.
+image-gradient L1 (from step ``grad_from_step``) against the rendered clip
+(:func:`training.stages.vae.reconstruction_loss`, no MSE), and with ``wan_weight`` the same loss against the Wan decoder's frames of the same latents.
 
 ``final/`` holds ``tiny_decoder.safetensors`` (the released TAEHV key layout) and
 ``tiny_decoder_config.json``; :func:`sf_sdk.checkpoint.taehv.add_tiny_decoder` puts it into a
@@ -89,8 +89,9 @@ def run_tiny_decoder(cfg: TrainConfig, dist: DistInfo) -> None:
     while state.step < st.steps:
         set_lr(opt, st.lr, state.step, st)
         gen = step_generator(cfg.seed, run.name, state.step, dist.rank)
+        grad_weight = st.grad_weight if state.step >= st.grad_from_step else 0.0
 
-        def micro(i: int, gen: torch.Generator = gen):
+        def micro(i: int, gen: torch.Generator = gen, grad_weight: float = grad_weight):
             def fn() -> tuple[Tensor, dict[str, Metric]]:
                 video = _clips(ds, state.step, i, st.batch_size, dist, st.grad_accum).to(dist.device)
                 with torch.no_grad():
@@ -99,10 +100,9 @@ def run_tiny_decoder(cfg: TrainConfig, dist: DistInfo) -> None:
                     z = vae.normalize(mu + st.latent_noise * noise)
                     wan = vae.decode(z, clamp=False) if st.wan_weight else None  # [B, 3, T, H, W]
                 recon = ddp(z, clamp=False)  # [B, 3, T, H, W]
-                loss, metrics = reconstruction_loss(recon, video, st.fg_weight, st.l1_weight, 0.0, st.grad_weight)
+                loss, metrics = reconstruction_loss(recon, video, st.fg_weight, st.l1_weight, 0.0, grad_weight)
                 if wan is not None:
-                    part, wan_metrics = reconstruction_loss(recon, wan, st.fg_weight, st.l1_weight, 0.0,
-                                                            st.grad_weight)
+                    part, wan_metrics = reconstruction_loss(recon, wan, st.fg_weight, st.l1_weight, 0.0, grad_weight)
                     loss = loss + st.wan_weight * part
                     metrics["wan_psnr"] = wan_metrics["psnr"]
                 return loss, metrics

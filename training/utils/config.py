@@ -158,7 +158,11 @@ class TinyDecoderStageConfig(StageConfig):
     num_frames: int = 33
     fg_weight: float = 4.0
     l1_weight: float = 1.0
-    grad_weight: float = 30.0
+    grad_weight: float = 10.0
+    # The image-gradient term joins at this step: from scratch, with it on from step 0 the decoder
+    # settles on flat black frames (its output exactly -1, the last ReLUs off) and does not recover;
+    # with L1 alone it draws the objects within ~50 steps.
+    grad_from_step: int = 300
     wan_weight: float = 0.0  # weight of the Wan decoder's frames as a second target (0: off)
     latent_noise: float = 0.1  # Gaussian noise on the posterior mean, as the vae stage's decoder sees
 
@@ -168,8 +172,9 @@ class TinyDecoderStageConfig(StageConfig):
             raise ValueError("tiny_decoder fg_weight, l1_weight, grad_weight, wan_weight and latent_noise must be >= 0")
         if not self.l1_weight and not self.grad_weight:
             raise ValueError("tiny_decoder needs l1_weight > 0 or grad_weight > 0: otherwise nothing trains it")
-        if self.num_frames < 1:
-            raise ValueError(f"tiny_decoder.num_frames must be positive, got {self.num_frames}")
+        if self.num_frames < 1 or self.grad_from_step < 0:
+            raise ValueError(f"tiny_decoder.num_frames must be positive and grad_from_step >= 0, got "
+                             f"{self.num_frames} and {self.grad_from_step}")
 
 
 @dataclass(frozen=True)
