@@ -221,3 +221,28 @@ def test_longlive_converts_with_its_lora_merged(wan: Path, tmp_path: Path) -> No
     # lora_scale=0 leaves the LoRA out: the base weights
     base = load_pretrained(rel.path, wan_dir=wan, lora_scale=0.0, load_vae=False, load_text_encoder=False)
     torch.testing.assert_close(_out(base.dit), _out(_seeded(1)))
+
+
+def test_convert_command_and_release_folders(wan: Path, tmp_path: Path) -> None:
+    from export.convert import main
+
+    rel = _write(tmp_path, "longlive")
+    renamed = tmp_path / "base.pt"  # a renamed file: the family and its LoRA are given on the command line
+    renamed.write_bytes(rel.path.read_bytes())
+    out = tmp_path / "converted"
+    rc = main(["--checkpoint", str(renamed), "--wan-dir", str(wan), "--out", str(out), "--dtype", "float32",
+               "--family", "longlive", "--lora", str(rel.path.parent / "lora.pt"), "--no-text-encoder",
+               "--vae-preset", "tiny"])
+    assert rc == 0
+    files = read_index(out)
+    assert files.extra["family"] == "longlive" and files.streaming == FAMILIES["longlive"].streaming
+    torch.testing.assert_close(_out(load_pretrained(out, load_text_encoder=False).dit), _out(rel.expected),
+                               rtol=1e-5, atol=1e-5)
+    # the release folder itself (longlive_base.pt beside lora.pt): the base is found, the LoRA merged
+    loaded = load_pretrained(rel.path.parent, wan_dir=wan, load_vae=False, load_text_encoder=False)
+    torch.testing.assert_close(_out(loaded.dit), _out(rel.expected), rtol=1e-5, atol=1e-5)
+    # a flat LoRA passed as the base says so
+    flat = tmp_path / "rewardforcing.pt"
+    torch.save({"base_model.model.blocks.0.ffn.0.lora_A.weight": torch.zeros(2, 96)}, flat)
+    with pytest.raises(CheckpointError, match="is a LoRA .*not a DiT checkpoint"):
+        load_pretrained(flat, wan_dir=wan, load_vae=False, load_text_encoder=False)
