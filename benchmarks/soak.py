@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default="stream,pool", help="comma-separated parts to run (default stream,pool)")
     p.add_argument("--short", action="store_true", help=f"{SHORT['latent_frames']} latent frames per part, a sample "
                                                          f"every {SHORT['sample_every']}")
+    p.add_argument("--backend", default="eager", help="backend (default eager: auto would switch backends mid-run "
+                                                      "once its background build is done)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the report here (rewritten after every sample)")
@@ -158,11 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--latent-frames, --sample-every and --pool-streams must be positive, --max-chunks at least 2")
     with cpu_threads(args.threads):
         streaming = {"local_attn_size": args.window} if args.window else None
-        gen = StreamingGenerator.from_pretrained(args.model, streaming=streaming)
+        gen = StreamingGenerator.from_pretrained(args.model, streaming=streaming, backend=args.backend)
         if not gen.streaming.rolling:
             p.error("the soak streams unbounded video: the model needs a rolling window (--window N)")
         report: dict[str, Any] = {
-            "benchmark": "soak", "model": args.model, "device": device_info(gen.device), "versions": versions(),
+            "benchmark": "soak", "model": args.model, "backend": gen.backend.name, "device": device_info(gen.device),
+            "versions": versions(),
             "streaming": to_dict(gen.streaming), "latent_frames": args.latent_frames,
             "sample_every": args.sample_every, "parts": {}, "complete": False,
             "definitions": {"rss_mb": "VmRSS of this process after the interval's last chunk",
