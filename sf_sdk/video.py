@@ -118,8 +118,21 @@ class Mp4Writer:
             raise IsADirectoryError(f"{self.path} is a folder: give a file name such as {self.path / 'video.mp4'}")
         if not overwrite and self.path.exists():
             raise FileExistsError(_exists_message(self.path))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _reserve(self.path, self.temp_path)
+        blocker = next((p for p in self.path.parents if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise NotADirectoryError(f"cannot write {self.path}: {blocker} is a file, not a folder")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise type(exc)(exc.errno, f"cannot create the folder {self.path.parent} for {self.path}: "
+                                       f"{exc.strerror}") from None
+        try:
+            self._lock_fd = _reserve(self.path, self.temp_path)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise type(exc)(exc.errno, f"cannot write {self.path}: {exc.strerror} (creating {self.temp_path.name} "
+                                       f"in that folder)") from None
 
     # -- context manager -------------------------------------------------------------------
 

@@ -224,7 +224,7 @@ _WEIGHTS_MODULES = ("torch", "collections")
 _CODE_MODULES = {"os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy", "pty",
                  "code", "codeop", "pickle", "_pickle", "marshal", "ctypes", "webbrowser", "multiprocessing",
                  "asyncio", "pdb", "timeit", "operator", "functools", "types", "inspect", "platform", "signal",
-                 "tempfile", "pathlib", "io", "_io", "commands", "popen2", "urllib", "http", "requests", "torch.hub"}
+                 "tempfile", "io", "_io", "commands", "popen2", "urllib", "http", "requests", "torch.hub"}
 _CODE_BUILTINS = {"eval", "exec", "compile", "__import__", "getattr", "setattr", "delattr", "open", "input",
                   "breakpoint", "globals", "locals", "vars", "print", "exit", "quit", "help"}
 

@@ -86,9 +86,9 @@ def parse_message(text: str | bytes, limits: Limits) -> dict[str, Any]:
         msg = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ProtocolError("bad_json", f"the message is not JSON ({exc.msg} at character {exc.pos})") from None
-    if not isinstance(msg, dict):
+    if not isinstance(msg, dict) or "type" not in msg:
         raise ProtocolError("bad_message", "a message is a JSON object with a 'type'")
-    kind = msg.get("type")
+    kind = msg["type"]
     if kind not in MESSAGE_TYPES:
         raise ProtocolError("unknown_type", f"unknown message type {kind!r}; expected one of {list(MESSAGE_TYPES)}")
     out: dict[str, Any] = {"type": kind}
