@@ -244,6 +244,10 @@ class StreamingConfig:
     # The official independent_first_frame layout: latent frame 0 is a chunk of its own (denoised
     # alone, or the image of image-to-video), then chunks of num_frame_per_block: [1, c, c, ...].
     independent_first_frame: bool = False
+    # A prompt switch's re-cache (transition="recache"): True re-encodes the sinks and the ring
+    # under the new prompt, block-causally; False (LongLive's global_sink) keeps the sinks' keys and
+    # values and re-encodes the ring frames only, attending to the sinks and to each other unmasked.
+    recache_sinks: bool = True
 
     def __post_init__(self) -> None:
         check_fields(self)

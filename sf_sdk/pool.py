@@ -372,7 +372,8 @@ class StreamPool:
         return CrossAttnCache(self._cross_k[:, row:row + 1], self._cross_v[:, row:row + 1])
 
     def _recache(self, stream: PooledStream) -> None:
-        frames = kept_frames(self._cache, stream.row)
+        keep_sinks = not self._gen.streaming.recache_sinks
+        frames = kept_frames(self._cache, stream.row, sinks=not keep_sinks)
         if not frames:
             return
         lay = self._cache.layout
@@ -380,7 +381,8 @@ class StreamPool:
         with torch.inference_mode():
             latents = self._latents[stream.row].index_select(0, slots)  # [N, C, h, w]
             recache(self._gen.dit, latents, self._row_cross(stream.row), self._cache, stream.row,
-                    self._gen.steps, self._gen.streaming.num_frame_per_block, generator=stream._rng)
+                    self._gen.steps, self._gen.streaming.num_frame_per_block, generator=stream._rng,
+                    keep_sinks=keep_sinks)
 
     # ------------------------------------------------------------------ the batched step
     def _attention(self, masked: bool, rows: int) -> CacheAttention:

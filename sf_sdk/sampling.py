@@ -222,26 +222,30 @@ def _denoise_rows(model: ChunkModel, noise: Tensor, cross: CrossAttnCache, cache
     return x0
 
 
-def kept_frames(cache: KVCache, row: int) -> list[int]:
+def kept_frames(cache: KVCache, row: int, *, sinks: bool = True) -> list[int]:
     """The absolute latent frames row ``row`` of the cache holds, oldest first (sinks, then the
-    ring's frames in order)."""
+    ring's frames in order); ``sinks=False``: the ring's only."""
     lay, end = cache.layout, cache.end_frames[row]
-    sinks = list(range(min(lay.sink_frames, end)))
+    kept_sinks = list(range(min(lay.sink_frames, end))) if sinks else []
     ring = list(range(max(lay.sink_frames, end - lay.ring_frames), end))
-    return sinks + ring
+    return kept_sinks + ring
 
 
 @torch.no_grad()
 def recache(dit: WanDiT, latents: Tensor, cross: CrossAttnCache, cache: KVCache, row: int, steps: ChunkSchedule,
-            chunk: int, *, generator: torch.Generator | None = None) -> None:
+            chunk: int, *, generator: torch.Generator | None = None, keep_sinks: bool = False) -> None:
     """Recompute the keys/values row ``row`` holds under a new prompt ``cross`` (batch 1).
 
     ``latents`` [N, C, H, W]: the clean latents of :func:`kept_frames` (same order). They run as
     one sequence at timestep ``context_noise`` (re-noised to it first when it is > 0), block-causal
     by chunk, and their keys/values replace the old ones in place: the next chunk continues the
     same frames under the new text (LongLive's KV re-cache). Cost: one forward over the window.
+
+    ``keep_sinks`` (``recache_sinks=False``, LongLive's global sink): the sinks keep the keys and
+    values of the prompt they were made under; ``latents`` are the ring frames'
+    (``kept_frames(sinks=False)``), re-encoded attending to the sinks and to each other unmasked.
     """
-    frames = kept_frames(cache, row)
+    frames = kept_frames(cache, row, sinks=not keep_sinks)
     if latents.shape[0] != len(frames):
         raise ValueError(f"row {row} holds {len(frames)} frames, got latents for {latents.shape[0]}")
     if not frames:
@@ -251,4 +255,5 @@ def recache(dit: WanDiT, latents: Tensor, cross: CrossAttnCache, cache: KVCache,
     if steps.context_noise > 0:
         fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = steps.schedule.add_noise(x, fresh, t)
-    dit.recache(x, t, cross, cache, row, torch.tensor(frames, device=x.device), chunk)
+    sinks = min(cache.layout.sink_frames, cache.end_frames[row]) if keep_sinks else 0
+    dit.recache(x, t, cross, cache, row, torch.tensor(frames, device=x.device), chunk, cached_sinks=sinks)

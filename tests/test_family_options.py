@@ -225,3 +225,52 @@ def test_first_frame_alone_stream_equals_direct_loop_solo_and_pooled():
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"nearest valid: \[37, 25\]"):
         gen.stream(prompt_embeds=embeds, num_frames=33)
+
+
+# --------------------------------------------------------------------------------------------
+# The prompt-switch re-cache with kept sinks (LongLive's global sink)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["absolute", "cache_relative"])
+def test_recache_keeping_sinks_equals_the_window_as_one_chunk(mode):
+    from sf_sdk.sampling import recache
+
+    model = tiny_model()
+    stream = StreamingConfig(**GRID, local_attn_size=9, sink_size=3, position_mode=mode, recache_sinks=False)
+    x = torch.randn(1, 15, 16, 4, 6, dtype=torch.float64)
+    t0 = torch.zeros(1, 3, dtype=torch.float64)
+    ctx_a, ctx_b = (torch.randn(1, 5, TINY.text_dim, dtype=torch.float64) for _ in range(2))
+    with torch.no_grad():
+        cross_a, cross_b = model.encode_context(ctx_a), model.encode_context(ctx_b)
+        cache = model.new_cache(stream, 1)
+        for s in range(0, 15, 3):  # the sinks are frames 0-2, the ring holds frames 9-14
+            model.forward_chunk(x[:, s:s + 3], t0, cross_a, cache, s)
+        tok = cache.layout.tokens_per_frame
+        sinks_k, sinks_v = cache.k[:, :, :3 * tok].clone(), cache.v[:, :, :3 * tok].clone()
+        recache(model, x[0, 9:15], cross_b, cache, 0, ChunkSchedule.from_config(stream), 3, keep_sinks=True)
+        # the reference: the ring frames as one chunk under the new prompt, against the old sinks
+        ref = model.new_cache(stream, 1)
+        ref.k[:, :, :3 * tok], ref.v[:, :, :3 * tok] = sinks_k, sinks_v
+        ref.end_frames[0] = 9  # frames 0-8 written: the sinks valid, the ring about to be the chunk's
+        model.forward_chunk(x[:, 9:15], torch.zeros(1, 6, dtype=torch.float64), cross_b, ref, 9)
+    torch.testing.assert_close(cache.k[:, :, :3 * tok], sinks_k, rtol=0, atol=0)  # the sinks are kept
+    torch.testing.assert_close(cache.v[:, :, :3 * tok], sinks_v, rtol=0, atol=0)
+    torch.testing.assert_close(cache.k[:, :, 3 * tok:], ref.k[:, :, 3 * tok:], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(cache.v[:, :, 3 * tok:], ref.v[:, :, 3 * tok:], rtol=1e-9, atol=1e-9)
+
+
+def test_a_prompt_switch_keeps_the_sinks_in_a_stream():
+    stream = StreamingConfig(latent_height=2, latent_width=2, local_attn_size=6, sink_size=3, recache_sinks=False)
+    gen = StreamingGenerator.from_config("tiny", stream, seed=0)
+    a, b = (torch.randn(5, TINY.text_dim, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    with gen.stream(prompt_embeds=a, seed=0, decode=False) as s:
+        for _ in range(3):
+            next(s)
+        cache = gen._solo.cache
+        tok = cache.layout.tokens_per_frame
+        before = cache.k[:, :, :3 * tok].clone()
+        s.set_prompt(prompt_embeds=b, transition="recache")
+        chunk = next(s)
+    assert torch.isfinite(chunk.latents).all()
+    torch.testing.assert_close(cache.k[:, :, :3 * tok], before, rtol=0, atol=0)

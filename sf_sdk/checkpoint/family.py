@@ -98,9 +98,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            ("causal-forcing++/framewise-1step.pt", "framewise-1step.pt"),
            "https://huggingface.co/zhuhz22/Causal-Forcing (causal-forcing++/framewise-1step.pt)", "Apache-2.0"),
     # LongLive: configs/longlive_inference.yaml: chunks of 3, a 12-frame window holding 3 sink frames,
-    # keys rotated at absolute positions, use_ema false, the LoRA (rank 256, alpha 256) merged.
+    # keys rotated at absolute positions, use_ema false, the LoRA (rank 256, alpha 256) merged;
+    # a prompt switch re-caches the window and keeps the sinks (global_sink: true).
     Family("longlive", "LongLive (chunk-wise, 3 sink frames + 9-frame window, base + LoRA)",
-           replace(_CHUNKWISE, local_attn_size=12, sink_size=3), False, ("longlive_base.pt",),
+           replace(_CHUNKWISE, local_attn_size=12, sink_size=3, recache_sinks=False), False, ("longlive_base.pt",),
            "https://huggingface.co/Efficient-Large-Model/LongLive-1.3B (models/longlive_base.pt, models/lora.pt)",
            "Apache-2.0", lora_file="lora.pt"),
     # Reward Forcing: configs/reward_forcing.yaml: a 9-frame window of 3 EMA-sink frames (decay 0.999)

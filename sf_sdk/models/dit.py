@@ -351,6 +351,10 @@ class RecacheAttention:
     the ring, oldest first) is re-encoded under the new prompt, each attending to the kept frames
     of its own and earlier chunks. Keys are written as the cache stores them (rotated at their
     absolute positions, or unrotated in ``cache_relative`` mode).
+
+    With ``sink_slots`` (``recache_sinks=False``, LongLive's global sink) the sequence is the ring
+    frames only: the sinks keep their cached keys/values, and every ring frame attends to them and
+    to all ring frames (``mask`` None: LongLive's re-cache runs unmasked).
     """
 
     cache: KVCache
@@ -358,8 +362,10 @@ class RecacheAttention:
     write_slots: Tensor  # [N*T] token slots of the kept frames, in sequence order
     cos: Tensor  # [N*T, D/2] rotary tables of the sequence (attention positions)
     sin: Tensor
-    mask: Tensor  # [N*T, N*T] bool
+    mask: Tensor | None  # [N*T, N*T] bool (None: every key visible)
     store_rotated: bool
+    sink_slots: Tensor | None = None  # [S*T] token slots of cached sinks attended as they are
+    sink_rope: tuple[Tensor, Tensor] | None = None  # their cos, sin when cached unrotated
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         q_rot = apply_rotary(q, self.cos, self.sin)
@@ -368,7 +374,12 @@ class RecacheAttention:
         vc = self.cache.v[layer, self.row:self.row + 1]
         write_rows(kc, self.write_slots, (k_rot if self.store_rotated else k).detach(), inplace=True)
         write_rows(vc, self.write_slots, v.detach(), inplace=True)
-        return attention(q_rot, k_rot, v, self.mask)
+        if self.sink_slots is None:
+            return attention(q_rot, k_rot, v, self.mask)
+        ks, vs = kc[:, self.sink_slots], vc[:, self.sink_slots]  # [1, S*T, H, D], as cached
+        if self.sink_rope is not None:
+            ks = apply_rotary(ks, *self.sink_rope)
+        return attention(q_rot, torch.cat([ks, k_rot], dim=1), torch.cat([vs, v], dim=1), self.mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -713,11 +724,13 @@ class WanDiT(nn.Module):
         return self._run_blocks(x, timestep, cross, attend, cache.layout.grid_hw)
 
     def recache(self, x: Tensor, timestep: Tensor, cross: CrossAttnCache, cache: KVCache, row: int,
-                frames: Tensor, chunk: int) -> None:
+                frames: Tensor, chunk: int, *, cached_sinks: int = 0) -> None:
         """Re-encode the frames a cache row holds (see :class:`RecacheAttention`).
 
         x [1, N, C, H, W]: the clean latents of the kept frames, oldest first; ``frames`` [N]
         their absolute frame indices; ``chunk`` the frames per chunk (block-causal groups).
+        ``cached_sinks`` > 0: ``x`` holds the ring frames only; that many sink frames keep their
+        cached keys/values, which the ring frames attend to, unmasked (LongLive's global sink).
         """
         timestep = self._check_latents(x, timestep)
         lay = cache.layout
@@ -728,12 +741,17 @@ class WanDiT(nn.Module):
         if cache.position_mode == "absolute":
             positions, rotated = frames, True
         else:  # the cache's logical order: sinks 0..S-1, then the ring frames in order
-            positions, rotated = torch.arange(n, device=frames.device), False
+            positions, rotated = torch.arange(cached_sinks, cached_sinks + n, device=frames.device), False
         cos, sin = self.rope.table(positions, lay.grid_hw, x.dtype)
-        blocks = frames // chunk  # [N]
-        vis = blocks.unsqueeze(0) <= blocks.unsqueeze(1)  # [N, N] query frame i sees key frame j
-        mask = vis.repeat_interleave(lay.tokens_per_frame, 0).repeat_interleave(lay.tokens_per_frame, 1)
-        attend = RecacheAttention(cache, row, write, cos, sin, mask, rotated)
+        if cached_sinks:
+            sinks = torch.arange(cached_sinks, device=frames.device)
+            rope = None if rotated else self.rope.table(sinks, lay.grid_hw, x.dtype)
+            attend = RecacheAttention(cache, row, write, cos, sin, None, rotated, lay.token_slots(sinks), rope)
+        else:
+            blocks = frames // chunk  # [N]
+            vis = blocks.unsqueeze(0) <= blocks.unsqueeze(1)  # [N, N] query frame i sees key frame j
+            mask = vis.repeat_interleave(lay.tokens_per_frame, 0).repeat_interleave(lay.tokens_per_frame, 1)
+            attend = RecacheAttention(cache, row, write, cos, sin, mask, rotated)
         self._run_blocks(x, timestep, cross, attend, lay.grid_hw)
 
     def new_cache(self, stream: StreamingConfig, batch_size: int, num_frames: int | None = None
