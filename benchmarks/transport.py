@@ -158,10 +158,11 @@ def measure_mp4(chunks: list[np.ndarray], fps: int, tmp: Path) -> dict[str, Any]
             t0 = time.perf_counter()
             writer.write(chunk)
             encode_s.append(time.perf_counter() - t0)
-            new = path.stat().st_size
+            # The growing file is the writer's .part, renamed to path at close().
+            new = writer.temp_path.stat().st_size
             growth.append(new - size)
             size = new
-            readable.append(len(read_video(path, allow_truncated=True)))  # not timed
+            readable.append(len(read_video(writer.temp_path, allow_truncated=True)))  # not timed
     finally:
         writer.close()
     decoded = read_video(path)
