@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from sf_sdk import config as sdk_config
 from sf_sdk.checkpoint.folder import CheckpointError, read_index, resolve_model_path
 from sf_sdk.config import (
     DiTConfig,
@@ -27,10 +28,16 @@ from sf_sdk.config import (
 from training.data.shapes import ShapesConfig
 from training.utils import config as train_config
 
-SDK_CONFIGS = [DiTConfig, StreamingConfig, VAEConfig, TextEncoderConfig]
-TRAIN_CONFIGS = [train_config.StageConfig, train_config.VAEStageConfig, train_config.TeacherStageConfig,
-                 train_config.ODEInitStageConfig, train_config.SelfForcingStageConfig,
-                 train_config.ExportStageConfig, ShapesConfig]
+
+def _configs(module) -> list[type]:
+    """Every config dataclass a module defines (new ones are covered without editing this test)."""
+    return [v for v in vars(module).values()
+            if isinstance(v, type) and dataclasses.is_dataclass(v) and v.__module__ == module.__name__]
+
+
+SDK_CONFIGS = _configs(sdk_config)
+TRAIN_CONFIGS = [c for c in _configs(train_config) if c is not train_config.TrainConfig] + [ShapesConfig]
+assert {DiTConfig, StreamingConfig, VAEConfig, TextEncoderConfig} <= set(SDK_CONFIGS)
 
 
 def _wrong_values(tp: typing.Any) -> list[typing.Any]:
