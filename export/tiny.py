@@ -147,10 +147,10 @@ def verify_tiny(tiny: TAEHVDecoder, streaming: StreamingConfig, folder: str | os
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    from sf_sdk.checkpoint import read_index
-    from sf_sdk.checkpoint.taehv import load_folder_tiny_decoder, load_taehv
+    from export.cli import run_command_main
+    from sf_sdk.exit_codes import CommandParser
 
-    p = argparse.ArgumentParser(prog="python -m export.tiny", description="ONNX export of the tiny decoder's decode steps")
+    p = CommandParser(prog="python -m export.tiny", description="ONNX export of the tiny decoder's decode steps")
     p.add_argument("--model", required=True, help="a model folder or bundled name (its streaming config; its tiny "
                                                   "decoder unless --decoder-path)")
     p.add_argument("--decoder-path", type=Path, help="a TAEHV file (taew2_1.pth / .safetensors) to export instead")
@@ -159,7 +159,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                          "fail above 1e-4 max abs error")
     p.add_argument("--seed", type=int, default=0)
     args: argparse.Namespace = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run_command_main(p.prog, lambda: _export(args), verbose=False)
+
+
+def _export(args) -> int:
+    """The body of ``python -m export.tiny`` (exit codes: :mod:`sf_sdk.exit_codes`)."""
+    from sf_sdk.checkpoint import read_index
+    from sf_sdk.checkpoint.taehv import load_folder_tiny_decoder, load_taehv
+    from sf_sdk.exit_codes import check_output_folder
+
+    check_output_folder(args.out)
     streaming = read_index(args.model).streaming
     tiny = load_taehv(args.decoder_path) if args.decoder_path else load_folder_tiny_decoder(args.model)
     settings = ONNXSettings()

@@ -385,6 +385,8 @@ COMMANDS = [
     ("convert missing checkpoint", lambda t: _export("convert", "--checkpoint", str(t / "none.pt"), "--wan-dir",
                                                      str(t), "--out", str(t / "o")), 2,
      ("Wan folder", "lacks ['Wan2.1_VAE.pth'", "download the official")),
+    ("tiny --out is a file", lambda t: _export("tiny", "--model", "shapes-tiny", "--out", str(t / "file")), 2,
+     ("--out", "is a file, not a folder")),
     ("bench unknown backend", lambda t: _export("bench", "--backends", "eager,warp"), 2,
      ("--backends must be among", "warp")),
     ("bench --chunks 0", lambda t: _export("bench", "--chunks", "0"), 2, ("--chunks must be > 0",)),
