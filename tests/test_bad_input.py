@@ -435,6 +435,43 @@ def _stop_when(proc: subprocess.Popen, ready: Callable[[], bool], sig: int, time
             proc.kill()
 
 
+def test_the_exit_code_helper_maps_errors_and_real_signals(capsys) -> None:
+    from sf_sdk.exit_codes import Stopped, UserError, run_command, stop_signals
+
+    def raising(exc: BaseException) -> Callable[[Any], int]:
+        def body(signals) -> int:
+            raise exc
+        return body
+
+    def killed(signals) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered between bytecodes, as from another process
+        time.sleep(5)
+        return 0
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    assert run_command("cmd", lambda signals: 0) == 0
+    assert run_command("cmd", raising(UserError("bad --x"))) == 2
+    assert run_command("cmd", raising(FileNotFoundError("no such model"))) == 2
+    assert run_command("cmd", raising(RuntimeError("boom"))) == 1
+    assert run_command("cmd", raising(OSError(28, "No space left on device"))) == 1
+    assert run_command("cmd", raising(KeyboardInterrupt())) == 130
+    assert run_command("cmd", killed) == 143
+    assert capsys.readouterr().err.splitlines() == [
+        "cmd: error: bad --x", "cmd: error: no such model",
+        "cmd: failed: RuntimeError: boom (rerun with --debug for the traceback)",
+        "cmd: failed: OSError: [Errno 28] No space left on device (rerun with --debug for the traceback)",
+        "cmd: interrupted", "cmd: terminated"]
+    # Held: a signal inside the block is raised when the block ends, not in the middle of it.
+    done = []
+    with pytest.raises(Stopped) as stop, stop_signals() as signals:
+        with signals.held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            done.append("the block finished")
+    assert done == ["the block finished"] and stop.value.exit_code == 130
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # restored
+
+
 def test_ctrl_c_exits_130_with_the_frames_it_reports(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "v.mp4"
     part = tmp_path / ".v.mp4.part"
