@@ -134,6 +134,13 @@ class Mp4Writer:
             raise type(exc)(exc.errno, f"cannot write {self.path}: {exc.strerror} (creating {self.temp_path.name} "
                                        f"in that folder)") from None
 
+    def __del__(self) -> None:
+        # Dropped without close() or discard(): like a killed run, the .part stays, unlocked.
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            os.close(fd)
+            self._lock_fd = None
+
     # -- context manager -------------------------------------------------------------------
 
     def __enter__(self) -> Mp4Writer:
@@ -348,8 +355,8 @@ def _reserve(path: Path, temp: Path, attempts: int = 5) -> int:
     created anew. After locking, the name must still be the locked file (another writer may have
     renamed or removed it in between), else this tries again.
     """
-    busy = FileExistsError(f"another process is writing {path} now (it holds the lock on {temp}): wait for it "
-                           f"to finish or choose another name")
+    busy = FileExistsError(f"another process is writing {path} now (a writer holds the lock on {temp}): wait "
+                           f"for it to finish or choose another name")
     for _ in range(attempts):
         try:
             fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
