@@ -210,6 +210,27 @@ def test_odd_sizes(tmp_path: Path) -> None:
     assert not (tmp_path / "strict.mp4").exists()
 
 
+def test_a_full_tmpfs_leaves_the_previous_file(tmp_path: Path) -> None:
+    """ENOSPC for real: a 64 KiB tmpfs (where this process may mount one; skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        path = disk / "v.mp4"
+        path.write_bytes(b"the previous video")
+        rng = np.random.default_rng(0)
+        with pytest.raises(OSError) as err, Mp4Writer(path) as writer:
+            for _ in range(100):
+                writer.write(rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+        assert err.value.errno == 28 and "No space left on device" in str(err.value)
+        assert "the previous file is unchanged" in str(err.value)
+        assert [p.name for p in disk.iterdir()] == ["v.mp4"] and path.read_bytes() == b"the previous video"
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 def test_bad_input(tmp_path: Path) -> None:
     frames = _smooth_frames(2)
     writer = Mp4Writer(tmp_path / "bad.mp4")
