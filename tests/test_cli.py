@@ -1,5 +1,7 @@
 """The sf-generate command (in a subprocess and in-process) on a tiny model folder written by
-save_pretrained, its errors, Ctrl-C, and the benchmark scripts."""
+save_pretrained: its errors, Ctrl-C and SIGTERM, how it writes its output (no overwrite unless
+asked, the seed in the default name, one run per output, a full disk), unknown words, an ONNX
+artifact from the command line, and the benchmark scripts."""
 
 from __future__ import annotations
 
