@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sf_sdk import config as sdk_config
 from sf_sdk.checkpoint.folder import CheckpointError, read_index, resolve_model_path
@@ -166,3 +168,45 @@ def test_from_dict_names_its_source_file() -> None:
         from_dict(StreamingConfig, {"num_frame_per_block": "3"}, source="artifacts/export.json")
     with pytest.raises(ValueError, match=r"^dit_config\.json: unknown DiTConfig keys \['depth'\]"):
         from_dict(DiTConfig, {"depth": 3}, source="dit_config.json")
+
+
+def _accepts(tp: typing.Any, v: typing.Any) -> bool:
+    """Reference: the values a field of annotation ``tp`` takes."""
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if tp is str:
+        return isinstance(v, str)
+    if tp == int | None:
+        return v is None or _accepts(int, v)
+    if tp == tuple[int, ...]:
+        return isinstance(v, (list, tuple)) and all(_accepts(int, x) for x in v)
+    if tp == tuple[float, float]:
+        return isinstance(v, (list, tuple)) and len(v) == 2 and all(_accepts(float, x) for x in v)
+    if tp == typing.Literal["a", "b"]:
+        return isinstance(v, str) and v in ("a", "b")
+    raise AssertionError(tp)
+
+
+_scalars = st.one_of(st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
+                     st.sampled_from(["a", "b", "6", ""]), st.none())
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(st.sampled_from([bool, int, float, str, int | None, tuple[int, ...], tuple[float, float],
+                        typing.Literal["a", "b"]]),
+       st.one_of(_scalars, st.lists(_scalars, max_size=3), st.tuples(_scalars, _scalars)))
+def test_check_value_matches_the_reference(tp: typing.Any, value: typing.Any) -> None:
+    if _accepts(tp, value):
+        got = check_value(tp, value, "f")
+        assert got == value or (isinstance(value, list) and got == tuple(value))
+        if tp is float:
+            assert type(got) is float
+        if typing.get_origin(tp) is tuple:
+            assert type(got) is tuple
+    else:
+        with pytest.raises(ValueError, match=r"^f(\[\d\])? must be "):
+            check_value(tp, value, "f")
