@@ -197,7 +197,7 @@ def test_reward_forcing_streams_and_converts(wan: Path, tmp_path: Path) -> None:
     rel = _write(tmp_path, "reward-forcing")
     small = {"latent_height": 2, "latent_width": 2}
     tiny = {"vae_config": VAE_PRESETS["tiny"], "text_config": TEXT_PRESETS["tiny"]}
-    gen = StreamingGenerator.from_pretrained(rel.path, wan_dir=wan, streaming=small, **tiny)
+    gen = StreamingGenerator.from_pretrained(rel.path, wan_dir=wan, streaming=small, **tiny, backend="eager")
     assert gen.streaming.sink_decay == 0.999 and gen.dit.new_cache(gen.streaming, 1).sink_decay == 0.999
     video = gen.generate("a red circle", num_frames=45, seed=0, decode=False)  # 4 chunks: evictions
     assert video.latents.shape[0] == 12 and torch.isfinite(video.latents).all()
@@ -206,7 +206,7 @@ def test_reward_forcing_streams_and_converts(wan: Path, tmp_path: Path) -> None:
     files = read_index(out)
     assert files.streaming == FAMILIES["reward-forcing"].streaming
     assert files.extra["family"] == "reward-forcing" and "Reward-Forcing-T2V-1.3B" in files.extra["converted_from"]["source"]
-    again = StreamingGenerator.from_pretrained(out, streaming=small)
+    again = StreamingGenerator.from_pretrained(out, streaming=small, backend="eager")
     torch.testing.assert_close(_out(again.dit), _out(rel.expected))
 
 

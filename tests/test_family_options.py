@@ -123,7 +123,7 @@ def test_first_chunk_steps_schedule():
 
 def test_first_chunk_steps_stream_equals_direct_loop_and_pools_with_others():
     embeds = torch.randn(5, TINY.text_dim, generator=torch.Generator().manual_seed(3))
-    gen = StreamingGenerator.from_config("tiny", FRAMEWISE, seed=0)
+    gen = StreamingGenerator.from_config("tiny", FRAMEWISE, seed=0, backend="eager")
     chunks = [c.latents for c in gen.stream(prompt_embeds=embeds, num_frames=13, seed=4, decode=False)]
     steps = gen.steps
     with torch.no_grad():
@@ -198,7 +198,7 @@ FIRST_ALONE = StreamingConfig(latent_height=2, latent_width=2, local_attn_size=6
 
 def test_first_frame_alone_stream_equals_direct_loop_solo_and_pooled():
     embeds = torch.randn(5, TINY.text_dim, generator=torch.Generator().manual_seed(3))
-    gen = StreamingGenerator.from_config("tiny", FIRST_ALONE, vae="tiny", seed=0)
+    gen = StreamingGenerator.from_config("tiny", FIRST_ALONE, vae="tiny", seed=0, backend="eager")
     chunks = list(gen.stream(prompt_embeds=embeds, num_frames=37, seed=4))  # latents 1 + 3 x 3
     assert [c.latents.shape[0] for c in chunks] == [1, 3, 3, 3]
     assert [c.frames.shape[0] for c in chunks] == [1, 12, 12, 12]
@@ -262,7 +262,7 @@ def test_recache_keeping_sinks_equals_the_window_as_one_chunk(mode):
 
 def test_a_prompt_switch_keeps_the_sinks_in_a_stream():
     stream = StreamingConfig(latent_height=2, latent_width=2, local_attn_size=6, sink_size=3, recache_sinks=False)
-    gen = StreamingGenerator.from_config("tiny", stream, seed=0)
+    gen = StreamingGenerator.from_config("tiny", stream, seed=0, backend="eager")
     a, b = (torch.randn(5, TINY.text_dim, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
     with gen.stream(prompt_embeds=a, seed=0, decode=False) as s:
         for _ in range(3):

@@ -30,13 +30,13 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def framewise() -> StreamingGenerator:
     """The bundled shapes model streamed frame-wise (one latent frame per chunk)."""
-    return StreamingGenerator.from_pretrained("shapes-tiny", streaming={"num_frame_per_block": 1})
+    return StreamingGenerator.from_pretrained("shapes-tiny", streaming={"num_frame_per_block": 1}, backend="eager")
 
 
 @pytest.fixture(scope="module")
 def image() -> np.ndarray:
     """A frame of the shapes world: what the bundled model's VAE knows how to encode."""
-    video = StreamingGenerator.from_pretrained("shapes-tiny").generate(PROMPT, num_frames=9, seed=0)
+    video = StreamingGenerator.from_pretrained("shapes-tiny", backend="eager").generate(PROMPT, num_frames=9, seed=0)
     return video.frames[4]
 
 
@@ -82,7 +82,7 @@ def test_image_becomes_frame_0_and_the_video_moves_on(framewise: StreamingGenera
 
 def test_chunkwise_model_with_a_first_frame_of_its_own(image: np.ndarray) -> None:
     # independent_first_frame: the image is frame 0 alone, then chunks of 3 continue from it
-    gen = StreamingGenerator.from_pretrained("shapes-tiny", streaming={"independent_first_frame": True})
+    gen = StreamingGenerator.from_pretrained("shapes-tiny", streaming={"independent_first_frame": True}, backend="eager")
     chunks = list(gen.stream(PROMPT, num_frames=25, seed=3, image=image))
     assert [c.latents.shape[0] for c in chunks] == [1, 3, 3] and [c.is_initial for c in chunks] == [True, False, False]
     assert np.abs(chunks[0].frames[0].astype(float) - image).mean() < 4.0
@@ -112,7 +112,7 @@ def test_any_size_and_a_path(framewise: StreamingGenerator, image: np.ndarray, t
 
 def test_a_half_precision_vae_encodes_in_float32(image: np.ndarray) -> None:
     stream = StreamingConfig(latent_height=8, latent_width=8, num_frame_per_block=1, local_attn_size=4)
-    gen = StreamingGenerator.from_config("tiny", stream, vae="tiny", dtype="bfloat16", seed=0)
+    gen = StreamingGenerator.from_config("tiny", stream, vae="tiny", dtype="bfloat16", seed=0, backend="eager")
     latent = gen._image_latent(image)
     assert latent.dtype == torch.bfloat16 and gen._vae_float32[1].dtype == torch.float32
     with torch.no_grad():
@@ -130,11 +130,11 @@ def test_sf_generate_image(image: np.ndarray, tmp_path: Path, capsys) -> None:
     pil.fromarray(image).save(tmp_path / "in.png")
     out = tmp_path / "out.mp4"
     rc = main([PROMPT, "--model", "shapes-tiny", "--framewise", "--image", str(tmp_path / "in.png"), "--frames", "9",
-               "--output", str(out), "--device", "cpu", "--no-progress", "-q"])
+               "--output", str(out), "--device", "cpu", "--backend", "eager", "--no-progress", "-q"])
     assert rc == 0
     assert read_video(out).shape[0] == 9
     rc = main([PROMPT, "--model", "shapes-tiny", "--image", str(tmp_path / "in.png"), "--frames", "9",
-               "--output", str(tmp_path / "chunk.mp4"), "--device", "cpu", "-q"])
+               "--output", str(tmp_path / "chunk.mp4"), "--device", "cpu", "--backend", "eager", "-q"])
     assert rc == 2 and "frame-wise" in capsys.readouterr().err
     rc = main([PROMPT, "--image", str(tmp_path / "missing.png"), "--output", str(tmp_path / "x.mp4"), "-q"])
     assert rc == 2 and "is not a file" in capsys.readouterr().err
@@ -144,11 +144,11 @@ def test_bad_image_requests_are_clear_errors(framewise: StreamingGenerator, imag
     with pytest.raises(ValueError, match="not several"):
         framewise.stream(PROMPT, num_frames=5, image=image, initial_latent=torch.zeros(1, 16, 8, 8))
     chunkwise = StreamingGenerator.from_config("tiny", StreamingConfig(latent_height=8, latent_width=8,
-                                                                       local_attn_size=6), vae="tiny")
+                                                                       local_attn_size=6), vae="tiny", backend="eager")
     with pytest.raises(ValueError, match="needs a frame-wise model"):
         chunkwise.stream(prompt_embeds=torch.zeros(3, 32), num_frames=9, image=image)
     no_vae = StreamingGenerator.from_config("tiny", StreamingConfig(latent_height=8, latent_width=8,
-                                                                    num_frame_per_block=1, local_attn_size=4))
+                                                                    num_frame_per_block=1, local_attn_size=4), backend="eager")
     with pytest.raises(ValueError, match="has none"):
         no_vae.stream(prompt_embeds=torch.zeros(3, 32), num_frames=5, decode=False, image=image)
     with pytest.raises(ValueError, match="does not exist"):

@@ -185,11 +185,11 @@ def test_from_pretrained_and_sf_generate_merge_a_lora(tmp_path: Path, capsys) ->
     folder = save_pretrained(tmp_path / "model", dit=_base(), dit_config=DIT, streaming=stream)
     pairs = _pairs(_base())
     torch.save({"generator_lora": _peft_keys(pairs)}, tmp_path / "lora.pt")
-    gen = StreamingGenerator.from_pretrained(folder, lora=tmp_path / "lora.pt", lora_scale=0.5)
+    gen = StreamingGenerator.from_pretrained(folder, lora=tmp_path / "lora.pt", lora_scale=0.5, backend="eager")
     torch.testing.assert_close(_out(gen.dit), _with_branch(_base(), pairs, 0.5), rtol=1e-5, atol=1e-5)
     # sf-generate --lora: the bundled model with a small LoRA writes its video; a LoRA that does
     # not fit is a one-line error naming the module, exit code 2
-    shapes = StreamingGenerator.from_pretrained("shapes-tiny", load_text_encoder=False).dit
+    shapes = StreamingGenerator.from_pretrained("shapes-tiny", load_text_encoder=False, backend="eager").dit
     lora = {}
     for name in ("blocks.0.self_attn.q", "blocks.1.ffn.0"):
         o, i = shapes.get_submodule(name).weight.shape
@@ -197,10 +197,10 @@ def test_from_pretrained_and_sf_generate_merge_a_lora(tmp_path: Path, capsys) ->
     torch.save(_peft_keys(lora), tmp_path / "shapes_lora.pt")
     out = tmp_path / "out.mp4"
     rc = main(["a red circle moving left", "--model", "shapes-tiny", "--frames", "9", "--lora",
-               str(tmp_path / "shapes_lora.pt"), "--lora-scale", "0.5", "--output", str(out), "--device", "cpu",
+               str(tmp_path / "shapes_lora.pt"), "--lora-scale", "0.5", "--output", str(out), "--device", "cpu", "--backend", "eager",
                "--no-progress", "-q"])
     assert rc == 0 and out.stat().st_size > 0
     torch.save(_peft_keys({"blocks.7.ffn.0": lora["blocks.1.ffn.0"]}), tmp_path / "bad.pt")
     rc = main(["a red circle moving left", "--model", "shapes-tiny", "--frames", "9", "--lora",
-               str(tmp_path / "bad.pt"), "--output", str(tmp_path / "bad.mp4"), "--device", "cpu", "-q"])
+               str(tmp_path / "bad.pt"), "--output", str(tmp_path / "bad.mp4"), "--device", "cpu", "--backend", "eager", "-q"])
     assert rc == 2 and "blocks.7.ffn.0" in capsys.readouterr().err
