@@ -59,8 +59,10 @@ def timed(fn) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out
 
 
-PROMPTS = ("a red circle", "a blue square", "a green triangle moving left", "a yellow star",
-           "a white circle moving right", "a purple square moving up", "a red triangle", "an orange circle")
+# Captions of the shapes domain ("a {colour} {shape} moving {direction}"), all three shapes.
+PROMPTS = ("a red circle moving left", "a blue square moving up", "a green triangle moving right",
+           "a yellow circle moving down", "a cyan square moving left", "a magenta triangle moving up",
+           "a red square moving right", "a blue triangle moving down")
 
 
 def _median_chunk_seconds(make, chunks: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
