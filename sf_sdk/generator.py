@@ -397,20 +397,21 @@ class StreamingGenerator:
 
     def pool(self, max_streams: int, *, max_frames: int | None = None) -> StreamPool:
         """A pool of ``max_streams`` streams advanced together in one batched DiT call per step
-        (see :mod:`sf_sdk.pool`). ``max_frames`` (video frames): the longest stream a global-attention
-        model's pool holds (default: the streaming config's ``global_cache_frames``); rolling-window
-        models need none. A pool is independent of :meth:`stream` (its own KV cache)."""
+        (see :mod:`sf_sdk.pool`). ``max_frames`` (video frames): under global attention the longest
+        stream the pool holds (default: the streaming config's ``global_cache_frames``); under a
+        rolling window, when shorter than the window, the KV cache holds only that many frames and
+        longer streams are refused (default: the window, unbounded streams). A pool is independent
+        of :meth:`stream` (its own KV cache)."""
         capacity = None
-        if not self.streaming.rolling:
-            if max_frames is None:
-                capacity = self.streaming.global_cache_frames
-            else:
-                if not isinstance(max_frames, int) or isinstance(max_frames, bool) or max_frames <= 0:
-                    raise ValueError(f"max_frames must be a positive int (video frames), got {max_frames!r}")
-                capacity = latent_frames_floor(max_frames, self.temporal_stride)
-                c = self.streaming.num_frame_per_block
-                capacity = math.ceil(capacity / c) * c
-        return StreamPool(self, max_streams, latent_capacity=capacity)
+        if max_frames is not None:
+            if not isinstance(max_frames, int) or isinstance(max_frames, bool) or max_frames <= 0:
+                raise ValueError(f"max_frames must be a positive int (video frames), got {max_frames!r}")
+            capacity = latent_frames_floor(max_frames, self.temporal_stride)
+            c = self.streaming.num_frame_per_block
+            capacity = math.ceil(capacity / c) * c
+        elif not self.streaming.rolling:
+            capacity = self.streaming.global_cache_frames
+        return StreamPool(self, max_streams, latent_capacity=capacity, fit=True)
 
     # ------------------------------------------------------------------ stages
     def _image_latent(self, image: Any) -> Tensor:

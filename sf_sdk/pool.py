@@ -327,9 +327,12 @@ class StreamPool:
         lay = self._cache.layout
         if lay.global_attention and (req.latent_frames is None or req.latent_frames > lay.capacity_frames):
             cap = video_frames_for_latents(lay.capacity_frames, self._gen.temporal_stride)
-            raise ValueError(f"this pool's global-attention cache holds {cap} video frames; the stream asks for "
+            fix = ("build the pool with a larger max_frames, or none (the window)" if self._gen.streaming.rolling
+                   else "build the pool with a larger max_frames, or load the model with a rolling window")
+            raise ValueError(f"this pool's {'' if self._gen.streaming.rolling else 'global-attention '}cache holds "
+                             f"{cap} video frames; the stream asks for "
                              f"{'an unbounded stream' if req.latent_frames is None else str(req.latent_frames) + ' latent frames'}"
-                             f": build the pool with a larger max_frames, or load the model with a rolling window")
+                             f": {fix}")
         free = [r for r, s in enumerate(self._slots) if s is None]
         if not free:
             raise PoolFullError(f"all {self.max_streams} slots of the stream pool are in use: close a stream, or "

@@ -55,3 +55,17 @@ def test_a_window_that_cannot_fit_is_refused_before_allocating() -> None:
         gen.pool(2)
     # the same window for a short bounded stream fits: its cache is its own length
     assert gen.generate(prompt_embeds=_embeds(), num_frames=9, decode=False).latents.shape[0] == 3
+
+
+def test_a_pool_with_max_frames_under_the_window_holds_only_those_frames() -> None:
+    gen = _gen(30000)
+    pool = gen.pool(2, max_frames=21)  # 6 latent frames
+    assert pool.cache.layout.capacity_frames == 6
+    a = pool.open(prompt_embeds=_embeds(), num_frames=21, seed=5, decode=False)
+    got = [pool.step()[a].latents for _ in range(2)]
+    alone = gen.generate(prompt_embeds=_embeds(), num_frames=21, seed=5, decode=False)
+    torch.testing.assert_close(torch.cat(got), alone.latents, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"this pool's cache holds 21 video frames; the stream asks for an unbounded "
+                                         r"stream: build the pool with a larger max_frames, or none \(the window\)"):
+        pool.open(prompt_embeds=_embeds(), decode=False)
+    assert _gen(6).pool(1, max_frames=81).cache.layout.capacity_frames == 6  # longer than the window: the window
