@@ -346,6 +346,7 @@ def step_preset(ctx: Context) -> dict[str, Any]:
         m = latency.measure(gen, args, emb)
         runs[label] = {k: m[k] for k in ("ttff_s", "dit_p50_s", "e2e_p50_s", "decode_p50_s", "fps_dit", "fps_e2e",
                                          "frames_per_chunk", "dit_gflops", "peak_memory_mb", "warmup_s")}
+        runs[label]["backend"] = gen.backend.components or gen.backend.name  # what the default backend chose
         log.info("%s %s: ttff %.3f s, DiT %.1f FPS, end to end %s FPS, peak %.0f MB", PRESET, label, m["ttff_s"],
                  m["fps_dit"], f"{m['fps_e2e']:.1f}" if m["fps_e2e"] else "-", m["peak_memory_mb"])
     return runs

@@ -11,7 +11,8 @@ requirements (no flash-attn, no transformers, no CUDA).
 Both sides get the same random weights (ours, loaded into the official ``CausalWanModel`` by
 parameter name, strict), the same prompt embeddings and the same streaming config: chunks of 3
 latent frames, the 4 warped denoising steps + the cache pass at timestep 0, global attention
-(the KV cache holds every frame), no VAE decode. The official side is its
+(the KV cache holds every frame; ``--window N`` gives both sides a rolling window of N latent
+frames instead), no VAE decode. The official side is its
 ``CausalInferencePipeline.inference`` loop, unmodified; ours is ``StreamingGenerator.stream``
 with ``decode=False`` on each backend asked for.
 
@@ -332,13 +333,13 @@ def ours_first_flow(gen: StreamingGenerator, embeds: torch.Tensor, x: torch.Tens
 # --------------------------------------------------------------------------------------------
 
 
-def race(src: Path, name: str, chunks: int, rounds: int, warmup: int, backends: list[str], seed: int
-         ) -> dict[str, Any]:
+def race(src: Path, name: str, chunks: int, rounds: int, warmup: int, backends: list[str], seed: int,
+         window: int = -1) -> dict[str, Any]:
     rc = CONFIGS[name]
     num_latent = chunks * CHUNK_FRAMES
     h, w = rc.latent_hw
     stream = StreamingConfig(num_frame_per_block=CHUNK_FRAMES, latent_height=h, latent_width=w,
-                             global_cache_frames=num_latent)
+                             global_cache_frames=num_latent, local_attn_size=window)
     gen = StreamingGenerator.from_config(rc.dit, stream, seed=seed)
     g = torch.Generator().manual_seed(seed)
     embeds = torch.randn(PROMPT_ROWS, rc.dit.text_dim, generator=g)
@@ -353,11 +354,16 @@ def race(src: Path, name: str, chunks: int, rounds: int, warmup: int, backends: 
     log.info("%s: first-call flow max |official - ours| = %.2e", name, parity)
 
     result: dict[str, Any] = {"config": name, "dit": to_dict(rc.dit), "latent_hw": list(rc.latent_hw),
-                              "chunks": chunks, "rounds": rounds, "chunk_frames": CHUNK_FRAMES, "parity_max_abs": parity,
+                              "chunks": chunks, "rounds": rounds, "window": window, "chunk_frames": CHUNK_FRAMES, "parity_max_abs": parity,
                               "official_commit": official.commit, "sides": {}}
     runs: dict[str, Any] = {"official": lambda: official.run(noise[:, :warmup * CHUNK_FRAMES])}
     for b in backends:
         reason = backend_status(b) if b != "eager" else None
+        if reason is None:
+            try:  # backends that need an exported artifact say so here
+                gen.use_backend(b)
+            except (ValueError, RuntimeError) as exc:
+                reason = str(exc)
         if reason is not None:
             result["sides"][f"sf-sdk {b}"] = {"skipped": reason}
             log.warning("backend %s skipped: %s", b, reason)
@@ -409,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("official_src", type=Path, help="a checkout of github.com/guandeh17/Self-Forcing")
     p.add_argument("--config", choices=[*CONFIGS, "all"], default="tiny")
     p.add_argument("--chunks", type=int, default=7, help="chunks per measured stream (the first is not counted)")
+    p.add_argument("--window", type=int, default=-1,
+                   help="local_attn_size in latent frames on both sides (-1: global attention, the default)")
     p.add_argument("--warmup-chunks", type=int, default=2, help="chunks of the warm-up stream on each side")
     p.add_argument("--rounds", type=int, default=1, help="measured streams per side, the sides alternating")
     p.add_argument("--backends", default="eager", help="comma-separated sf-sdk backends, e.g. eager,auto")
@@ -425,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     names = list(CONFIGS) if args.config == "all" else [args.config]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    results = [race(args.official_src, n, args.chunks, args.rounds, args.warmup_chunks, backends, args.seed)
-               for n in names]
+    results = [race(args.official_src, n, args.chunks, args.rounds, args.warmup_chunks, backends, args.seed,
+                    args.window) for n in names]
     print(table(results))
     if args.json is not None:
         doc = {"results": results, "threads": torch.get_num_threads(), "torch": torch.__version__,

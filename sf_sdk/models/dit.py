@@ -143,7 +143,10 @@ class RotaryEmbedding:
 def _tracing() -> bool:
     """Inside torch.compile / torch.export / jit tracing (graphs keep real-valued ops: ONNX and
     TensorRT have no complex tensors)."""
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+    return torch.compiler.is_compiling() or _is_exporting() or torch.jit.is_tracing()
+
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5 has it
 
 
 def rotary_freqs(cos: Tensor, sin: Tensor) -> Tensor:
