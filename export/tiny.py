@@ -15,6 +15,7 @@ with ``decoder="tiny"`` and ``backend="onnxruntime"`` then decodes with them.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -73,7 +74,8 @@ def export_tiny_onnx(tiny: TAEHVDecoder, streaming: StreamingConfig, out_dir: st
         raise ValueError("the tiny decode steps decode one stream per call: export them with batch_size=1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tiny = tiny.to(settings.device, settings.torch_dtype).eval()
+    # A copy in the default layout (a loaded decoder's CPU weights are channels-last).
+    tiny = copy.deepcopy(tiny).to(settings.device, settings.torch_dtype, memory_format=torch.contiguous_format).eval()
     seconds = {}
     for graph in tiny_step_graphs(tiny, streaming, dtype=settings.torch_dtype, device=settings.device):
         seconds[graph.name] = round(export_step_onnx(graph, out / TINY_STEP_FILES[graph.name], settings), 2)
