@@ -3,6 +3,7 @@ GPU roofline they imply.
 
     PYTHONPATH=. python benchmarks/flops.py                        # Wan-1.3B at 480x832 (the doc's table)
     PYTHONPATH=. python benchmarks/flops.py --race race_mid.json   # + our CPU fraction of peak, measured
+    PYTHONPATH=. python benchmarks/flops.py --measure-mid 3         # the fraction from 3 chunk calls here
     PYTHONPATH=. python benchmarks/flops.py --json flops.json
 
 Counting: the DiT and both decoders run on the ``meta`` device (shapes only, no memory, no time)
@@ -20,7 +21,8 @@ length.
 Roofline: a step's time is ``max(FLOPs / (f * peak), bytes / bandwidth)``; ``f`` is the fraction
 of peak compute reached. ``--race`` takes ``benchmarks/race_official.py --config mid`` JSON and
 measures ``f`` for our eager DiT on this CPU: FLOPs of its measured chunks over their time, against
-``--cpu-peak`` (GFLOP/s).
+``--cpu-peak`` (GFLOP/s); ``--measure-mid`` times chunk calls at the mid config directly (CPU time,
+so other load on a shared machine does not count against it).
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ from sf_sdk.config import DIT_PRESETS, VAE_PRESETS, DiTConfig, StreamingConfig
 # H100 / H200 SXM: dense bf16 tensor-core peak and the HBM bandwidth measured on an H200.
 GPU_BF16_TFLOPS = 790.0
 GPU_TB_S = 4.3
-CPU_PEAK_GFLOPS = 150.0  # this project's 2-core CPU, fp32
+# This project's CPU, fp32, per core (AVX-512 with two FMA units; one thread measures ~100 GFLOP/s
+# in the mid config's matmuls, so the figure cannot be the two cores' sum).
+CPU_PEAK_GFLOPS = 150.0
 BYTES = 2  # bf16
 
 PAPER_FPS = {"Self-Forcing (paper, H100)": 17.0, "LongLive (H100)": 20.7, "best 2026 single-H100 systems": 30.0}
@@ -189,6 +193,42 @@ def cpu_fraction(race_path: Path, peak_gflops: float) -> dict[str, Any]:
     return out
 
 
+def measure_mid(calls: int, threads: int, peak_gflops: float, cores: int) -> dict[str, Any]:
+    """Our eager DiT's GFLOP/s at the mid config measured directly: ``calls`` chunk calls (3 frames at
+    30x52 over a cache of 2 chunks), float32, on this CPU with ``threads`` threads. The fraction is
+    against the peak of the cores used: ``peak * threads / cores``."""
+    import time
+
+    from sf_sdk.models.dit import WanDiT
+
+    torch.set_num_threads(threads)
+    cfg = DIT_PRESETS["mid"]
+    g = Geometry(latent_hw=(30, 52))
+    c = g.chunk_frames
+    stream = StreamingConfig(latent_height=30, latent_width=52, num_frame_per_block=c, global_cache_frames=3 * c)
+    torch.manual_seed(0)
+    model = WanDiT(cfg).eval()
+    with torch.inference_mode():
+        cache = model.new_cache(stream, 1, num_frames=3 * c)
+        cross = model.encode_context(torch.randn(1, 16, cfg.text_dim))
+        x, t = torch.randn(1, c, cfg.in_dim, 30, 52), torch.full((1, c), 500.0)
+        for start in (0, c):
+            model.forward_chunk(x, t, cross, cache, start)  # two chunks cached (and a warm-up)
+        plan = cache.plan_chunk(2 * c, c)
+        attend = model.step_attention(cache, plan)
+        w0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(calls):
+            model.forward_chunk(x, t, cross, cache, plan, attend)
+        wall, cpu = (time.perf_counter() - w0) / calls, (time.process_time() - c0) / calls
+    n = tokens_per_frame(cfg, g) * c
+    flops = sum(dit_call_flops(cfg, n, 3 * n, c).values())
+    peak = peak_gflops * threads / cores
+    return {"config": "mid", "threads": threads, "calls": calls, "gflop_per_call": flops / 1e9,
+            "wall_s_per_call": wall, "cpu_s_per_call": cpu, "peak_gflops_of_threads": peak,
+            "gflops_wall": flops / wall / 1e9, "fraction_wall": flops / wall / 1e9 / peak,
+            "gflops_cpu_time": flops / (cpu / threads) / 1e9, "fraction_cpu_time": flops / (cpu / threads) / 1e9 / peak}
+
+
 def model_report(g: Geometry, fractions: dict[str, float]) -> dict[str, Any]:
     cfg = DIT_PRESETS["wan2.1-t2v-1.3b"]
     n = tokens_per_frame(cfg, g) * g.chunk_frames
@@ -260,7 +300,11 @@ def print_report(rep: dict[str, Any], cpu: dict[str, Any] | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--race", type=Path, help="race_official.py JSON with a 'mid' result: measure our CPU fraction")
-    p.add_argument("--cpu-peak", type=float, default=CPU_PEAK_GFLOPS, help="CPU fp32 peak, GFLOP/s")
+    p.add_argument("--cpu-peak", type=float, default=CPU_PEAK_GFLOPS, help="CPU fp32 peak of --cores cores, GFLOP/s")
+    p.add_argument("--measure-mid", type=int, metavar="CALLS",
+                   help="time CALLS eager chunk calls at the mid config here: our CPU fraction, measured directly")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for --measure-mid")
+    p.add_argument("--cores", type=int, default=1, help="cores the --cpu-peak figure is for")
     p.add_argument("--window", type=int, default=Geometry.window_frames, help="KV frames of a steady chunk")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -272,8 +316,18 @@ def main(argv: list[str] | None = None) -> int:
         if eager is not None:
             fractions["our CPU fraction (wall)"] = eager["fraction_wall"]
             fractions["our CPU fraction (CPU time)"] = eager["fraction_cpu_time"]
+    measured = None
+    if args.measure_mid is not None:
+        measured = measure_mid(args.measure_mid, args.threads, args.cpu_peak, args.cores)
+        print(f"mid config, {measured['threads']} thread(s): {measured['gflop_per_call']:.1f} GFLOP per call, "
+              f"{measured['wall_s_per_call']:.2f} s wall / {measured['cpu_s_per_call']:.2f} s CPU per call: "
+              f"{measured['gflops_wall']:.1f} GFLOP/s wall ({measured['fraction_wall']:.0%}), "
+              f"{measured['gflops_cpu_time']:.1f} GFLOP/s by CPU time ({measured['fraction_cpu_time']:.0%}) of "
+              f"{measured['peak_gflops_of_threads']:.0f} GFLOP/s")
+        fractions["our CPU fraction, direct (CPU time)"] = measured["fraction_cpu_time"]
     rep = model_report(Geometry(window_frames=args.window), fractions)
     rep["cpu"] = cpu
+    rep["cpu_direct"] = measured
     print_report(rep, cpu)
     if args.json is not None:
         args.json.write_text(json.dumps(rep, indent=2))

@@ -70,6 +70,10 @@ def test_a_step_over_its_budget_fails(gpu_check, tmp_path):
     assert step["status"] == "failed" and "over budget" in step["error"]
 
 
+def test_budgets_fit_eight_minutes(gpu_check):
+    assert sum(s.budget_s for s in gpu_check.STEPS) <= 8 * 60
+
+
 def test_unknown_step_is_an_error(gpu_check, tmp_path):
     with pytest.raises(SystemExit) as exc:
         gpu_check.main(["--steps", "stream_eagr"])
