@@ -17,6 +17,10 @@ What a figure includes:
   empty kernel cache (a first run after install: the CPU kernels compile, auto starts its
   background export), ``warm`` after that export finished, and ``eager_warm`` (``--backend
   eager``, same warm kernel cache), each best of ``--repeats`` (cold: once per fresh cache).
+* ``construct`` (``--construct``): ``from_pretrained`` wall time, eager against auto on an empty
+  cache (the probe, weights fingerprint and lookup a first run adds) and on a warm one (the ONNX
+  Runtime session load a later run adds), round-robin; ``save_source_s``: writing the DiT for the
+  background exporter (the rest of a first run's extra cost is one process start).
 """
 
 from __future__ import annotations
@@ -104,9 +108,11 @@ def run_pairs(args: argparse.Namespace) -> dict[str, Any]:
     return {"auto_components": components, "export_s": export_s, "pairs": results}
 
 
-def _cli(args: list[str], env: dict[str, str]) -> float:
+def _cli(args: list[str], env: dict[str, str], output: Path) -> float:
+    output.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "sf_sdk", *args], env=env, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "sf_sdk", *args, "--output", str(output)], env=env, cwd=REPO,
+                          capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"sf-generate {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
@@ -124,10 +130,11 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
         env = {**os.environ, "PYTHONPATH": str(REPO), "SF_SDK_ARTIFACT_CACHE": str(root / "artifacts"),
                "SF_SDK_KERNEL_CACHE": str(root / "kernels")}
         env.pop("SF_SDK_AUTO_BUILD", None)
-        base = [PROMPT, "--frames", str(CLI_FRAMES), "--no-progress", "--output", str(root / "out.mp4")]
+        base = [PROMPT, "--frames", str(CLI_FRAMES), "--no-progress"]
+        out = root / "out.mp4"
         if args.threads:
             base += ["--threads", str(args.threads)]
-        cold = _cli(base, env)
+        cold = _cli(base, env, out)
         t0 = time.monotonic()
         while not _built(root / "artifacts") and time.monotonic() < t0 + BACKGROUND_WAIT_S:
             time.sleep(1)
@@ -135,10 +142,36 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
         built = _built(root / "artifacts")
         warm, eager = [], []
         for _ in range(args.repeats):
-            warm.append(_cli(base, env))
-            eager.append(_cli([*base, "--backend", "eager"], env))
+            warm.append(_cli(base, env, out))
+            eager.append(_cli([*base, "--backend", "eager"], env, out))
     return {"cold_s": cold, "background_export_done": built, "background_wait_after_cold_s": background_s,
             "warm_s": min(warm), "eager_warm_s": min(eager), "warm_all_s": warm, "eager_warm_all_s": eager}
+
+
+def run_construct(args: argparse.Namespace) -> dict[str, Any]:
+    """Construction of the generator, eager against auto with an empty cache (``build="never"``: the
+    probe, the weights fingerprint and the lookup; then the start of a background export, timed
+    apart) and with a warm cache (the ONNX Runtime session load), round-robin."""
+    from export.auto import save_source
+
+    times: dict[str, list[float]] = {"eager": [], "auto_cold_lookup": [], "auto_warm": []}
+    with tempfile.TemporaryDirectory(prefix="sf-auto-construct-") as tmp:
+        warm = Path(args.cache) if args.cache else Path(tmp) / "warm"
+        StreamingGenerator.from_pretrained(args.model, backend_options={"cache_dir": str(warm), "build": "now"})
+        for r in range(args.repeats):
+            for name, kwargs in (("eager", {"backend": "eager"}),
+                                 ("auto_cold_lookup", {"backend_options": {"cache_dir": str(Path(tmp) / f"cold{r}"),
+                                                                           "build": "never"}}),
+                                 ("auto_warm", {"backend_options": {"cache_dir": str(warm), "build": "never"}})):
+                t0 = time.perf_counter()
+                gen = StreamingGenerator.from_pretrained(args.model, **kwargs)
+                times[name].append(time.perf_counter() - t0)
+        source = Path(tmp) / "source"
+        source.mkdir()
+        t0 = time.perf_counter()
+        save_source("dit", gen.dit, source)
+        save_s = time.perf_counter() - t0
+    return {name: {"best_s": min(v), "all_s": v} for name, v in times.items()} | {"save_source_s": save_s}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-frames", type=int, default=33, help="frames of each pair's untimed warm-up video")
     p.add_argument("--cache", help="artifact cache for the pairs (default: a temporary folder)")
     p.add_argument("--cli", action="store_true", help="time the README command, cold and warm cache, instead")
+    p.add_argument("--construct", action="store_true", help="time the generator's construction instead")
     p.add_argument("--json", type=Path, help="write the report here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -163,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
                    "load_avg_1m": os.getloadavg()[0]},
         "versions": library_versions(),
     }
-    report["cli" if args.cli else "results"] = run_cli(args) if args.cli else run_pairs(args)
+    if args.construct:
+        report["construct"] = run_construct(args)
+    else:
+        report["cli" if args.cli else "results"] = run_cli(args) if args.cli else run_pairs(args)
     report["device"]["load_avg_1m_end"] = os.getloadavg()[0]
     text = json.dumps(report, indent=2, default=str)
     print(text)
