@@ -178,7 +178,7 @@ def _export(args) -> int:
     log.info("wrote %s", path)
     if args.verify:
         result = verify_tiny(tiny, streaming, args.out, settings, seed=args.seed)
-        log.info("%s: max abs error %.3g (tolerance %.3g) %s", result.name, result.max_abs_error, result.tolerance,
+        log.info("%s: max abs error %.3g (tolerance %.3g) %s", result.step, result.max_abs_error, result.tolerance,
                  "ok" if result.ok else "FAILED")
         return 0 if result.ok else 1
     return 0
