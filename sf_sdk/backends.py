@@ -9,6 +9,7 @@ imported on first use, and registered under the same API (:func:`register_backen
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -22,6 +23,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Backend", "Decoder", "BackendFactory", "register_backend", "backend_names", "backend_status",
            "resolve_backend", "DEFAULT_BACKEND"]
+
+log = logging.getLogger(__name__)
 
 # What every constructor, sf-generate and sf-serve use unless told otherwise (export.auto).
 DEFAULT_BACKEND = "auto"
@@ -130,6 +133,10 @@ def backend_status(name: str) -> str | None:
 
 def resolve_backend(name: str) -> BackendFactory:
     _import_backend_module(name)
+    if name == DEFAULT_BACKEND and name not in _BACKENDS:
+        # The default must always construct: without the export package, auto is eager.
+        log.warning("backend %r is not available (%s): running eagerly", name, backend_status(name))
+        return lambda gen, options: _eager_backend(gen, {})
     if name not in _BACKENDS:
         reason = backend_status(name)
         known = sorted(set(_BACKENDS) | set(_LAZY_BACKENDS))

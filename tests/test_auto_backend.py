@@ -197,3 +197,15 @@ def test_bad_options_say_what_is_wrong(tmp_path: Path) -> None:
         _gen(tmp_path, "sometimes")
     with pytest.raises(ValueError, match="artifact_dir"):
         StreamingGenerator.from_config("tiny", STREAM, backend_options={"artifact_dir": str(tmp_path)})
+
+
+def test_the_default_constructs_eagerly_when_auto_cannot_be_imported(monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    import sf_sdk.backends as backends
+
+    monkeypatch.delitem(backends._BACKENDS, "auto")
+    monkeypatch.setitem(backends._import_errors, "export.auto", "export.auto cannot be imported (no fcntl)")
+    with caplog.at_level(logging.WARNING):
+        gen = StreamingGenerator.from_config("tiny", STREAM, vae="tiny", backend_options={"build": "now"})
+    assert gen.backend.name == "eager"
+    assert "no fcntl" in caplog.text
