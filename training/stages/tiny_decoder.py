@@ -48,8 +48,6 @@ __all__ = ["run_tiny_decoder", "load_trained_tiny_decoder", "TINY_CONFIG_FILE"]
 log = logging.getLogger(__name__)
 
 TINY_CONFIG_FILE = "tiny_decoder_config.json"
-# Initial bias of the last conv (TAEHV's [0, 1] scale): mid-grey.
-OUTPUT_BIAS = 0.5
 # Clip indices of the final sample, far beyond any training step's clips.
 HELD_OUT = 30_000_000
 
@@ -79,12 +77,6 @@ def run_tiny_decoder(cfg: TrainConfig, dist: DistInfo) -> None:
     tiny_cfg = TAEHVConfig.for_vae(vae.config, widths=st.widths, blocks_per_stage=st.blocks_per_stage)
     torch.manual_seed(cfg.seed)
     model = TAEHVDecoder(tiny_cfg).to(dist.device).train()
-    with torch.no_grad():
-        # Start every output channel at mid-grey (TAEHV's 0.5), away from black: the last layer reads
-        # ReLU features, and a channel that starts at black (the background, most pixels) is pushed
-        # there by negative weights, its features switched off where its colour would be: dead. From
-        # a zero bias, two of the three colour channels died in every run (docs/vae.md).
-        model.decoder[-1].bias.fill_(OUTPUT_BIAS)
     ddp = wrap_ddp(model, cfg, dist)
     params = list(model.parameters())
     opt = make_optimizer(params, st)
