@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,7 +24,9 @@ def golden_dir() -> Path:
 
 # backend="auto" (the default) reads and writes an artifact cache: the suite's is a temporary folder,
 # never the home cache, and builds nothing unless a test asks (tests/test_auto_backend.py does).
-os.environ.setdefault("SF_SDK_ARTIFACT_CACHE", tempfile.mkdtemp(prefix="sf-sdk-test-artifacts-"))
+if "SF_SDK_ARTIFACT_CACHE" not in os.environ:
+    os.environ["SF_SDK_ARTIFACT_CACHE"] = tempfile.mkdtemp(prefix="sf-sdk-test-artifacts-")
+    atexit.register(shutil.rmtree, os.environ["SF_SDK_ARTIFACT_CACHE"], True)
 os.environ.setdefault("SF_SDK_AUTO_BUILD", "never")
 
 # One intra-op thread: the suite's ops are tiny, and on a 2-core machine a second OpenMP thread
