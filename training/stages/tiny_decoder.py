@@ -100,9 +100,10 @@ def run_tiny_decoder(cfg: TrainConfig, dist: DistInfo) -> None:
                     z = vae.normalize(mu + st.latent_noise * noise)
                     wan = vae.decode(z, clamp=False) if st.wan_weight else None  # [B, 3, T, H, W]
                 recon = ddp(z, clamp=False)  # [B, 3, T, H, W]
-                loss, metrics = reconstruction_loss(recon, video, st.fg_weight, st.l1_weight, 0.0, grad_weight)
+                loss, metrics = reconstruction_loss(recon, video, st.fg_weight, st.l1_weight, st.mse_weight, grad_weight)
                 if wan is not None:
-                    part, wan_metrics = reconstruction_loss(recon, wan, st.fg_weight, st.l1_weight, 0.0, grad_weight)
+                    part, wan_metrics = reconstruction_loss(recon, wan, st.fg_weight, st.l1_weight, st.mse_weight,
+                                                             grad_weight)
                     loss = loss + st.wan_weight * part
                     metrics["wan_psnr"] = wan_metrics["psnr"]
                 return loss, metrics

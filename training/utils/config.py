@@ -158,6 +158,10 @@ class TinyDecoderStageConfig(StageConfig):
     num_frames: int = 33
     fg_weight: float = 4.0
     l1_weight: float = 1.0
+    # The object-weighted MSE: with L1 alone a decoder from scratch that cannot yet place the object
+    # settles on the per-pixel median, the black background, and never draws it (even fitting one
+    # clip); the MSE's mean keeps the object's colour in the output while its position is learnt.
+    mse_weight: float = 1.0
     grad_weight: float = 10.0
     # The image-gradient term joins at this step: from scratch, with it on from step 0 the decoder
     # settles on flat black frames (its output exactly -1, the last ReLUs off) and does not recover;
@@ -168,10 +172,13 @@ class TinyDecoderStageConfig(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if min(self.fg_weight, self.l1_weight, self.grad_weight, self.wan_weight, self.latent_noise) < 0:
-            raise ValueError("tiny_decoder fg_weight, l1_weight, grad_weight, wan_weight and latent_noise must be >= 0")
-        if not self.l1_weight and not self.grad_weight:
-            raise ValueError("tiny_decoder needs l1_weight > 0 or grad_weight > 0: otherwise nothing trains it")
+        if min(self.fg_weight, self.l1_weight, self.mse_weight, self.grad_weight, self.wan_weight,
+               self.latent_noise) < 0:
+            raise ValueError("tiny_decoder fg_weight, l1_weight, mse_weight, grad_weight, wan_weight and "
+                             "latent_noise must be >= 0")
+        if not self.l1_weight and not self.mse_weight and not self.grad_weight:
+            raise ValueError("tiny_decoder needs l1_weight, mse_weight or grad_weight > 0: otherwise nothing "
+                             "trains it")
         if self.num_frames < 1 or self.grad_from_step < 0:
             raise ValueError(f"tiny_decoder.num_frames must be positive and grad_from_step >= 0, got "
                              f"{self.num_frames} and {self.grad_from_step}")
