@@ -62,3 +62,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return save_pretrained(root / "model", dit=WanDiT(dit), dit_config=dit, streaming=stream, vae=WanVAE(vae),
                            vae_config=vae, text_encoder=UMT5Encoder(text), text_config=text, tokenizer_dir=tok,
                            extra={"fps": TINY_FPS})
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    its tensors are tiny, so a second thread only adds contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

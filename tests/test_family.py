@@ -29,12 +29,7 @@ DIT = DIT_PRESETS["tiny"]
 WORDS = ["a", "red", "circle", "moving", "left"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _seeded(seed: int) -> WanDiT:

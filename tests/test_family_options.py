@@ -17,12 +17,7 @@ TINY = DIT_PRESETS["tiny"]
 GRID = {"latent_height": 4, "latent_width": 6}  # 2x3 tokens per frame
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model() -> WanDiT:

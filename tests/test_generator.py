@@ -23,13 +23,7 @@ STREAM = StreamingConfig(latent_height=2, latent_width=2, local_attn_size=6)
 TEXT_DIM = 32  # the tiny DiT's text_dim
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and far faster on a machine shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

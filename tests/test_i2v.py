@@ -19,12 +19,7 @@ from sf_sdk.sampling import cache_pass, denoise_chunk
 PROMPT = "a red circle moving left"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

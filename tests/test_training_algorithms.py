@@ -42,13 +42,7 @@ WINDOW = StreamingConfig(latent_height=H, latent_width=W, local_attn_size=6)
 SCHED = ChunkSchedule.from_config(STREAM).schedule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the tensors here are tiny: a second thread only adds contention on the shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int, dtype: torch.dtype = torch.float64) -> WanDiT:

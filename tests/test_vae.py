@@ -16,13 +16,7 @@ LATENT_HW = (4, 4)
 NUM_LATENT_FRAMES = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The test machine's 2 cores are shared: one thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vae(dtype: torch.dtype = torch.float64, seed: int = 0) -> WanVAE:
