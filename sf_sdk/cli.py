@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"a model folder, a bundled model name, or an official self_forcing_dmd.pt "
                         f"(default {DEFAULT_MODEL})")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--dtype", help="auto, float32, bfloat16 or float16 (default auto: bfloat16 on CUDA and on AMX CPUs for "
+                                  "DiTs big enough to gain, else float32; sf_sdk.precision)")
     p.add_argument("--window", type=int, help="rolling attention window in latent frames (local_attn_size); "
                                               "needed for videos longer than the model was trained on")
     p.add_argument("--sink", type=int, help="latent frames at the start that stay in the window (with --window)")
@@ -175,8 +176,9 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str, Path]:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = _parse_device(device)
-    dtype = args.dtype or ("bfloat16" if dev.type == "cuda" else "float32")
-    resolve_dtype(dtype)
+    dtype = args.dtype or "auto"
+    if dtype != "auto":
+        resolve_dtype(dtype)
     output = args.output if args.output is not None else _default_output(args.prompt, args.seed)
     if output.is_dir():
         raise UserError(f"--output {output} is a folder: give a file name such as {output / 'video.mp4'}")
@@ -256,7 +258,8 @@ def _generate(args: argparse.Namespace, device: str, dtype: str, writer, signals
                                              family=args.family, lora=args.lora, lora_scale=args.lora_scale)
     n = torch.get_num_threads()
     threads = f", {n} CPU thread{'s' if n != 1 else ''}" if gen.device.type == "cpu" else ""
-    log.info("loaded %s on %s (%s%s) in %.1f s", args.model, device, dtype, threads, time.perf_counter() - t0)
+    log.info("loaded %s on %s (%s%s) in %.1f s", args.model, device, str(gen.dtype).removeprefix("torch."), threads,
+             time.perf_counter() - t0)
     if getattr(gen.backend, "make_decoder", None) is None:
         where = (f"the {args.backend} artifacts in {args.artifact_dir} hold no VAE step (exported with --no-vae): "
                  f"export them again without --no-vae" if args.artifact_dir is not None

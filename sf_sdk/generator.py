@@ -54,6 +54,7 @@ from sf_sdk.config import (
     from_dict,
 )
 from sf_sdk.models.dit import WanDiT
+from sf_sdk.precision import choose_dtype, is_auto
 from sf_sdk.pool import PooledStream, StreamPool, StreamRequest
 from sf_sdk.results import (
     DEFAULT_SPATIAL_STRIDE,
@@ -115,6 +116,13 @@ def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return resolve_dtype(dtype)
 
 
+def _auto_dtype(cfg: DiTConfig, stream: StreamingConfig, device: torch.device, backend: str) -> torch.dtype:
+    """``dtype="auto"`` (sf_sdk.precision), logged with its reason."""
+    choice = choose_dtype(cfg, stream, device, backend=backend)
+    log.info("dtype auto: %s (%s)", str(choice.dtype).removeprefix("torch."), choice.why)
+    return choice.dtype
+
+
 class StreamingGenerator:
     """Streams video from a causal Wan DiT with a rolling KV cache and a streaming VAE decoder.
 
@@ -170,7 +178,7 @@ class StreamingGenerator:
         name_or_path: str | os.PathLike,
         *,
         device: str | torch.device = "cpu",
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype = "auto",
         streaming: dict[str, Any] | StreamingConfig | None = None,
         backend: str = DEFAULT_BACKEND,
         backend_options: dict[str, Any] | None = None,
@@ -206,15 +214,27 @@ class StreamingGenerator:
         checkpoints, whose latents are Wan2.1's).
 
         ``streaming`` overrides fields of the saved streaming config (e.g.
-        ``{"local_attn_size": 6, "num_frame_per_block": 1}``). ``text_dtype`` (default: ``dtype``)
-        is the text encoder's dtype.
+        ``{"local_attn_size": 6, "num_frame_per_block": 1}``). ``dtype="auto"`` (the default) is
+        bfloat16 where it is measured faster (CUDA; CPUs with AMX for DiTs big enough to be
+        matmul-bound) and float32 otherwise (:mod:`sf_sdk.precision`; logged with its reason).
+        ``text_dtype`` (default: ``dtype``) is the text encoder's dtype.
         """
-        dev, dt = _parse_device(device), _parse_dtype(dtype)
-        tiny = _load_tiny_decoder(name_or_path, decoder, decoder_path, dev, dt)
+        dev = _parse_device(device)
+        auto = is_auto(dtype)
+        dt = torch.float32 if auto else _parse_dtype(dtype)  # auto: load in float32, then decide
         loaded = load_pretrained(name_or_path, device=dev, dtype=dt, text_dtype=text_dtype,
                                  load_text_encoder=load_text_encoder, wan_dir=wan_dir, use_ema=use_ema,
                                  dit_config=dit_config, vae_config=vae_config, text_config=text_config,
                                  family=family, lora=lora, lora_scale=lora_scale)
+        if auto:
+            dt = _auto_dtype(loaded.dit_config, _override_streaming(loaded.streaming, streaming), dev, backend)
+            if dt != torch.float32:
+                loaded.dit.to(dt)
+                if loaded.vae is not None:
+                    loaded.vae.to(dt)
+                if loaded.text_encoder is not None and text_dtype is None:
+                    loaded.text_encoder.to(dt)
+        tiny = _load_tiny_decoder(name_or_path, decoder, decoder_path, dev, dt)
         return cls.from_loaded(loaded, streaming=streaming, backend=backend, backend_options=backend_options,
                                decoder=decoder, tiny_decoder=tiny)
 
@@ -250,7 +270,7 @@ class StreamingGenerator:
         vae: VAEConfig | str | None = None,
         text_encoder: TextEncoderConfig | str | None = None,
         device: str | torch.device = "cpu",
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype = "auto",
         seed: int = 0,
         fps: int = DEFAULT_FPS,
         backend: str = DEFAULT_BACKEND,
@@ -261,8 +281,10 @@ class StreamingGenerator:
     ) -> StreamingGenerator:
         """Random-weight models from configs or preset names (for timing and tests); ``tiny_decoder``
         a :class:`~sf_sdk.models.taehv.TAEHVConfig` or preset name (``decoder="tiny"`` decodes with it)."""
-        dev, dt = _parse_device(device), _parse_dtype(dtype)
+        dev = _parse_device(device)
         dcfg = _preset(DIT_PRESETS, dit, "DiT")
+        dt = (_auto_dtype(dcfg, streaming or StreamingConfig(), dev, backend) if is_auto(dtype)
+              else _parse_dtype(dtype))
         torch.manual_seed(seed)
         model = WanDiT(dcfg).to(dev, dt)
         vae_model = None

@@ -396,7 +396,8 @@ def test_kernel_available_rule(cpu_kernels: str) -> None:
     assert ops.kernel_available(small, False)  # float32, small: per-call overhead wins
     assert not ops.kernel_available(large, False)  # float32, large: SDPA on the view is as fast
     assert ops.kernel_available(large, False, masked=True)  # tensor kv_len: the reference masks everything
-    assert ops.kernel_available(large.bfloat16(), False)
+    assert not ops.kernel_available(large.bfloat16(), False)  # bfloat16, large: SDPA (AMX) is faster
+    assert ops.kernel_available(small.bfloat16(), False)
     assert ops.kernel_available(large, True)  # required: always, when loaded
     assert not ops.kernel_available(small.double(), False)
     with pytest.raises(RuntimeError, match="python -m sf_sdk.ops build"):

@@ -66,7 +66,8 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
             raise ValueError(f"dtype must be a floating dtype, got {dtype}")
         return dtype
     if not isinstance(dtype, str) or dtype.lower() not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)} (or 'auto' where a generator "
+                         f"is built: sf_sdk.precision)")
     return _DTYPES[dtype.lower()]
 
 

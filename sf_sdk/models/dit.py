@@ -465,6 +465,25 @@ class CrossAttention(nn.Module):
         return F.linear(attention(q, k, v).flatten(2), self.o.weight, self.o.bias)  # [B, L, dim]
 
 
+_GELU_C = 2.0 * math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh(y: Tensor) -> Tensor:
+    """GELU with the tanh approximation, ``0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3)))``.
+
+    Eager float32 / float64 CPU calls without autograd compute it as ``y sigmoid(2 sqrt(2/pi) (y +
+    0.044715 y^3))`` (the same function: ``(1 + tanh(z)) / 2 = sigmoid(2z)``) in four in-place
+    passes over ``y``, which they overwrite: PyTorch's CPU kernel for the tanh form is several times
+    slower than its sigmoid (~4.8e-7 apart at the DiT's FFN sizes). Everything else (GPUs, half
+    types, autograd, traced graphs) calls ``F.gelu``."""
+    if y.device.type != "cpu" or y.dtype not in (torch.float32, torch.float64) or torch.is_grad_enabled() \
+            or _tracing():
+        return F.gelu(y, approximate="tanh")
+    z = torch.mul(y, y)
+    z.mul_(0.044715 * _GELU_C).add_(_GELU_C).mul_(y)  # 2 sqrt(2/pi) (y + 0.044715 y^3)
+    return y.mul_(z.sigmoid_())
+
+
 def _modulate(x: Tensor, shift: Tensor, scale1: Tensor, frames: int) -> Tensor:
     """adaLN per frame: x [B, F*T, dim], shift and 1 + scale [B, F, 1, dim] -> [B, F*T, dim]."""
     b, n, d = x.shape
@@ -510,7 +529,7 @@ class Block(nn.Module):
         x = x + self.cross_attn(self.norm3(x), cross_k, cross_v)
         ffn_in, _, ffn_out = self.ffn
         y = F.linear(_modulate(self.norm2(x), shift2, scale2, frames), ffn_in.weight, ffn_in.bias)
-        y = F.linear(F.gelu(y, approximate="tanh"), ffn_out.weight, ffn_out.bias)  # [B, F*T, dim]
+        y = F.linear(gelu_tanh(y), ffn_out.weight, ffn_out.bias)  # [B, F*T, dim]
         return _gated_add(x, y, gate2, frames)
 
 

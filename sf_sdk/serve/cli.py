@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", help="float32 or bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--dtype", help="auto, float32 or bfloat16 (default auto: bfloat16 on CUDA and on AMX CPUs for DiTs "
+                                  "big enough to gain, else float32; sf_sdk.precision)")
     p.add_argument("--backend", default="auto",
                    help="generator backend (default auto: the fastest per component, exported into the artifact "
                         "cache before serving on first use; eager, onnxruntime, ...)")
@@ -82,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = args.dtype or "auto"
     try:
         # A server lives long: auto exports its pool's DiT before serving (once; later starts load it),
         # unless $SF_SDK_AUTO_BUILD says otherwise.
