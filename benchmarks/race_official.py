@@ -334,32 +334,47 @@ def ours_first_flow(gen: StreamingGenerator, embeds: torch.Tensor, x: torch.Tens
 
 
 def race(src: Path, name: str, chunks: int, rounds: int, warmup: int, backends: list[str], seed: int,
-         window: int = -1) -> dict[str, Any]:
+         window: int = -1, dtype: str = "float32") -> dict[str, Any]:
     rc = CONFIGS[name]
     num_latent = chunks * CHUNK_FRAMES
     h, w = rc.latent_hw
     stream = StreamingConfig(num_frame_per_block=CHUNK_FRAMES, latent_height=h, latent_width=w,
                              global_cache_frames=num_latent, local_attn_size=window)
-    gen = StreamingGenerator.from_config(rc.dit, stream, seed=seed)
+    # The official side and the named backends compute in ``dtype``; the "default" side is a generator
+    # with every default (dtype="auto", backend="auto"), the same weights (same seed, cast after init).
+    gen = StreamingGenerator.from_config(rc.dit, stream, seed=seed, dtype=dtype, backend="eager")
+    gens = {b: gen for b in backends if b != "default"}
+    if "default" in backends:
+        gens["default"] = StreamingGenerator.from_config(rc.dit, stream, seed=seed)
     g = torch.Generator().manual_seed(seed)
     embeds = torch.randn(PROMPT_ROWS, rc.dit.text_dim, generator=g)
     padded = F.pad(embeds, (0, 0, 0, rc.dit.text_len - PROMPT_ROWS)).unsqueeze(0)  # [1, Lt, text_dim]
-    noise = torch.randn(1, num_latent, rc.dit.in_dim, h, w, generator=g)
-    official = Official(src, gen, padded, num_latent)
+    noise = torch.randn(1, num_latent, rc.dit.in_dim, h, w, generator=g).to(gen.dtype)
+    official = Official(src, gen, padded.to(gen.dtype), num_latent)
 
     # Same weights, same input: the first DiT call's flow on both sides.
     t0 = float(gen.steps.timesteps[0])
     x = noise[:, :CHUNK_FRAMES]
-    parity = (official.first_flow(x, int(t0)) - ours_first_flow(gen, embeds, x, int(t0))).abs().max().item()
-    log.info("%s: first-call flow max |official - ours| = %.2e", name, parity)
+    reference = official.first_flow(x, int(t0))
+    parity = (reference - ours_first_flow(gen, embeds.to(gen.dtype), x, int(t0))).abs().max().item()
+    log.info("%s: first-call flow max |official - ours| = %.2e (%s)", name, parity, dtype)
+    dtypes = {f"sf-sdk {b}": str(g.dtype).removeprefix("torch.") for b, g in gens.items()}
+    parity_default = None
+    if "default" in gens and gens["default"].dtype != gen.dtype:
+        d = gens["default"]
+        flow = ours_first_flow(d, embeds.to(d.dtype), x.to(d.dtype), int(t0))
+        parity_default = (reference.float() - flow.float()).abs().max().item()
+        log.info("%s: the default side computes in %s; its first-call flow max |official - ours| = %.2e",
+                 name, dtypes["sf-sdk default"], parity_default)
 
     result: dict[str, Any] = {"config": name, "dit": to_dict(rc.dit), "latent_hw": list(rc.latent_hw),
                               "chunks": chunks, "rounds": rounds, "window": window, "chunk_frames": CHUNK_FRAMES, "parity_max_abs": parity,
-                              "official_commit": official.commit, "sides": {}}
+                              "official_commit": official.commit, "dtype": dtype, "side_dtypes": dtypes,
+                              "parity_default_max_abs": parity_default, "sides": {}}
     runs: dict[str, Any] = {"official": lambda: official.run(noise[:, :warmup * CHUNK_FRAMES])}
     for b in backends:
-        reason = backend_status(b) if b != "eager" else None
-        if reason is None:
+        reason = backend_status(b) if b not in ("eager", "default") else None
+        if reason is None and b != "default":
             try:  # backends that need an exported artifact say so here
                 gen.use_backend(b)
             except (ValueError, RuntimeError) as exc:
@@ -373,16 +388,20 @@ def race(src: Path, name: str, chunks: int, rounds: int, warmup: int, backends: 
         if side == "official":
             what()
         else:
-            gen.use_backend(what)
-            ours_run(gen, embeds, warmup * CHUNK_FRAMES)
+            g = gens[what]
+            if what != "default":
+                g.use_backend(what)
+            ours_run(g, embeds.to(g.dtype), warmup * CHUNK_FRAMES)
     measured: dict[str, tuple[list[float], list[float]]] = {side: ([], []) for side in runs}
     for _ in range(rounds):  # sides alternate, so a load change on a shared machine hits all of them
         for side, what in runs.items():
             if side == "official":
                 wall, cpu = official.run(noise)
             else:
-                gen.use_backend(what)
-                wall, cpu = ours_run(gen, embeds, num_latent)
+                g = gens[what]
+                if what != "default":
+                    g.use_backend(what)
+                wall, cpu = ours_run(g, embeds.to(g.dtype), num_latent)
             measured[side][0].extend(wall[1:])  # the first chunk of each stream is not counted
             measured[side][1].extend(cpu[1:])
     for side, (wall, cpu) in measured.items():
@@ -398,15 +417,17 @@ def race(src: Path, name: str, chunks: int, rounds: int, warmup: int, backends: 
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| config | side | s/chunk | official / this | CPU s/chunk | official / this (CPU) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| config | side | dtype | s/chunk | official / this | CPU s/chunk | official / this (CPU) |",
+             "|---|---|---|---|---|---|---|"]
     for res in results:
         for side, r in res["sides"].items():
+            dtype = res.get("side_dtypes", {}).get(side, res.get("dtype", "float32"))
             if "skipped" in r:
-                lines.append(f"| {res['config']} | {side} | skipped: {r['skipped']} | | | |")
+                lines.append(f"| {res['config']} | {side} | {dtype} | skipped: {r['skipped']} | | | |")
             else:
-                lines.append(f"| {res['config']} | {side} | {r['median_s']:.4f} | {r['official_over_this']:.2f}x | "
-                             f"{r['median_cpu_s']:.4f} | {r['official_over_this_cpu']:.2f}x |")
+                lines.append(f"| {res['config']} | {side} | {dtype} | {r['median_s']:.4f} | "
+                             f"{r['official_over_this']:.2f}x | {r['median_cpu_s']:.4f} | "
+                             f"{r['official_over_this_cpu']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -419,7 +440,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="local_attn_size in latent frames on both sides (-1: global attention, the default)")
     p.add_argument("--warmup-chunks", type=int, default=2, help="chunks of the warm-up stream on each side")
     p.add_argument("--rounds", type=int, default=1, help="measured streams per side, the sides alternating")
-    p.add_argument("--backends", default="eager", help="comma-separated sf-sdk backends, e.g. eager,auto")
+    p.add_argument("--backends", default="eager,default",
+                   help="comma-separated sf-sdk sides: backends in --dtype (eager, auto, onnxruntime, ...) and "
+                        "'default', a generator with every default (dtype and backend 'auto'); default eager,default")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the official side's and the named backends' dtype (default float32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
@@ -434,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     names = list(CONFIGS) if args.config == "all" else [args.config]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     results = [race(args.official_src, n, args.chunks, args.rounds, args.warmup_chunks, backends, args.seed,
-                    args.window) for n in names]
+                    args.window, args.dtype) for n in names]
     print(table(results))
     if args.json is not None:
         doc = {"results": results, "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -444,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
                                "median_cpu_s": "the same chunks' CPU seconds (all threads of the process): "
                                                "the work done, unaffected by other processes on a shared machine",
                                "official_over_this": "official median / this side's median (same run)",
-                               "parity_max_abs": "max |flow| difference of one DiT call on the same input"}}
+                               "parity_max_abs": "max |flow| difference of one DiT call on the same input",
+                               "parity_default_max_abs": "the same for the default side when its dtype differs"}}
         args.json.write_text(json.dumps(doc, indent=2))
     return 0
 
