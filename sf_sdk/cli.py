@@ -175,7 +175,7 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str, Path]:
     from sf_sdk.generator import _parse_device
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dev = _parse_device(device)
+    _parse_device(device)  # a clear error for a bad --device before anything loads
     dtype = args.dtype or "auto"
     if dtype != "auto":
         resolve_dtype(dtype)

@@ -54,8 +54,8 @@ from sf_sdk.config import (
     from_dict,
 )
 from sf_sdk.models.dit import WanDiT
-from sf_sdk.precision import choose_dtype, is_auto
 from sf_sdk.pool import PooledStream, StreamPool, StreamRequest
+from sf_sdk.precision import choose_dtype, is_auto
 from sf_sdk.results import (
     DEFAULT_SPATIAL_STRIDE,
     DEFAULT_TEMPORAL_STRIDE,

@@ -1,20 +1,22 @@
 """``dtype="auto"``, the default: the compute dtype a generator takes when none is named.
 
-The rule, measured with ``benchmarks/dtype_auto.py`` (eager DiT chunk steps, float32 against
-bfloat16, one thread, this project's 2-core CPU machines, which have AMX):
+The rule, measured with ``benchmarks/dtype_auto.py`` and ``benchmarks/race_official.py`` (eager DiT
+chunks, float32 against bfloat16, one thread, this project's 2-core CPU machines, which have AMX;
+docs/performance.md):
 
 * CUDA: bfloat16 where the GPU supports it (what the Self-Forcing family's authors run), float32
   where it does not, and float32 when ``backend="auto"`` will build a TensorRT engine (the engine
   is built from a float32 generator and runs fp16 kernels inside).
 * CPU with AMX bfloat16 tiles (Sapphire Rapids and later): bfloat16 when one DiT call's block
   matmuls reach :data:`CPU_BF16_MIN_GFLOP` (0.5 GFLOP): a chunk of the 2-layer mid race config
-  (195 GFLOP per call) runs ~3.7x faster, a 0.7 GFLOP call 1.3-1.7x; below, per-op overhead
-  dominates and bfloat16 gains nothing (the 0.18 GFLOP tiny race config: 0.93x). The bundled
-  shapes-tiny (0.1 GFLOP) stays float32.
+  (195 GFLOP per call) runs 4.5x faster than in float32, 0.7-11 GFLOP calls 1.1-2.2x; below,
+  per-op overhead dominates and bfloat16 gains within the noise (the 0.18 GFLOP tiny race config:
+  0.93x-1.06x) while costing precision. The bundled shapes-tiny (0.1 GFLOP) stays float32.
 * Anything else: float32.
 
-bfloat16 keeps 8 bits of mantissa: one mid-sized DiT call differs from float32 by ~1e-2 (the
-``parity_max_abs`` of ``benchmarks/race_official.py``). Name ``dtype="float32"`` to opt out.
+bfloat16 keeps 8 bits of mantissa: one mid-sized DiT call differs from float32 by about 1e-2 (the
+``parity_default_max_abs`` of ``benchmarks/race_official.py``: 1.6e-2). Name ``dtype="float32"``
+to opt out.
 """
 
 from __future__ import annotations
