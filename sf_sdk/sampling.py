@@ -118,7 +118,10 @@ def cache_pass(model: ChunkModel, clean: Tensor, cross: CrossAttnCache, cache: K
         if steps.context_noise > 0:
             fresh = randn_rows(clean.shape, generator, device=clean.device, dtype=clean.dtype)
             clean = steps.schedule.add_noise(clean, fresh, tc)
-        model.forward_chunk(clean, tc, cross, cache, plan, attend)
+        # Eager DiTs skip what only feeds the discarded flow (WanDiT.write_cache); exported chunk
+        # models run their whole step.
+        write = getattr(model, "write_cache", None)
+        (write or model.forward_chunk)(clean, tc, cross, cache, plan, attend)
 
 
 def denoise_chunk(

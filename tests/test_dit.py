@@ -69,6 +69,29 @@ def test_streaming_equals_block_causal_forward(mode):
         assert cache.layout.capacity_frames == stream.local_attn_size  # evictions happened
 
 
+@pytest.mark.parametrize("mode", ["global", "window_sink", "framewise", "relative"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_write_cache_leaves_the_cache_forward_chunk_leaves(mode, dtype):
+    """The cache pass's shortcut (the last layer stops after its keys/values, no head) writes
+    every layer's keys/values bit for bit as the full call does, chunk after chunk."""
+    stream = (dataclasses.replace(STREAMS["window_sink"], position_mode="cache_relative") if mode == "relative"
+              else STREAMS[mode])
+    model = tiny_model(dtype)
+    c = stream.num_frame_per_block
+    frames = 5 * c
+    x = torch.randn(2, frames, 16, 4, 6, dtype=dtype)
+    t = torch.rand(2, frames, dtype=dtype) * 1000
+    ctx = torch.randn(2, 5, TINY.text_dim, dtype=dtype)
+    with torch.no_grad():
+        cross = model.encode_context(ctx)
+        full, short = model.new_cache(stream, 2, num_frames=frames), model.new_cache(stream, 2, num_frames=frames)
+        for s in range(0, frames, c):
+            model.forward_chunk(x[:, s:s + c], t[:, s:s + c], cross, full, s)
+            assert model.write_cache(x[:, s:s + c], t[:, s:s + c], cross, short, s) is None
+            assert torch.equal(full.k, short.k) and torch.equal(full.v, short.v)
+            assert full.end_frame == short.end_frame
+
+
 def test_cache_relative_matches_absolute_without_sinks_and_bounds_positions():
     model = tiny_model()
     base = StreamingConfig(latent_height=4, latent_width=6, local_attn_size=6)
