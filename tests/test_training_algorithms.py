@@ -139,16 +139,19 @@ def test_rollout_equals_inference_loop(stream):
 
 
 def _spy_forward_chunk(model: WanDiT) -> list[tuple[int, float, bool]]:
-    """Record (start_frame, timestep, grad enabled) of every real forward_chunk call."""
+    """Record (start_frame, timestep, grad enabled) of every real DiT chunk call: forward_chunk and
+    write_cache (the cache pass's call)."""
     calls: list[tuple[int, float, bool]] = []
-    real = model.forward_chunk
 
-    def recorded(x, timestep, cross, cache, start_frame, attend=None):
-        start = start_frame.start_frame if isinstance(start_frame, ChunkPlan) else start_frame
-        calls.append((start, float(timestep[0, 0]), torch.is_grad_enabled()))
-        return real(x, timestep, cross, cache, start_frame, attend)
+    def spy(real):
+        def recorded(x, timestep, cross, cache, start_frame, attend=None):
+            start = start_frame.start_frame if isinstance(start_frame, ChunkPlan) else start_frame
+            calls.append((start, float(timestep[0, 0]), torch.is_grad_enabled()))
+            return real(x, timestep, cross, cache, start_frame, attend)
+        return recorded
 
-    model.forward_chunk = recorded
+    model.forward_chunk = spy(model.forward_chunk)
+    model.write_cache = spy(model.write_cache)
     return calls
 
 
