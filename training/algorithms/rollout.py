@@ -25,6 +25,11 @@ the paper, Table 3):
 The two forcing modes need ``clean_latents`` [B, F, C, H, W]. In the data-free DMD / SiD setting
 there is no data: use the teacher's ODE samples (``training.algorithms.ode``, the ``x0`` of a
 trajectory, computed for the same prompts) or VAE-encoded clips of the training domain.
+
+Image-to-video (``first_frame``): a given clean latent frame is written to the cache first, by the
+cache pass alone (no gradients), exactly as :class:`sf_sdk.StreamingGenerator` writes ``image=`` in
+the ``independent_first_frame`` layout; the chunks of ``noise`` then start at latent frame 1 and
+the result is the whole clip, the given frame first (detached: it is data, never the student's).
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ def draw_exit_step(
 
 
 def _check_inputs(noise: Tensor, cross: CrossAttnCache, stream: StreamingConfig, mode: str,
-                  clean_latents: Tensor | None, grad_frames: int | None) -> None:
+                  clean_latents: Tensor | None, grad_frames: int | None, first_frame: Tensor | None) -> None:
     if mode not in ROLLOUT_MODES:
         raise ValueError(f"rollout mode must be one of {ROLLOUT_MODES}, got {mode!r}")
     if noise.dim() != 5:
@@ -89,8 +94,17 @@ def _check_inputs(noise: Tensor, cross: CrossAttnCache, stream: StreamingConfig,
     b, f = noise.shape[:2]
     k = stream.num_frame_per_block
     if f % k:
-        raise ValueError(f"{f} latent frames do not split into chunks of num_frame_per_block={k}: "
+        after = " after the given first frame" if first_frame is not None else ""
+        raise ValueError(f"{f} latent frames{after} do not split into chunks of num_frame_per_block={k}: "
                          f"use a multiple of {k}")
+    if first_frame is not None:
+        want = (b, 1, *noise.shape[2:])
+        if tuple(first_frame.shape) != want:
+            raise ValueError(f"first_frame must be one clean latent frame per row, {want}, got "
+                             f"{tuple(first_frame.shape)}")
+        if mode != "self_forcing":
+            raise ValueError(f"a rollout from a given first frame runs in mode 'self_forcing', got {mode!r}: "
+                             f"the forcing modes fill every chunk's cache from ground truth")
     if cross.batch_size != b:
         raise ValueError(f"the prompt cache has batch {cross.batch_size}, the noise has batch {b}")
     if mode != "self_forcing":
@@ -166,8 +180,10 @@ def rollout(
     clean_latents: Tensor | None = None,
     grad_frames: int | None = None,
     cache: KVCache | None = None,
+    first_frame: Tensor | None = None,
 ) -> Tensor:
-    """Roll ``student`` out over ``noise`` [B, F, C, H, W]; returns the x0 of every chunk, [B, F, C, H, W].
+    """Roll ``student`` out over ``noise`` [B, F, C, H, W]; returns the x0 of every chunk, [B, F, C, H, W]
+    (with ``first_frame``: the given frame, then the chunks, [B, 1 + F, C, H, W]).
 
     student: a causal :class:`~sf_sdk.models.dit.WanDiT` (the module itself, not a DDP / FSDP
         wrapper: ``forward_chunk`` and ``new_cache`` are called directly);
@@ -183,31 +199,40 @@ def rollout(
     clean_latents: ground truth for the forcing modes;
     grad_frames: only the last ``grad_frames`` frames get gradients (None: all; chunks that
         start before ``F - grad_frames`` run without autograd);
-    cache: a KV cache to reuse (it is reset); by default a new one sized for ``F`` frames.
+    cache: a KV cache to reuse (it is reset); by default a new one sized for the clip's frames;
+    first_frame: image-to-video, a clean normalized latent frame [B, 1, C, H, W] (the image): the
+        cache pass writes it as frame 0 (no gradients, re-noised to ``context_noise`` like every
+        cache pass), the chunks of ``noise`` follow from frame 1 (``independent_first_frame``
+        layout) and the result starts with it, detached. ``mode`` must be ``"self_forcing"``.
 
     With autograd disabled, or ``grad_frames=0``, this is exactly the inference loop. With
     autograd on, cache attention runs on the differentiable reference implementation (see
     :func:`_differentiable_attention`).
     """
-    _check_inputs(noise, cross, stream, mode, clean_latents, grad_frames)
+    _check_inputs(noise, cross, stream, mode, clean_latents, grad_frames, first_frame)
     b, f = noise.shape[:2]
     k = stream.num_frame_per_block
+    given = 0 if first_frame is None else 1  # latent frames before the first chunk
+    end = given + f
     steps = ChunkSchedule.from_config(stream)
     exits = _exit_steps(exit_step, f // k, len(steps.timesteps))
     if cache is None:
-        cache = student.new_cache(stream, b, num_frames=f)
+        cache = student.new_cache(stream, b, num_frames=end)
     else:
         cache.reset()
-    grad_start = 0 if grad_frames is None else f - grad_frames
+    grad_start = given if grad_frames is None else end - grad_frames  # first latent frame with gradients
     own_cache_pass = mode == "self_forcing"
     chunks = []
-    with _differentiable_attention(torch.is_grad_enabled() and grad_start < f):
-        for c, start in enumerate(range(0, f, k)):
-            x0 = denoise_chunk(student, noise[:, start:start + k], cross, cache, start, steps,
+    with _differentiable_attention(torch.is_grad_enabled() and grad_start < end):
+        if first_frame is not None:  # the image: the cache pass alone, as inference writes it
+            cache_pass(student, first_frame, cross, cache, 0, steps, generator=generator)
+            chunks.append(first_frame.detach())
+        for c, start in enumerate(range(given, end, k)):
+            x0 = denoise_chunk(student, noise[:, start - given:start - given + k], cross, cache, start, steps,
                                generator=generator, exit_step=exits[c], grad_at_exit=start >= grad_start,
                                update_cache=own_cache_pass)
             if not own_cache_pass:
                 _write_ground_truth(student, clean_latents[:, start:start + k], cross, cache, start, steps,
                                     mode, generator)
             chunks.append(x0)
-    return torch.cat(chunks, dim=1)  # [B, F, C, H, W]
+    return torch.cat(chunks, dim=1)  # [B, given + F, C, H, W]

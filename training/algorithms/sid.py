@@ -56,8 +56,12 @@ class SiD:
         self.config = SiDConfig() if config is None else config
 
     def generator_loss(self, x0: Tensor, cond: Tensor, uncond: Tensor, *,
-                       generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Any]]:
-        """SiD loss of the student's samples ``x0`` [B, F, C, H, W]; returns ``(loss, metrics)``."""
+                       generator: torch.Generator | None = None,
+                       gradient_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
+        """SiD loss of the student's samples ``x0`` [B, F, C, H, W]; returns ``(loss, metrics)``.
+
+        ``gradient_mask`` (bool, broadcastable to x0) restricts the loss to some elements, as
+        :meth:`DMD.generator_loss`'s (e.g. the generated frames after a given first frame)."""
         cfg = self.config
         b = x0.shape[0]
         cond, uncond = match_batch(cond, b), match_batch(uncond, b)
@@ -74,7 +78,8 @@ class SiD:
         per_element = (real - fake) * ((real - x) - cfg.alpha * (real - fake))
         with torch.no_grad():
             normalizer = (x - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)  # [B, 1, 1, 1, 1]
-        loss = torch.nan_to_num(per_element / normalizer).mean()
+        per_element = torch.nan_to_num(per_element / normalizer)
+        loss = per_element[gradient_mask.expand_as(x0)].mean() if gradient_mask is not None else per_element.mean()
         metrics = {
             "sid_loss": loss.detach(),
             "sid_timestep": t.float().mean(),

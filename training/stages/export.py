@@ -2,8 +2,8 @@
 
 Writes ``sf_sdk.checkpoint.save_pretrained`` folders (``model_index.json``, ``dit`` / ``vae`` /
 ``text_encoder`` safetensors, ``tokenizer/``) whose StreamingConfig is the training one (chunk
-size, steps, window, latent size), so ``StreamingGenerator.from_pretrained(folder)`` streams
-exactly what was trained.
+size, steps, window, latent size, ``independent_first_frame`` for an image-to-video fine-tune), so
+``StreamingGenerator.from_pretrained(folder)`` streams exactly what was trained.
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def export_model(cfg: TrainConfig, out_dir: str | os.PathLike, source: str) -> P
         tokenizer_dir=text_dir(cfg) / "tokenizer",
         dtype=DTYPES[cfg.export.dtype],
         extra={"fps": cfg.export.fps, "trained_with": {"source_stage": source, "vae_stage": vae_dir.parent.name, "run_dir_name": run.name,
-                                                        "num_frames": cfg.teacher.num_frames}},
+                                                        "num_frames": cfg.teacher.num_frames,
+                                                        "image_conditioning": source == "self_forcing"
+                                                        and cfg.self_forcing.image_conditioning}},
     )
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     log.info("exported %s (%.1f MB) from %s", folder, size / 1e6, source)

@@ -151,18 +151,24 @@ def load_student(cfg: TrainConfig, stage: str, device: torch.device) -> WanDiT:
 
 @torch.no_grad()
 def sample_student(cfg: TrainConfig, student: WanDiT, prompts: PromptTable, vae: WanVAE, path: Path,
-                   num_frames: int | None = None) -> None:
-    """Stream three captions with the KV cache exactly as inference does, decode to an MP4."""
-    captions = [prompts.captions[i] for i in (1, len(prompts.captions) // 3 + 6, 2 * len(prompts.captions) // 3 + 11)]
+                   num_frames: int | None = None, *, captions: list[str] | None = None,
+                   first_frame: Tensor | None = None) -> None:
+    """Stream three captions (or ``captions``) with the KV cache exactly as inference does, decode
+    to an MP4 of ``num_frames`` latent frames. ``first_frame`` [B, 1, C, h, w] (image-to-video, one
+    per caption): the given frame 0 the streams continue (``num_frames`` counts it)."""
+    if captions is None:
+        n = len(prompts.captions)
+        captions = [prompts.captions[i] for i in (1, n // 3 + 6, 2 * n // 3 + 11)]
     frames = num_frames or latent_frames(cfg, cfg.teacher.num_frames)
+    given = 0 if first_frame is None else 1
     gen = step_generator(cfg.seed, "student-sample")
-    noise = torch.randn((len(captions), frames, cfg.dit.in_dim, cfg.stream.latent_height, cfg.stream.latent_width),
-                        generator=gen).to(vae.latents_mean.device)
+    noise = torch.randn((len(captions), frames - given, cfg.dit.in_dim, cfg.stream.latent_height,
+                         cfg.stream.latent_width), generator=gen).to(vae.latents_mean.device)
     was_training = student.training
     student.eval()
     cross = student.encode_context(prompts.lookup(captions))
     x0 = rollout(student, cross, noise, cfg.stream, mode="self_forcing", exit_step=cfg.stream.num_steps - 1,
-                 generator=gen)
+                 generator=gen, first_frame=first_frame)
     student.train(was_training)
     decode_to_mp4(vae, x0, path, cfg.data.fps)
     log.info("student sample %s (%s)", path, "; ".join(captions))

@@ -17,6 +17,14 @@ training length through the stream's rolling window and steps 4-5 see one random
 learns what its own long videos look like at the frames where they go wrong, while the frames
 before the window run without gradients, so the cost grows only by their forward passes.
 
+With ``image_conditioning`` (the image-to-video fine-tune) step 1 draws clips of the teacher's
+latent cache instead: a clip's latent frame 0 is the given image and its caption the prompt. The
+rollout writes that frame to the KV cache by a cache pass, as inference does with ``image=``, and
+the student generates the ``num_latent_frames - 1`` frames after it in chunks (the stream's
+``independent_first_frame`` layout); steps 4-5 score the whole clip, given frame included, so the
+teacher judges the continuation against it, while the gradient reaches the generated frames only
+(frame 0 is data: detached, and masked out of the generator loss).
+
 The student is called through ``forward_chunk`` (not ``forward``), so it is never DDP-wrapped:
 gradients of the student and the critic are all-reduced explicitly (:func:`sync_gradients`)
 after the accumulated backward passes.
@@ -25,11 +33,11 @@ after the accumulated backward passes.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from sf_sdk.models.dit import WanDiT
@@ -46,9 +54,9 @@ from training.algorithms import (
     draw_exit_step,
     rollout,
 )
-from training.stages.common import prompt_table, save_dit
+from training.stages.common import PromptTable, prompt_table, save_dit
 from training.stages.ode_init import _ema_copy, load_student, sample_student
-from training.stages.teacher import load_teacher
+from training.stages.teacher import LatentCache, load_latent_cache, load_teacher
 from training.stages.vae import load_trained_vae
 from training.utils.checkpoint import TrainState
 from training.utils.config import TrainConfig
@@ -63,7 +71,7 @@ from training.utils.loop import (
     step_generator,
 )
 
-__all__ = ["run_self_forcing", "sync_gradients"]
+__all__ = ["run_self_forcing", "sync_gradients", "check_rollout_frames"]
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +92,68 @@ def _detached(metrics: dict[str, Metric]) -> dict[str, Metric]:
     return {k: v.detach() if isinstance(v, Tensor) else v for k, v in metrics.items()}
 
 
+def check_rollout_frames(cfg: TrainConfig) -> None:
+    """The loss window's ``num_latent_frames`` must be whole chunks of the rollout's layout: chunks
+    of ``num_frame_per_block``, or with ``image_conditioning`` the given frame 0 alone, then chunks;
+    an image-conditioned model must also stream frame 0 alone after export."""
+    st, k = cfg.self_forcing, cfg.stream.num_frame_per_block
+    if not st.image_conditioning:
+        if st.num_latent_frames % k:
+            raise ValueError(f"self_forcing.num_latent_frames ({st.num_latent_frames}) must be a multiple of "
+                             f"stream.num_frame_per_block ({k})")
+        return
+    if cfg.stream.first_chunk_frames != 1:
+        raise ValueError(f"self_forcing.image_conditioning streams the image as frame 0 alone: set "
+                         f"stream.independent_first_frame=true (chunks of {k} after it), so that the exported "
+                         f"model streams image= in the layout it was trained in")
+    if st.num_latent_frames < 1 + k or (st.num_latent_frames - 1) % k:
+        near = 1 + k * max(1, round((st.num_latent_frames - 1) / k))
+        raise ValueError(f"self_forcing.image_conditioning generates num_latent_frames - 1 frames after the given "
+                         f"one in chunks of stream.num_frame_per_block ({k}): num_latent_frames must be 1 + a "
+                         f"positive multiple of {k}, got {st.num_latent_frames} (e.g. {near})")
+
+
+@dataclass
+class _Draw:
+    """What one rollout starts from: prompts [B, text_len, text_dim], noise [B, F, C, h, w] for the
+    frames the student generates, ground truth for the GAN / forcing modes [B, frames, C, h, w]
+    (or None), and with image conditioning the given frame 0 [B, 1, C, h, w] (else None)."""
+
+    cond: Tensor
+    noise: Tensor
+    clean: Tensor | None
+    first_frame: Tensor | None
+
+
+class _ImageClips:
+    """The clips an image-conditioned rollout starts from: the teacher's latent cache, each clip
+    with the index of its caption in the prompt table (the cache stores every clip's caption)."""
+
+    def __init__(self, cache: LatentCache, prompts: PromptTable, keep_frames: int) -> None:
+        known = {c: i for i, c in enumerate(prompts.captions)}
+        unknown = sorted({c for c in cache.captions if c not in known})
+        if unknown:
+            raise ValueError(f"the latent cache has captions outside the prompt set, e.g. {unknown[:3]}: it was "
+                             f"built for another domain; rebuild it with the teacher stage")
+        self.caption_index = torch.tensor([known[c] for c in cache.captions])  # [N]
+        self.latents = cache.latents[:, :keep_frames].clone()  # [N, keep_frames, C, h, w]
+        self.captions = cache.captions
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def samples(self, count: int = 3) -> list[int]:
+        """Fixed clips for the stage's sample videos, spread over the cache."""
+        return [i * len(self) // count for i in range(count)]
+
+
 def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
     st = cfg.self_forcing
     run = StageRun(cfg, "self_forcing", st, dist)
     if run.done:
         log.info("stage self_forcing already done (%s)", run.final_dir)
         return
-    if st.num_latent_frames % cfg.stream.num_frame_per_block:
-        raise ValueError(f"self_forcing.num_latent_frames ({st.num_latent_frames}) must be a multiple of "
-                         f"stream.num_frame_per_block ({cfg.stream.num_frame_per_block})")
+    check_rollout_frames(cfg)
     prompts = prompt_table(cfg, dist.device)
     teacher = load_teacher(cfg, dist.device)
     student = load_student(cfg, "ode_init", dist.device).train()
@@ -116,6 +177,13 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
                                                                 discriminator_weight=st.gan_weight))
         critic_params += list(head.parameters())
         modules["disc_head"] = head
+    frames, k = st.num_latent_frames, cfg.stream.num_frame_per_block
+    real = images = None
+    if st.image_conditioning:  # frame 0 of each clip, the whole clip for the GAN's real side
+        keep = frames if gan is not None else 1
+        images = _ImageClips(_real_clips(cfg, keep), prompts, keep)
+    elif gan is not None or st.rollout_mode != "self_forcing":
+        real = _real_clips(cfg, frames).latents[:, :frames]  # [N, frames, C, h, w]
     opt_g = make_optimizer(student.parameters(), st)
     opt_c = make_optimizer(critic_params, st, lr=st.critic_lr)
     ema = EMA(student, decay=st.ema_decay, start_step=0)
@@ -123,10 +191,13 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
                        tensors={"ema": ema.state_dict()})
     run.resume(state)
     ema.load_state_dict(state.tensors["ema"])
-    real = _real_latents(cfg) if (gan is not None or st.rollout_mode != "self_forcing") else None
     vae = load_trained_vae(cfg.run_dir, dist.device) if dist.is_main else None
-    frames, k = st.num_latent_frames, cfg.stream.num_frame_per_block
     n_caps = len(prompts.captions)
+    # The generator loss skips the given frame: it is data, not the student's (official I2V mask).
+    gen_mask = None
+    if images is not None:
+        gen_mask = torch.ones((1, frames, 1, 1, 1), dtype=torch.bool, device=dist.device)  # [1, F, 1, 1, 1]
+        gen_mask[:, 0] = False
 
     def window_start(gen: torch.Generator) -> int:
         """Where this rollout's loss window starts (latent frames): a random chunk of the long
@@ -135,24 +206,41 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
             return 0
         return int(torch.randint((st.long_rollout - 1) * frames // k + 1, (1,), generator=gen)) * k
 
-    def draw(gen: torch.Generator, length: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    def draw(gen: torch.Generator, length: int) -> _Draw:
+        """Prompts and noise for a rollout of ``length`` latent frames (all from ``gen``)."""
+        latent = (cfg.dit.in_dim, cfg.stream.latent_height, cfg.stream.latent_width)
+        if images is not None:  # a cached clip: its frame 0 is given, its caption the prompt
+            idx = torch.randint(len(images), (st.batch_size,), generator=gen)
+            noise = torch.randn((st.batch_size, length - 1, *latent), generator=gen).to(dist.device)
+            clip = images.latents[idx].to(dist.device)  # [B, frames or 1, C, h, w]
+            return _Draw(prompts.cond[images.caption_index[idx]], noise, clip if gan is not None else None,
+                         clip[:, :1])
         idx = torch.randint(n_caps, (st.batch_size,), generator=gen)
-        shape = (st.batch_size, length, cfg.dit.in_dim, cfg.stream.latent_height, cfg.stream.latent_width)
-        noise = torch.randn(shape, generator=gen).to(dist.device)
+        noise = torch.randn((st.batch_size, length, *latent), generator=gen).to(dist.device)
         clean = None
         if real is not None:
             clean = real[torch.randint(real.shape[0], (st.batch_size,), generator=gen)].to(dist.device)
-            clean = clean[:, :frames]
-        return prompts.cond[idx], noise, clean
+        return _Draw(prompts.cond[idx], noise, clean, None)
 
-    def roll(cond: Tensor, noise: Tensor, clean: Tensor | None, start: int, exit_step: int,
-             gen: torch.Generator) -> Tensor:
-        """The x0 of the loss window ``[start, start + frames)`` of a rollout over ``noise``; the
-        frames before it run without gradients (gradient truncation keeps the cost bounded)."""
-        x0 = rollout(student, student.encode_context(cond), noise, cfg.stream, mode=st.rollout_mode,
-                     exit_step=exit_step, generator=gen, clean_latents=clean,
-                     grad_frames=frames if start else None)
+    def roll(d: _Draw, start: int, exit_step: int, gen: torch.Generator) -> Tensor:
+        """The x0 of the loss window ``[start, start + frames)`` of a rollout over ``d.noise`` (after
+        the given frame, which the window starts with); the frames before the window run without
+        gradients (gradient truncation keeps the cost bounded)."""
+        x0 = rollout(student, student.encode_context(d.cond), d.noise, cfg.stream, mode=st.rollout_mode,
+                     exit_step=exit_step, generator=gen, clean_latents=d.clean,
+                     grad_frames=frames if start else None, first_frame=d.first_frame)
         return x0[:, start:]
+
+    def sample(model: WanDiT, name: str, num_frames: int | None = None) -> None:
+        """A sample MP4 of ``model`` (text-to-video, or continuing three cached clips' frame 0)."""
+        path = run.samples_dir / name
+        if images is None:
+            sample_student(cfg, model, prompts, vae, path, num_frames=num_frames)
+            return
+        picks = images.samples()
+        first = images.latents[picks, :1].to(dist.device)  # [3, 1, C, h, w]
+        sample_student(cfg, model, prompts, vae, path, num_frames=num_frames or frames,
+                       captions=[images.captions[i] for i in picks], first_frame=first)
 
     while state.step < st.steps:
         set_lr(opt_g, st.lr, state.step, st)
@@ -165,12 +253,12 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
         for _ in range(st.grad_accum):
             start = window_start(gen)
             metrics["window_start"] = float(start)
-            cond, noise, clean = draw(gen, start + frames)
+            d = draw(gen, start + frames)
             with autocast(cfg, dist.device):
-                x0 = roll(cond, noise, clean, start, exit_step, gen)
-                loss, m = loss_fn.generator_loss(x0, cond, prompts.uncond, generator=gen)
+                x0 = roll(d, start, exit_step, gen)
+                loss, m = loss_fn.generator_loss(x0, d.cond, prompts.uncond, generator=gen, gradient_mask=gen_mask)
                 if gan is not None:
-                    g_loss, gm = gan.generator_loss(x0, clean, cond, generator=gen)
+                    g_loss, gm = gan.generator_loss(x0, d.clean, d.cond, generator=gen)
                     loss = loss + g_loss
                     m.update(gm)
             (loss / st.grad_accum).backward()
@@ -185,13 +273,13 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
         for _ in range(st.dfake_gen_update_ratio):
             for _ in range(st.grad_accum):
                 start = window_start(gen)
-                cond, noise, clean = draw(gen, start + frames)
+                d = draw(gen, start + frames)
                 with torch.no_grad(), autocast(cfg, dist.device):
-                    x0 = roll(cond, noise, clean, start, draw_exit_step(cfg.stream.num_steps, gen), gen)
+                    x0 = roll(d, start, draw_exit_step(cfg.stream.num_steps, gen), gen)
                 with autocast(cfg, dist.device):
-                    c_loss, cm = loss_fn.critic_loss(x0, cond, generator=gen)
+                    c_loss, cm = loss_fn.critic_loss(x0, d.cond, generator=gen)
                     if gan is not None:
-                        d_loss, dm = gan.critic_loss(x0, clean, cond, generator=gen)
+                        d_loss, dm = gan.critic_loss(x0, d.clean, d.cond, generator=gen)
                         c_loss = c_loss + d_loss
                         cm.update(dm)
                 (c_loss / st.grad_accum).backward()
@@ -203,26 +291,25 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
         state.tensors["ema"] = ema.shadow
         run.log_step(state, metrics)
         if st.sample_every and state.step % st.sample_every == 0 and vae is not None:
-            sample_student(cfg, _ema_copy(cfg, student, ema), prompts, vae,
-                           run.samples_dir / f"sample-{state.step:06d}.mp4")
+            sample(_ema_copy(cfg, student, ema), f"sample-{state.step:06d}.mp4")
         run.maybe_checkpoint(state, force=state.step == st.steps)
     run.finish()
     if dist.is_main:
         final = _ema_copy(cfg, student, ema)
         save_dit(run.final_dir, final.state_dict(), cfg.dit)
-        sample_student(cfg, final, prompts, vae, run.samples_dir / "sample-final.mp4")
-        sample_student(cfg, final, prompts, vae, run.samples_dir / "sample-final-long.mp4",
-                       num_frames=4 * st.num_latent_frames)
+        sample(final, "sample-final.mp4")
+        long_frames = 4 * frames if images is None else 1 + 4 * (frames - 1)  # whole chunks of the layout
+        sample(final, "sample-final-long.mp4", num_frames=long_frames)
     run.mark_done({"steps": state.step})
 
 
-def _real_latents(cfg: TrainConfig) -> Tensor:
-    """Clean latents for the GAN and the forcing modes: the teacher's VAE-encoded latent cache."""
-    folder = Path(cfg.run_dir) / "teacher" / "latents"
-    tensors = []
-    for path in sorted(folder.glob("shard-*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            tensors.append(f.get_tensor("latents"))
-    if not tensors:
-        raise ValueError(f"{folder} holds no latents: run the teacher stage first")
-    return torch.cat(tensors)  # [N, F, C, h, w]
+def _real_clips(cfg: TrainConfig, frames: int) -> LatentCache:
+    """Clean clips for the GAN, the forcing modes and image conditioning: the teacher's VAE-encoded
+    latent cache ``[N, F, C, h, w]`` with each clip's caption; its clips must hold ``frames``."""
+    cache = load_latent_cache(Path(cfg.run_dir) / "teacher" / "latents")
+    have = cache.latents.shape[1]
+    if have < frames:
+        raise ValueError(f"the teacher's latent cache holds clips of {have} latent frames; self_forcing needs "
+                         f"{frames} of ground truth (num_latent_frames, for the GAN or a forcing mode): lower "
+                         f"self_forcing.num_latent_frames or rebuild the cache with a longer teacher.num_frames")
+    return cache

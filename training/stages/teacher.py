@@ -50,7 +50,8 @@ from training.utils.loop import (
     wrap_ddp,
 )
 
-__all__ = ["run_teacher", "LatentCache", "build_latent_cache", "load_teacher", "sample_teacher", "decode_to_mp4"]
+__all__ = ["run_teacher", "LatentCache", "build_latent_cache", "load_latent_cache", "load_teacher", "sample_teacher",
+           "decode_to_mp4"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,35 @@ class LatentCache:
 
 def _shard_path(folder: Path, shard: int) -> Path:
     return folder / f"shard-{shard:04d}.safetensors"
+
+
+def _read_shard(path: Path) -> tuple[Tensor, list[str]]:
+    """One shard's latents [n, F, C, h, w] and the caption of each clip (its metadata)."""
+    with safe_open(str(path), "pt") as f:
+        latents = f.get_tensor("latents")
+        meta = f.metadata() or {}
+    if "captions" not in meta:
+        raise ValueError(f"{path} stores no captions: delete its folder and re-run the teacher stage to "
+                         f"rebuild the latent cache")
+    captions = json.loads(meta["captions"])
+    if len(captions) != latents.shape[0]:
+        raise ValueError(f"{path} holds {latents.shape[0]} clips but {len(captions)} captions: rebuild the "
+                         f"latent cache (delete its folder, re-run the teacher stage)")
+    return latents, captions
+
+
+def load_latent_cache(folder: Path) -> LatentCache:
+    """Every shard of a finished latent cache (``<run_dir>/teacher/latents``): clip ``i``'s
+    latents and the caption it was rendered from."""
+    paths = sorted(folder.glob("shard-*.safetensors"))
+    if not paths:
+        raise ValueError(f"{folder} holds no latents: run the teacher stage first")
+    tensors, captions = [], []
+    for path in paths:
+        latents, caps = _read_shard(path)
+        tensors.append(latents)
+        captions.extend(caps)
+    return LatentCache(torch.cat(tensors), captions)  # [N, F, C, h, w]
 
 
 @torch.no_grad()
@@ -99,9 +129,9 @@ def build_latent_cache(cfg: TrainConfig, dist: DistInfo, vae: WanVAE, folder: Pa
     barrier()
     tensors, captions = [], []
     for shard in range(num_shards):
-        with safe_open(str(_shard_path(folder, shard)), "pt") as f:
-            tensors.append(f.get_tensor("latents"))
-            captions.extend(json.loads(f.metadata()["captions"]))
+        shard_latents, shard_captions = _read_shard(_shard_path(folder, shard))
+        tensors.append(shard_latents)
+        captions.extend(shard_captions)
     latents = torch.cat(tensors)  # [N, F, C, h, w]
     log.info("latent cache: %s, mean %.3f std %.3f", tuple(latents.shape), latents.mean().item(),
              latents.std().item())

@@ -229,6 +229,12 @@ class SelfForcingStageConfig(StageConfig):
     # the loss to one random num_latent_frames window of it (the frames before it without
     # gradients, the rollout stops at the window's end); 1 = the plain rollout.
     long_rollout: int = 1
+    # Image-to-video fine-tune: each rollout starts from a clip of the teacher's latent cache, its
+    # latent frame 0 the given image (written to the KV cache by a cache pass, as inference does
+    # with ``image=``) and its caption the prompt; the student generates the num_latent_frames - 1
+    # frames after it (frame 0 alone, then chunks of stream.num_frame_per_block) and the losses
+    # judge the whole clip, the gradient reaching the generated frames only.
+    image_conditioning: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -237,6 +243,13 @@ class SelfForcingStageConfig(StageConfig):
         if self.long_rollout > 1 and self.rollout_mode != "self_forcing":
             raise ValueError(f"self_forcing.long_rollout={self.long_rollout} needs rollout_mode=self_forcing "
                              f"(the forcing modes need ground truth as long as the rollout)")
+        if self.image_conditioning and self.rollout_mode != "self_forcing":
+            raise ValueError(f"self_forcing.image_conditioning needs rollout_mode=self_forcing, got "
+                             f"{self.rollout_mode!r}: the forcing modes fill every chunk's cache from ground truth, an "
+                             f"image-conditioned rollout is given frame 0 only")
+        if self.image_conditioning and self.long_rollout != 1:
+            raise ValueError(f"self_forcing.image_conditioning needs long_rollout=1, got {self.long_rollout}: "
+                             f"the loss window must start at the given frame")
 
 
 @dataclass(frozen=True)
