@@ -757,6 +757,13 @@ class WanDiT(nn.Module):
         chunk if it was called before). Pass ``attend`` (from :meth:`step_attention`) to reuse
         the chunk's rotary tables and attention implementation across its denoising steps.
         """
+        timestep, attend = self._chunk_call(x, timestep, cross, cache, start_frame, attend)
+        return self._run_blocks(x, timestep, cross, attend, cache.layout.grid_hw)
+
+    def _chunk_call(self, x: Tensor, timestep: Tensor, cross: CrossAttnCache, cache: KVCache,
+                    start_frame: int | ChunkPlan, attend: StepAttention | None) -> tuple[Tensor, StepAttention]:
+        """The checks and the chunk's attention shared by :meth:`forward_chunk` and
+        :meth:`write_cache`: (the [B, F] timestep, the StepAttention of the chunk's plan)."""
         timestep = self._check_latents(x, timestep)
         b, f, _, h, w = x.shape
         cfg = self.config
@@ -772,7 +779,7 @@ class WanDiT(nn.Module):
             raise ValueError(f"the plan is for chunks of {plan.num_frames} frames, the latents have {f}")
         if attend is None or attend.plan is not plan:
             attend = self.step_attention(cache, plan, attend.impl if attend is not None else None)
-        return self._run_blocks(x, timestep, cross, attend, cache.layout.grid_hw)
+        return timestep, attend
 
     @torch.no_grad()
     def write_cache(self, x: Tensor, timestep: Tensor, cross: CrossAttnCache, cache: KVCache,
@@ -783,20 +790,7 @@ class WanDiT(nn.Module):
         ops on the same inputs: bit for bit), but the last layer stops after its key/value
         projections and the head is not run: its attention, cross-attention and FFN only feed the
         flow, which a cache pass throws away (at 2 layers, ~45% of the call)."""
-        timestep = self._check_latents(x, timestep)
-        b, f, _, h, w = x.shape
-        cfg = self.config
-        plan = start_frame if isinstance(start_frame, ChunkPlan) else None
-        cache.check_compatible(b, cfg.num_layers, cfg.num_heads, cfg.head_dim, self.grid(h, w), x.dtype,
-                               rows=plan.rows if plan is not None else cache.batch_size)
-        if cross.batch_size != b:
-            raise ValueError(f"prompt batch {cross.batch_size} != latent batch {b}")
-        if plan is None:
-            plan = cache.plan_chunk(start_frame, f)
-        elif plan.num_frames != f:
-            raise ValueError(f"the plan is for chunks of {plan.num_frames} frames, the latents have {f}")
-        if attend is None or attend.plan is not plan:
-            attend = self.step_attention(cache, plan, attend.impl if attend is not None else None)
+        timestep, attend = self._chunk_call(x, timestep, cross, cache, start_frame, attend)
         self._run_blocks(x, timestep, cross, attend, cache.layout.grid_hw, cache_only=True)
 
     def recache(self, x: Tensor, timestep: Tensor, cross: CrossAttnCache, cache: KVCache, row: int,
