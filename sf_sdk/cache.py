@@ -24,6 +24,13 @@ The window therefore covers, for a chunk ending at frame ``e``: frames ``[0, min
 ``[max(S, e - R), e)``; :func:`frame_visibility` gives the same rule as a frame mask for the
 full-sequence (training) forward.
 
+Joint windows (``denoise_window`` > 1, Rolling Forcing): the cache holds clean frames only. A
+window of ``W`` in-flight frames starting at frame ``s == end_frame`` is never written; it attends
+to itself (unmasked) and to the cached frames :meth:`KVCache.window_context` names: the sinks and
+the newest ``R - W`` ring frames (all of them under global attention), oldest first; its
+oldest chunk, once clean, is written by the usual cache pass. :func:`window_visibility` gives the
+rule as a frame mask.
+
 EMA sinks (``sink_decay`` < 1, Reward Forcing): the sink slots start as the first frames;
 each chunk that evicts ring frames first folds them into the sinks
 (``sink = decay * sink + (1 - decay) * evicted``, frame by frame, keys unrotated:
@@ -80,7 +87,7 @@ from torch import Tensor
 
 from sf_sdk.config import DiTConfig, StreamingConfig
 
-__all__ = ["CacheLayout", "ChunkPlan", "KVCache", "frame_visibility", "write_rows", "cache_nbytes",
+__all__ = ["CacheLayout", "ChunkPlan", "KVCache", "frame_visibility", "window_visibility", "write_rows", "cache_nbytes",
            "available_memory", "check_memory", "OutOfMemoryRequest"]
 
 
@@ -279,6 +286,28 @@ def frame_visibility(num_frames: int, chunk: int, sink_frames: int = 0, ring_fra
     return vis
 
 
+def window_visibility(clean_frames: int, window_frames: int, chunk: int, sink_frames: int = 0,
+                      ring_frames: int | None = None, device: torch.device | None = None) -> Tensor:
+    """[F, F] bool (F = clean_frames + window_frames): the frame mask of a joint denoising window
+    (``denoise_window`` > 1) over ``window_frames`` frames that follow ``clean_frames`` cached ones.
+
+    The clean frames see each other as the cache passes that wrote them did (:func:`frame_visibility`);
+    every window frame sees the whole window and the cached frames it is given: the sinks
+    (j < sink_frames) and the newest ``ring_frames - window_frames`` clean non-sink frames
+    (``ring_frames`` None: global, every clean frame)."""
+    n = clean_frames + window_frames
+    vis = torch.zeros(n, n, dtype=torch.bool, device=device)
+    if clean_frames:
+        vis[:clean_frames, :clean_frames] = frame_visibility(clean_frames, chunk, sink_frames, ring_frames, device)
+    j = torch.arange(clean_frames, device=device)
+    seen = torch.ones(clean_frames, dtype=torch.bool, device=device)
+    if ring_frames is not None:
+        seen = (j < sink_frames) | ((j >= sink_frames) & (j >= clean_frames - max(0, ring_frames - window_frames)))
+    vis[clean_frames:, :clean_frames] = seen
+    vis[clean_frames:, clean_frames:] = True
+    return vis
+
+
 class KVCache:
     """Preallocated self-attention keys/values for every layer of a causal DiT.
 
@@ -380,6 +409,18 @@ class KVCache:
         """Take back the frames a :meth:`row_view` of row ``row`` wrote."""
         self.end_frames[row] = view.end_frames[0]
         self._last = None
+
+    def window_context(self, row: int, window_frames: int) -> list[int]:
+        """The cached frames a joint denoising window of ``window_frames`` frames starting at row
+        ``row``'s end sees, oldest first: its sinks, then its newest ``ring_frames - window_frames``
+        ring frames (every ring frame under global attention; :func:`window_visibility`)."""
+        lay, end = self.layout, self.end_frames[row]
+        sinks = list(range(min(lay.sink_frames, end)))
+        ring = list(range(max(lay.sink_frames, end - lay.ring_frames), end))
+        if not lay.global_attention:
+            keep = max(0, lay.ring_frames - window_frames)
+            ring = ring[len(ring) - keep:] if keep else []
+        return sinks + ring
 
     def nbytes(self) -> int:
         return self._k.numel() * self._k.element_size() * 2
@@ -501,7 +542,14 @@ class KVCache:
         return plan
 
     def _fold_evicted_into_sinks(self, starts: Sequence[int], active: Sequence[bool], write: Tensor) -> None:
-        """EMA sinks (``sink_decay`` < 1, Reward Forcing's EMA-Sink): before a new chunk overwrites
+        """Joint windows (``denoise_window`` > 1, Rolling Forcing): the cache holds clean frames only. A
+window of ``W`` in-flight frames starting at frame ``s == end_frame`` is never written; it attends
+to itself (unmasked) and to the cached frames :meth:`KVCache.window_context` names: the sinks and
+the newest ``R - W`` ring frames (all of them under global attention), oldest first; its
+oldest chunk, once clean, is written by the usual cache pass. :func:`window_visibility` gives the
+rule as a frame mask.
+
+EMA sinks (``sink_decay`` < 1, Reward Forcing's EMA-Sink): before a new chunk overwrites
         ring frames, each sink frame's keys/values (all layers) become ``decay * sink + (1 - decay)
         * evicted``, evicted frame i folded into sink frame i. Runs once per chunk, at its plan."""
         lay, d = self.layout, self.sink_decay

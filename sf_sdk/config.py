@@ -248,6 +248,14 @@ class StreamingConfig:
     # under the new prompt, block-causally; False (LongLive's global_sink) keeps the sinks' keys and
     # values and re-encodes the ring frames only, attending to the sinks and to each other unmasked.
     recache_sinks: bool = True
+    # Rolling Forcing's joint denoising window, in chunks. 1: each chunk is denoised alone, step by
+    # step, then written to the cache (Self Forcing). N > 1 (one chunk per denoising step, so N ==
+    # len(denoising_step_list)): N consecutive chunks are denoised together in one DiT call, the
+    # oldest at the last step and the newest at the first; after each call every chunk moves one step
+    # on (re-noised to its next timestep) and the oldest, now clean, leaves the window into the cache.
+    # The window attends to itself without a mask, and to the cached sinks and as many recent cached
+    # frames as local_attn_size leaves beside it (see sf_sdk.cache.window_visibility).
+    denoise_window: int = 1
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -306,6 +314,31 @@ class StreamingConfig:
             if self.independent_first_frame:
                 raise ValueError("sink_decay < 1 (EMA sinks) folds whole chunks into the sinks: it cannot be combined "
                                  "with independent_first_frame (a first chunk of one frame)")
+        self._check_denoise_window()
+
+    def _check_denoise_window(self) -> None:
+        n = self.denoise_window
+        if n < 1:
+            raise ValueError(f"denoise_window must be >= 1 (chunks denoised jointly; 1: one chunk at a time), got {n}")
+        if n == 1:
+            return
+        if n != self.num_steps:
+            raise ValueError(f"denoise_window={n} holds one chunk per denoising step (Rolling Forcing), so it must equal "
+                             f"len(denoising_step_list) = {self.num_steps}: set denoise_window={self.num_steps}, or "
+                             f"give {n} denoising steps")
+        unsupported = {"first_chunk_steps": self.first_chunk_steps != (),
+                       "independent_first_frame": self.independent_first_frame,
+                       "sink_decay < 1": self.sink_decay < 1.0}
+        bad = [name for name, on in unsupported.items() if on]
+        if bad:
+            raise ValueError(f"denoise_window > 1 (Rolling Forcing's joint window) moves every chunk of the window "
+                             f"one step per call, in chunks of num_frame_per_block frames: it does not support "
+                             f"{', '.join(bad)}; use denoise_window=1 with them")
+        frames = n * self.num_frame_per_block
+        if self.rolling and self.local_attn_size - self.sink_size < frames:
+            raise ValueError(f"the joint window of {n} chunks ({frames} latent frames) must fit in the attention window "
+                             f"beside the sinks: local_attn_size ({self.local_attn_size}) - sink_size ({self.sink_size}) "
+                             f"< {frames}; raise local_attn_size to at least {frames + self.sink_size}")
 
     @property
     def rolling(self) -> bool:
@@ -314,6 +347,11 @@ class StreamingConfig:
     @property
     def num_steps(self) -> int:
         return len(self.denoising_step_list)
+
+    @property
+    def window_frames(self) -> int:
+        """Latent frames of a full joint denoising window (``denoise_window`` chunks)."""
+        return self.denoise_window * self.num_frame_per_block
 
     @property
     def first_chunk_frames(self) -> int:

@@ -27,6 +27,13 @@ Prompt transitions (:meth:`PooledStream.set_prompt`) take effect at the next chu
 
 :meth:`PooledStream.reset` starts the stream afresh at frame 0 (cache row and decoder cleared)
 with its current prompt; its noise generator runs on, so the new start differs from the first.
+
+Rolling Forcing's joint window (``denoise_window`` > 1) runs in a pool of one stream (what
+:meth:`sf_sdk.StreamingGenerator.stream` uses), on the eager DiT: each :meth:`StreamPool.step`
+advances the stream's window until its oldest chunk is clean (:func:`sf_sdk.sampling.rolling_chunk`),
+writes that chunk with the cache pass and decodes it. A prompt change applies to the in-flight
+chunks from the next call on (a re-cache re-encodes the clean cached frames, as without a window);
+``reset`` and ``close`` drop the in-flight chunks.
 """
 
 from __future__ import annotations
@@ -47,7 +54,15 @@ from sf_sdk.models.dit import CrossAttnCache
 from sf_sdk.models.taehv import TinyStreamingDecoder, decode_tiny_streams
 from sf_sdk.models.vae import StreamingDecoder, decode_streams
 from sf_sdk.results import Clock, VideoChunk, to_uint8, video_frames_for_latents
-from sf_sdk.sampling import cache_pass, denoise_chunk, kept_frames, randn_rows, recache
+from sf_sdk.sampling import (
+    RollingWindow,
+    cache_pass,
+    denoise_chunk,
+    kept_frames,
+    randn_rows,
+    recache,
+    rolling_chunk,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from sf_sdk.generator import StreamingGenerator
@@ -140,6 +155,7 @@ class PooledStream:
         self._pending: _Transition | None = None
         self._blend: _Transition | None = None
         self._reset_pending = False
+        self._window = RollingWindow()  # in-flight chunks of a joint denoising window (denoise_window > 1)
         self.next_frame = 0  # first latent frame of the next chunk
         self.chunks_done = 0
         self.closed = False
@@ -185,6 +201,7 @@ class PooledStream:
             pool._cache.reset([self.row])
             if self._decoder is not None:
                 self._decoder.reset()
+            self._window.clear()
             self.next_frame = 0
         t = self._pending
         if t is not None:
@@ -248,6 +265,8 @@ class StreamPool:
                              f"stream(s); a pool of {max_streams} needs an export with --batch {max_streams}")
         self._static_rows = static is not None
         st, cfg = gen.streaming, gen.dit.config
+        if st.denoise_window > 1:
+            self._check_window(max_streams)
         # fit: every stream has at most latent_capacity frames, so a shorter cache than the window
         # may do (an exported step's cache keeps the window's fixed shape).
         fit = fit and static is None
@@ -267,6 +286,21 @@ class StreamPool:
         self._clock = Clock(dev)
         # Streams join, leave and step one at a time even if a caller uses several threads.
         self._lock = threading.RLock()
+
+    def _check_window(self, max_streams: int) -> None:
+        """A joint denoising window (``denoise_window`` > 1) runs one stream on the eager DiT."""
+        st = self._gen.streaming
+        if max_streams > 1:
+            raise ValueError(f"denoise_window={st.denoise_window} (Rolling Forcing's joint window) runs one stream at a "
+                             f"time: its windows fill and drain per stream, so streams cannot share its calls; use "
+                             f"gen.stream(...) or pool(max_streams=1), or denoise_window=1 to pool {max_streams} streams")
+        if self.backend.dit is not self._gen.dit:
+            if self.backend.name != "auto":
+                raise ValueError(f"denoise_window={st.denoise_window} (Rolling Forcing's joint window) runs the eager "
+                                 f"DiT (its window call is not exported); the {self.backend.name} backend has an "
+                                 f"exported chunk step: use backend='eager' (or 'auto'), or denoise_window=1")
+            log.info("denoise_window=%d: the joint window runs the eager DiT (the auto backend's DiT step is "
+                     "for one chunk at a time)", st.denoise_window)
 
     def _check_memory(self, lay: CacheLayout, rows: int) -> None:
         """Fail before allocating when the KV cache and the pool's buffers (prompt K/V, the latents
@@ -416,6 +450,8 @@ class StreamPool:
             t0 = clock.mark()
             for s in active:
                 s._apply_boundary()
+            if st.denoise_window > 1 and active[0]._initial is None:  # a pool of one (_check_window)
+                return {active[0]: self._window_chunk(active[0], t0)}
             # A first frame of its own (independent_first_frame) runs alone, after the batch, in which
             # its row is idle (computed into slots it rewrites, never read).
             alone = [s for s in active if s._frame_alone]
@@ -458,6 +494,24 @@ class StreamPool:
             for s in alone:
                 out[s] = self._first_frame(s, t0)
         return {s: out[s] for s in active}
+
+    def _window_chunk(self, s: PooledStream, t0: Any) -> VideoChunk:
+        """The next chunk of a stream under a joint denoising window (``denoise_window`` > 1): the
+        window advanced until its oldest chunk is clean, that chunk's cache pass, its decode."""
+        gen, cache, clock = self._gen, self._cache, self._clock
+        c = gen.streaming.num_frame_per_block
+        cross = self._row_cross(s.row)
+        x0 = rolling_chunk(gen.dit, s._window, cross, cache, s.row, gen.steps, c, end_frame=s._req.latent_frames,
+                           generator=s._rng)  # [1, c, C, h, w]
+        cache_pass(gen.dit, x0, cross, cache, cache.plan_rows([s.next_frame], c), gen.steps, generator=s._rng)
+        lay = cache.layout
+        self._latents[s.row, [lay.frame_slot(f) for f in range(s.next_frame, s.next_frame + c)]] = x0[0]
+        t1 = clock.mark()
+        rows = x0.expand(s.row + 1, *x0.shape[1:])  # row s.row of the batch is this stream's x0
+        pixels = self._decode([s], rows)
+        if s.chunks_done == 0:
+            self._check_finite([s], rows, pixels)
+        return self._finish_chunk(s, x0, pixels.get(s), t0, t1, False)
 
     def _first_frame(self, s: PooledStream, t0: Any) -> VideoChunk:
         """Frame 0 of an ``independent_first_frame`` stream, alone in a one-row view of the cache: the

@@ -13,12 +13,16 @@ it does at inference:
 
 Training draws an ``exit_step`` (stochastic gradient truncation) and runs only that step with
 gradients; inference exits at the last step.
+
+Rolling Forcing's joint window (``denoise_window`` > 1, :func:`rolling_chunk`) denoises several
+chunks in one call instead, each at its own step; a chunk that leaves it clean gets the same
+cache pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -28,8 +32,8 @@ from sf_sdk.cache import ChunkPlan, KVCache
 from sf_sdk.models.dit import ChunkTimesteps, CrossAttnCache, StepAttention, WanDiT
 from sf_sdk.scheduler import FlowMatchSchedule
 
-__all__ = ["ChunkModel", "ChunkSchedule", "Generators", "cache_pass", "denoise_chunk", "kept_frames", "recache",
-           "randn_rows"]
+__all__ = ["ChunkModel", "ChunkSchedule", "Generators", "RollingWindow", "cache_pass", "denoise_chunk", "kept_frames",
+           "recache", "randn_rows", "rolling_chunk"]
 
 # One generator for the whole batch, one per row (None: that row draws nothing and gets zeros), or
 # None (torch's default generator).
@@ -223,6 +227,71 @@ def _denoise_rows(model: ChunkModel, noise: Tensor, cross: CrossAttnCache, cache
     if update_cache:
         cache_pass(model, x0, cross, cache, plan, steps, generator=generator, attend=attend)
     return x0
+
+
+@dataclass
+class RollingWindow:
+    """The in-flight chunks of one stream under a joint denoising window (``denoise_window`` > 1):
+    their noisy latents, oldest first, and the step each is at. They start at the cache row's end
+    frame (everything before them is clean and cached)."""
+
+    x: Tensor | None = None  # [1, n*c, C, H, W], chunk j at timestep timesteps[steps[j]]
+    steps: list[int] = field(default_factory=list)  # per chunk, oldest first: its step index
+
+    @property
+    def frames(self) -> int:
+        return 0 if self.x is None else self.x.shape[1]
+
+    def clear(self) -> None:
+        self.x, self.steps = None, []
+
+
+@torch.no_grad()
+def rolling_chunk(dit: WanDiT, window: RollingWindow, cross: CrossAttnCache, cache: KVCache, row: int,
+                  steps: ChunkSchedule, chunk: int, *, end_frame: int | None = None,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """Rolling Forcing: advance the joint window of cache row ``row`` until its oldest chunk is clean,
+    and return that chunk's x0 [1, chunk, C, H, W] (it leaves ``window``; the caller runs its cache pass).
+
+    Each call of the loop: a new chunk of noise enters as the newest (at step 0, the first
+    timestep) while the window holds fewer chunks than there are steps and the stream has frames
+    left (``end_frame``: its length in latent frames, None: unbounded); one
+    :meth:`~sf_sdk.models.dit.WanDiT.forward_window` call predicts every chunk's x0 at its own
+    timestep; the chunk at the last step is done, the others are re-noised with fresh noise to
+    their next timestep (one step on). At a stream's start the window fills (one call per step
+    before the first chunk leaves), then one call per chunk; near a bounded stream's end it drains.
+    Noise is drawn from ``generator``: the entering chunk's, then the re-noising, per call.
+    """
+    ts, n = steps.timesteps, len(steps.timesteps)
+    start = cache.end_frames[row]
+    cfg, (gh, gw) = dit.config, cache.layout.grid_hw
+    shape = (1, chunk, cfg.in_dim, gh * cfg.patch_size[1], gw * cfg.patch_size[2])  # one chunk [1, c, C, H, W]
+    dev, dt = cache.device, cache.dtype
+
+    def per_frame(indices: list[int]) -> Tensor:  # step indices of chunks -> their frames' timesteps [1, k*c]
+        return torch.tensor([ts[i] for i in indices], dtype=dt).repeat_interleave(chunk).unsqueeze(0).to(dev)
+
+    while True:
+        if len(window.steps) < n and (end_frame is None or start + window.frames < end_frame):
+            noise = torch.randn(shape, generator=generator, device=dev, dtype=dt)
+            window.x = noise if window.x is None else torch.cat([window.x, noise], dim=1)  # [1, n*c, C, H, W]
+            window.steps.append(0)
+        if window.x is None:
+            raise ValueError(f"the stream has no frames left to denoise (it ends at latent frame {end_frame})")
+        t = per_frame(window.steps)  # [1, n*c]
+        x0 = steps.schedule.x0_from_flow(dit.forward_window(window.x, t, cross, cache, row), window.x, t)
+        done = window.steps[0] == n - 1  # the oldest chunk took its last step
+        first = chunk if done else 0
+        later = [i + 1 for i in window.steps[1 if done else 0:]]
+        if later:
+            rest = x0[:, first:]
+            fresh = torch.randn(rest.shape, generator=generator, device=dev, dtype=dt)
+            window.x = steps.schedule.add_noise(rest, fresh, per_frame(later))
+        else:
+            window.x = None
+        window.steps = later
+        if done:
+            return x0[:, :chunk]
 
 
 def kept_frames(cache: KVCache, row: int, *, sinks: bool = True) -> list[int]:

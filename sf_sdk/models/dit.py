@@ -8,7 +8,9 @@ One set of weights, three ways to run it:
   sequence at once under the block-causal (optionally windowed, with sinks) mask, which training
   uses; it computes what streaming computes;
 * :meth:`WanDiT.forward_chunk` — one chunk of latent frames against the KV cache
-  (:mod:`sf_sdk.cache`) and the prompt's cross-attention cache.
+  (:mod:`sf_sdk.cache`) and the prompt's cross-attention cache;
+* :meth:`WanDiT.forward_window` — Rolling Forcing's joint window of several in-flight chunks
+  against the cache of clean frames, which it reads and never writes.
 
 Parameter names are those of the official modules (``patch_embedding``, ``blocks.N.self_attn.q``,
 ``head.modulation``, ...), so released checkpoints load without renaming. Latents are frame-major
@@ -41,6 +43,7 @@ __all__ = [
     "CHUNK_BATCH_AXES",
     "CHUNK_OUTPUTS",
     "RecacheAttention",
+    "WindowAttention",
     "CrossAttnCache",
     "StepAttention",
     "RotaryEmbedding",
@@ -398,6 +401,37 @@ class RecacheAttention:
         if self.sink_rope is not None:
             ks = apply_rotary(ks, *self.sink_rope)
         return attention(q_rot, torch.cat([ks, k_rot], dim=1), torch.cat([vs, v], dim=1), self.mask)
+
+
+@dataclass
+class WindowAttention:
+    """A joint denoising window (Rolling Forcing): the window's frames, each at its own timestep,
+    attend to one another without a mask and to the clean cached frames ``context_slots`` (the
+    sinks, then the newest ring frames, oldest first: :meth:`KVCache.window_context`), read as
+    they are cached. Nothing is written: the window's keys are of noisy frames, and only a chunk
+    that leaves the window clean enters the cache (through the cache pass).
+
+    Rotary positions: with keys cached rotated (``absolute``) the window sits at its absolute
+    frames; with keys cached unrotated (``cache_relative``) the context is rotated at 0..K-1 in
+    its order and the window follows at K.., so the sinks sit right before the oldest frame the
+    window sees (how Rolling Forcing rotates its attention sink).
+    """
+
+    cache: KVCache
+    row: int
+    context_slots: Tensor  # [K*T] token slots of the cached frames the window sees
+    cos: Tensor  # [W*T, D/2] rotary tables of the window's frames
+    sin: Tensor
+    context_rope: tuple[Tensor, Tensor] | None  # [K*T, D/2] cos, sin of the context when cached unrotated
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        q = apply_rotary(q, self.cos, self.sin)
+        k = apply_rotary(k, self.cos, self.sin)
+        kc = self.cache.k[layer, self.row:self.row + 1].index_select(1, self.context_slots)  # [1, K*T, H, D]
+        vc = self.cache.v[layer, self.row:self.row + 1].index_select(1, self.context_slots)
+        if self.context_rope is not None:
+            kc = apply_rotary(kc, *self.context_rope)
+        return attention(q, torch.cat([kc, k], dim=1), torch.cat([vc, v], dim=1), None)  # [1, W*T, H, D]
 
 
 # --------------------------------------------------------------------------------------------
@@ -823,6 +857,43 @@ class WanDiT(nn.Module):
             mask = vis.repeat_interleave(lay.tokens_per_frame, 0).repeat_interleave(lay.tokens_per_frame, 1)
             attend = RecacheAttention(cache, row, write, cos, sin, mask, rotated)
         self._run_blocks(x, timestep, cross, attend, lay.grid_hw)
+
+    @torch.no_grad()
+    def forward_window(self, x: Tensor, timestep: Tensor, cross: CrossAttnCache, cache: KVCache,
+                       row: int = 0) -> Tensor:
+        """Predict the flow of a joint denoising window (Rolling Forcing, ``denoise_window`` > 1).
+
+        x [1, W, C, H, W]: the in-flight frames of cache row ``row``, which start at its end
+        (``cache.end_frames[row]``: everything before them is clean and cached); timestep [1, W],
+        one per frame. The window attends to itself unmasked and to the cached frames of
+        :meth:`KVCache.window_context` (see :class:`WindowAttention`); the cache is left as it
+        was. Returns the flow [1, W, C, H, W]. Inference only (no gradients).
+        """
+        timestep = self._check_latents(x, timestep)
+        b, w, _, h, wd = x.shape
+        cfg, lay = self.config, cache.layout
+        if b != 1 or cross.batch_size != 1:
+            raise ValueError(f"a joint window is one stream's: batch 1 (and one prompt), got latents of batch {b}, "
+                             f"a prompt of batch {cross.batch_size}")
+        if not 0 <= row < cache.batch_size:
+            raise ValueError(f"row {row} does not exist: the cache has {cache.batch_size} rows")
+        cache.check_compatible(1, cfg.num_layers, cfg.num_heads, cfg.head_dim, self.grid(h, wd), x.dtype, rows=1)
+        if w > lay.ring_frames:
+            raise ValueError(f"a joint window of {w} frames does not fit the cache ring of {lay.ring_frames} frames; "
+                             f"raise local_attn_size")
+        start = cache.end_frames[row]
+        frames = torch.tensor(cache.window_context(row, w), dtype=torch.int64).to(x.device)  # [K]
+        context = frames.numel()
+        rope = None
+        if cache.position_mode == "absolute":
+            positions = torch.arange(start, start + w, device=x.device)
+        else:
+            positions = torch.arange(context, context + w, device=x.device)
+            if context:
+                rope = self.rope.table(torch.arange(context, device=x.device), lay.grid_hw, x.dtype)
+        cos, sin = self.rope.table(positions, lay.grid_hw, x.dtype)
+        attend = WindowAttention(cache, row, lay.token_slots(frames), cos, sin, rope)
+        return self._run_blocks(x, timestep, cross, attend, lay.grid_hw)
 
     def new_cache(self, stream: StreamingConfig, batch_size: int, num_frames: int | None = None
                   ) -> KVCache:
