@@ -87,6 +87,11 @@ def _write(root: Path, family: str) -> Release:
         path, expected = root / "checkpoints" / "self_forcing_dmd.pt", ema
     elif family == "causal-forcing-chunkwise":  # its README loads 'generator'
         path, expected = root / "checkpoints" / "chunkwise" / "causal_forcing.pt", gen
+    elif family == "causal-forcing-longvideo":  # its README passes --use_ema
+        path, expected = root / "checkpoints" / "chunkwise" / "longvideo.pt", ema
+    elif family == "rolling-forcing":  # FSDP-wrapped EMA keys, which its loader strips
+        entries["generator_ema"] = _prefixed(ema, "model._fsdp_wrapped_module.")
+        path, expected = root / "checkpoints" / "rolling_forcing_dmd.pt", ema
     elif family == "causal-forcing-framewise":
         path, expected = root / "checkpoints" / "framewise" / "causal_forcing.pt", ema
     elif family in ("causal-forcing++-2step", "causal-forcing++-1step"):
@@ -137,9 +142,13 @@ def test_release_loads_with_its_authors_defaults(family: str, wan: Path, tmp_pat
         "causal-forcing++-1step": (1, 1, 4, -1, 0, "absolute", 1.0),
         "longlive": (3, 4, 0, 12, 3, "absolute", 1.0),
         "reward-forcing": (3, 4, 0, 9, 3, "cache_relative", 0.999),
+        "causal-forcing-longvideo": (3, 4, 0, 21, 3, "cache_relative", 1.0),
+        "rolling-forcing": (3, 5, 0, 21, 3, "cache_relative", 1.0),
     }[family]
     assert (st.num_frame_per_block, st.num_steps, len(st.first_chunk_steps), st.local_attn_size, st.sink_size,
             st.position_mode, st.sink_decay) == expect
+    # Rolling Forcing's joint window: one chunk per denoising step (1: chunk by chunk)
+    assert st.denoise_window == (st.num_steps if family in ("causal-forcing-longvideo", "rolling-forcing") else 1)
 
 
 def test_family_argument_and_use_ema(wan: Path, tmp_path: Path) -> None:
@@ -203,6 +212,20 @@ def test_reward_forcing_streams_and_converts(wan: Path, tmp_path: Path) -> None:
     assert files.extra["family"] == "reward-forcing" and "Reward-Forcing-T2V-1.3B" in files.extra["converted_from"]["source"]
     again = StreamingGenerator.from_pretrained(out, streaming=small, backend="eager")
     torch.testing.assert_close(_out(again.dit), _out(rel.expected))
+
+
+@pytest.mark.parametrize("family", ["causal-forcing-longvideo", "rolling-forcing"])
+def test_rolling_forcing_families_stream_and_convert(family: str, wan: Path, tmp_path: Path) -> None:
+    rel = _write(tmp_path, family)
+    small = {"latent_height": 2, "latent_width": 2}
+    tiny = {"vae_config": VAE_PRESETS["tiny"], "text_config": TEXT_PRESETS["tiny"]}
+    gen = StreamingGenerator.from_pretrained(rel.path, wan_dir=wan, streaming=small, **tiny, backend="eager")
+    assert gen.streaming.denoise_window == gen.streaming.num_steps > 1
+    video = gen.generate("a red circle", num_frames=45, seed=0)  # 4 chunks through the joint window, decoded
+    assert video.latents.shape[0] == 12 and torch.isfinite(video.latents).all() and video.frames.shape[0] == 45
+    out = convert_official(rel.path, wan, tmp_path / "rolling", "float32", include_text_encoder=False,
+                           vae_config=VAE_PRESETS["tiny"])
+    assert read_index(out).streaming == FAMILIES[family].streaming
 
 
 def test_longlive_converts_with_its_lora_merged(wan: Path, tmp_path: Path) -> None:

@@ -8,14 +8,16 @@ weights sit in the file and in how their authors stream them. A :class:`Family` 
   a flat state dict for Reward Forcing) and the wrapper prefixes on the keys (``model.``, FSDP's
   ``_fsdp_wrapped_module.``, torch.compile's ``_orig_mod.``), all stripped;
 * the streaming defaults of the authors' inference config (chunk size, denoising steps, a
-  first chunk's own steps, window, sinks, EMA sinks, rotary positions), as a
+  first chunk's own steps, window, sinks, EMA sinks, rotary positions, Rolling Forcing's joint
+  denoising window), as a
   :class:`~sf_sdk.config.StreamingConfig`;
 * for LongLive, the LoRA released beside the base weights (merged at load, see
   :mod:`sf_sdk.checkpoint.lora`).
 
 Which family a file is: the ``family=`` argument when given, else the released file name and
 folder (:func:`detect_family`: ``self_forcing_dmd.pt``, ``chunkwise/causal_forcing.pt``,
-``causal-forcing++/framewise-2step.pt``, ``longlive_base.pt``, ``rewardforcing.pt``, ...). The
+``chunkwise/longvideo.pt``, ``causal-forcing++/framewise-2step.pt``, ``longlive_base.pt``,
+``rewardforcing.pt``, ``rolling_forcing_dmd.pt``, ...). The
 keys cannot tell the members apart (they are all the same network), so a renamed file needs
 ``family=``; without either, a file loads as Self-Forcing, with a warning.
 """
@@ -75,6 +77,10 @@ class Family:
 _CHUNKWISE = StreamingConfig()
 _FRAMEWISE = replace(_CHUNKWISE, num_frame_per_block=1)
 _FOUR_STEPS = (1000.0, 750.0, 500.0, 250.0)
+# Rolling Forcing (pipeline/rolling_forcing_inference.py): one chunk per step in a joint window; the
+# attention spans 21 latent frames: the first chunk as a sink, rotated right before the oldest cached
+# frame the window sees (cache-relative positions), the newest cached frames and the window itself.
+_ROLLING = replace(_CHUNKWISE, local_attn_size=21, sink_size=3, position_mode="cache_relative")
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("self-forcing", "Self-Forcing (chunk-wise, 4 steps)", _CHUNKWISE, True,
@@ -85,6 +91,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("causal-forcing-chunkwise", "Causal Forcing (chunk-wise, 4 steps)", _CHUNKWISE, False,
            ("chunkwise/causal_forcing.pt",),
            "https://huggingface.co/zhuhz22/Causal-Forcing (chunkwise/causal_forcing.pt)", "Apache-2.0"),
+    # Causal Forcing's long-video generator: long_video/configs/rolling_forcing_dmd.yaml (Rolling Forcing's
+    # pipeline with the 4 steps), the README's command passes --use_ema.
+    Family("causal-forcing-longvideo", "Causal Forcing long video (chunk-wise, Rolling Forcing's 4-chunk window)",
+           replace(_ROLLING, denoise_window=4), True, ("chunkwise/longvideo.pt",),
+           "https://huggingface.co/zhuhz22/Causal-Forcing (chunkwise/longvideo.pt)", "Apache-2.0"),
     Family("causal-forcing-framewise", "Causal Forcing (frame-wise, 4 steps; image-to-video)", _FRAMEWISE, True,
            ("framewise/causal_forcing.pt",),
            "https://huggingface.co/zhuhz22/Causal-Forcing (framewise/causal_forcing.pt)", "Apache-2.0"),
@@ -111,6 +122,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            None, ("rewardforcing.pt",),
            "https://huggingface.co/JaydenLu666/Reward-Forcing-T2V-1.3B (rewardforcing.pt)",
            "none stated on the model card (code: Apache-2.0)"),
+    # Rolling Forcing: configs/rolling_forcing_dmd.yaml: 5 steps [1000, 800, 600, 400, 200] (warped), a window
+    # of 5 chunks; the README's command passes --use_ema.
+    Family("rolling-forcing", "Rolling Forcing (chunk-wise, 5 steps in a 5-chunk joint window)",
+           replace(_ROLLING, denoising_step_list=(1000.0, 800.0, 600.0, 400.0, 200.0), denoise_window=5), True,
+           ("rolling_forcing_dmd.pt",),
+           "https://huggingface.co/TencentARC/RollingForcing (checkpoints/rolling_forcing_dmd.pt)",
+           "License Terms of RollingForcing (Tencent; permissive, see its LICENSE)"),
 )}
 DEFAULT_FAMILY = "self-forcing"
 
