@@ -232,3 +232,14 @@ def test_pools_and_exported_backends_are_errors() -> None:
     with pytest.raises(ValueError, match="runs the eager DiT .* use backend='eager'"):
         next(iter(gen.stream(prompt_embeds=torch.randn(5, TINY.text_dim, dtype=torch.float64), num_frames=9,
                              decode=False)))
+
+
+def test_training_rollout_refuses_the_window() -> None:
+    from training.algorithms.rollout import rollout
+
+    stream = StreamingConfig(**GRID, denoising_step_list=(1000.0, 500.0), denoise_window=2)
+    model = tiny_model()
+    cross = model.encode_context(torch.zeros(1, 5, TINY.text_dim, dtype=torch.float64))
+    with pytest.raises(ValueError, match="rollout denoises chunk by chunk.*train with denoise_window=1"):
+        rollout(model, cross, torch.zeros(1, 6, *SHAPE, dtype=torch.float64), stream, mode="self_forcing",
+                exit_step=1, generator=None)

@@ -107,6 +107,9 @@ def _check_inputs(noise: Tensor, cross: CrossAttnCache, stream: StreamingConfig,
                              f"the forcing modes fill every chunk's cache from ground truth")
     if cross.batch_size != b:
         raise ValueError(f"the prompt cache has batch {cross.batch_size}, the noise has batch {b}")
+    if stream.denoise_window > 1:
+        raise ValueError(f"the rollout denoises chunk by chunk; stream.denoise_window={stream.denoise_window} (Rolling "
+                         f"Forcing's joint window) is an inference option here: train with denoise_window=1")
     if mode != "self_forcing":
         if clean_latents is None:
             raise ValueError(f"rollout mode {mode!r} fills the cache from ground truth: pass clean_latents "
