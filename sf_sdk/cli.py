@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="official checkpoints: the 'generator' weights, "
                                                          "not 'generator_ema'")
     p.add_argument("--family", help="official checkpoints: the Self-Forcing family member (causal-forcing-framewise, "
-                                    "longlive, reward-forcing, ...; default: from the file name)")
+                                    "longlive, reward-forcing, rolling-forcing, ...; default: from the file name)")
     p.add_argument("--lora", type=Path, help="a LoRA (PEFT folder or file, LongLive lora.pt) merged into the DiT")
     p.add_argument("--lora-scale", type=float, default=1.0, help="the LoRA's strength (default 1)")
     p.add_argument("--image", type=Path, help="image-to-video: the first frame (resized and centre-cropped to the "

@@ -293,7 +293,8 @@ class StreamPool:
         if max_streams > 1:
             raise ValueError(f"denoise_window={st.denoise_window} (Rolling Forcing's joint window) runs one stream at a "
                              f"time: its windows fill and drain per stream, so streams cannot share its calls; use "
-                             f"gen.stream(...) or pool(max_streams=1), or denoise_window=1 to pool {max_streams} streams")
+                             f"gen.stream(...) or pool(max_streams=1) (sf-serve: --max-sessions 1), or denoise_window=1 to pool "
+                             f"{max_streams} streams")
         if self.backend.dit is not self._gen.dit:
             if self.backend.name != "auto":
                 raise ValueError(f"denoise_window={st.denoise_window} (Rolling Forcing's joint window) runs the eager "
