@@ -542,14 +542,7 @@ class KVCache:
         return plan
 
     def _fold_evicted_into_sinks(self, starts: Sequence[int], active: Sequence[bool], write: Tensor) -> None:
-        """Joint windows (``denoise_window`` > 1, Rolling Forcing): the cache holds clean frames only. A
-window of ``W`` in-flight frames starting at frame ``s == end_frame`` is never written; it attends
-to itself (unmasked) and to the cached frames :meth:`KVCache.window_context` names: the sinks and
-the newest ``R - W`` ring frames (all of them under global attention), oldest first; its
-oldest chunk, once clean, is written by the usual cache pass. :func:`window_visibility` gives the
-rule as a frame mask.
-
-EMA sinks (``sink_decay`` < 1, Reward Forcing's EMA-Sink): before a new chunk overwrites
+        """EMA sinks (``sink_decay`` < 1, Reward Forcing's EMA-Sink): before a new chunk overwrites
         ring frames, each sink frame's keys/values (all layers) become ``decay * sink + (1 - decay)
         * evicted``, evicted frame i folded into sink frame i. Runs once per chunk, at its plan."""
         lay, d = self.layout, self.sink_decay
