@@ -4,7 +4,7 @@ strict shapes evaluator at several video lengths.
 
     python benchmarks/ablation.py --base RUN_DIR --out DIR [--steps 1200] [--seeds 0 1]
         [--layouts chunk frame] [--modes self_forcing teacher_forcing diffusion_forcing]
-        [--frames 33 333 1000] [--captions 24] [--long-captions 12] [--json OUT.json] [--plot OUT.png]
+        [--frames 33 333 1005] [--captions 24] [--long-captions 12] [--json OUT.json] [--plot OUT.png]
         [--strips DIR] [-- extra training overrides]
 
 ``--base`` is a training run whose ``vae`` and ``teacher`` stages are done (one teacher for every
@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=["chunk", "frame"])
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--frames", type=int, nargs="+", default=[33, 333, 1000])
+    # 1005, not 1000: a stream's length is whole chunks (1 + 4 (3n - 1) video frames chunk-wise).
+    p.add_argument("--frames", type=int, nargs="+", default=[33, 333, 1005])
     p.add_argument("--captions", type=int, default=72, help="captions scored at 33 frames (default all 72)")
     p.add_argument("--long-captions", type=int, default=12, help="captions scored at the longer lengths")
     p.add_argument("--jobs", type=int, default=1, help="scoring processes")
@@ -194,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strips", type=Path, help="write frame strips (PNG contact sheets) under this folder")
     args = p.parse_args(argv)
     args.overrides = extra
+    for f in args.frames:  # fail before hours of training, not at the first long score
+        latent = (f - 1) / 4 + 1
+        bad = [name for name in args.layouts if latent != int(latent) or int(latent) % LAYOUTS[name]]
+        if bad:
+            p.error(f"--frames {f} is not a whole number of chunks for layout(s) {', '.join(bad)}: video lengths "
+                    f"are 1 + 4 (latent frames - 1) with latent frames a multiple of the chunk (e.g. 33, 333, 1005)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rows = run_grid(args)
     print(table(rows, args.frames))

@@ -39,3 +39,13 @@ def test_ablation_grid_trains_scores_and_resumes(tmp_path: Path) -> None:
     before = {p: p.stat().st_mtime for p in out.rglob("score-*.json")}
     assert _run(*cmd).stdout == table
     assert {p: p.stat().st_mtime for p in out.rglob("score-*.json")} == before
+
+
+def test_lengths_that_are_not_whole_chunks_fail_before_training(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "benchmarks/ablation.py", "--base", str(tmp_path), "--out",
+                           str(tmp_path / "grid"), "--frames", "33", "1000"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--frames 1000 is not a whole number of chunks" in proc.stderr and "1005" in proc.stderr
+    assert not (tmp_path / "grid").exists()  # nothing was started
