@@ -11,7 +11,7 @@ docs/performance.md):
   matmuls reach :data:`CPU_BF16_MIN_GFLOP` (0.5 GFLOP): a chunk of the 2-layer mid race config
   (195 GFLOP per call) runs 4.5x faster than in float32, 0.7-11 GFLOP calls 1.1-2.2x; below,
   per-op overhead dominates and bfloat16 gains within the noise (the 0.18 GFLOP tiny race config:
-  0.93x-1.06x) while costing precision. The bundled shapes-tiny (0.1 GFLOP) stays float32.
+  0.93x-1.06x) while costing precision. The bundled shapes-tiny (0.04 GFLOP) stays float32.
 * Anything else: float32.
 
 bfloat16 keeps 8 bits of mantissa: one mid-sized DiT call differs from float32 by about 1e-2 (the
