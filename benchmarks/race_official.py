@@ -1,7 +1,8 @@
 """The official Self-Forcing causal inference loop against sf-sdk, side by side in one run.
 
     PYTHONPATH=. python benchmarks/race_official.py OFFICIAL_SRC --config tiny --chunks 7 --json race.json
-    PYTHONPATH=. python benchmarks/race_official.py OFFICIAL_SRC --config mid --chunks 6 --backends eager,auto
+    PYTHONPATH=. python benchmarks/race_official.py OFFICIAL_SRC --config mid --chunks 6 --backends eager,auto,default
+    PYTHONPATH=. python benchmarks/race_official.py OFFICIAL_SRC --config mid --chunks 3 --dtype bfloat16 --backends eager
 
 ``OFFICIAL_SRC`` is a checkout of the public github.com/guandeh17/Self-Forcing repository (any
 folder outside this project); it is imported from there at run time, never copied. It needs
@@ -14,7 +15,9 @@ latent frames, the 4 warped denoising steps + the cache pass at timestep 0, glob
 (the KV cache holds every frame; ``--window N`` gives both sides a rolling window of N latent
 frames instead), no VAE decode. The official side is its
 ``CausalInferencePipeline.inference`` loop, unmodified; ours is ``StreamingGenerator.stream``
-with ``decode=False`` on each backend asked for.
+with ``decode=False`` on each backend asked for, in ``--dtype`` like the official side, and on
+``default``: a generator built with every default (``dtype="auto"``, ``backend="auto"``: on an
+AMX CPU a large DiT then computes in bfloat16, which the table's dtype column shows).
 
 What each figure includes: ``s/chunk`` is the median over the chunks after the first of one
 chunk's denoising steps, their re-noising and the cache pass (DiT only). Official: from the start
