@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from dit_util import random_dit
 
 from sf_sdk.cache import KVCache
 from sf_sdk.config import DIT_PRESETS, DiTConfig, StreamingConfig
@@ -17,13 +18,7 @@ TINY = DIT_PRESETS["tiny"]
 
 
 def tiny_model(dtype=torch.float64, **overrides) -> WanDiT:
-    cfg = dataclasses.replace(TINY, **overrides)
-    model = WanDiT(cfg).to(dtype).eval()
-    # Random (not zero-initialised) weights so every path matters.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model
+    return random_dit(dtype=dtype, **overrides)
 
 
 @pytest.mark.parametrize("name", ["dit_causal_global", "dit_causal_rolling", "dit_causal_rolling_sink",

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from dit_util import random_dit
 
 from sf_sdk import StreamingGenerator
 from sf_sdk.config import DIT_PRESETS, StreamingConfig
@@ -21,11 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model() -> WanDiT:
-    model = WanDiT(TINY).to(torch.float64).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model
+    return random_dit()
 
 
 # --------------------------------------------------------------------------------------------

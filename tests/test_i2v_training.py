@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dit_util import random_dit
 from safetensors.torch import load_file
 
 from sf_sdk import StreamingGenerator
@@ -31,12 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int, dtype: torch.dtype = torch.float32) -> WanDiT:
-    torch.manual_seed(seed)
-    model = WanDiT(TINY).to(dtype)
-    with torch.no_grad():  # random, not zero-initialised, so that every path matters
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model
+    return random_dit(seed=seed, dtype=dtype, eval_mode=False)
 
 
 def latents(b: int, f: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

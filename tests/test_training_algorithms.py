@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from dit_util import random_dit
 
 from sf_sdk.attention import get_backend
 from sf_sdk.cache import ChunkPlan
@@ -46,12 +47,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int, dtype: torch.dtype = torch.float64) -> WanDiT:
-    torch.manual_seed(seed)
-    model = WanDiT(TINY).to(dtype)
-    with torch.no_grad():  # random, not zero-initialised, so that every path matters
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model
+    return random_dit(seed=seed, dtype=dtype, eval_mode=False)
 
 
 def latents(b: int, f: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
