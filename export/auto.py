@@ -1,19 +1,23 @@
 """``backend="auto"`` (the default): per component, the fastest backend measured for this device,
 its artifacts exported on first use into the artifact cache (:mod:`export.artifact_cache`).
 
-The rule (:func:`choose_backends`; the measurements behind it are in docs/backends.md,
+The rule (:func:`choose_backends`; the measurements behind it are in docs/export.md,
 ``python benchmarks/auto.py`` reproduces them):
 
 ================  =============================================  ================================
 component         CPU                                            CUDA
 ================  =============================================  ================================
-DiT chunk step    ``onnxruntime`` (float32 or float16, rolling   ``tensorrt`` (float32 generator,
-                  window, ``position_mode="absolute"``), else    TensorRT + cuda-python), else
-                  eager                                          eager
+DiT chunk step    ``onnxruntime`` (float32 or float16,            ``tensorrt`` (float32 generator,
+                  ``position_mode="absolute"``), else eager      TensorRT + cuda-python), else
+                                                                 eager
 Wan VAE decoder   eager (its oneDNN convolutions beat the ONNX   eager
                   Runtime decode step end to end)
 tiny decoder      eager (not measured faster exported)           eager
 ================  =============================================  ================================
+
+Under global attention the DiT is exported for a cache of ``global_cache_frames`` latent frames
+(part of the cache key): every stream that long or shorter runs it (its cache keeps that capacity,
+attending only to the frames written), a longer stream runs the eager DiT (logged).
 
 A DiT on one backend and the decoder on another is one :class:`sf_sdk.backends.Backend`: its
 ``dit`` comes from one component, ``make_decoder`` from the other. Which decoder runs is the
@@ -132,18 +136,18 @@ def choose_backends(caps: Capabilities, work: Workload) -> AutoChoice:
             dit = "tensorrt"
     else:
         why["dit"] = f"no exported backend for {caps.device}"
-    if dit != "eager" and not work.rolling:
-        dit, why["dit"] = "eager", ("global attention: the cache is sized by each stream's length, one export per "
-                                    "length; use a rolling window (local_attn_size) for exported steps")
     if dit != "eager" and work.position_mode != "absolute":
         dit, why["dit"] = "eager", f"exported steps implement position_mode='absolute', not {work.position_mode!r}"
     if dit != "eager":
         why["dit"] = f"{dit} is the fastest measured DiT step on {caps.device}"
+        if not work.rolling:
+            why["dit"] += (" (global attention: exported for a cache of global_cache_frames latent frames; a "
+                           "longer stream runs the eager DiT)")
     decoder = None
     if work.decoder is not None:
         decoder = "eager"
         why["decoder"] = {"wan": "the eager Wan VAE decode (oneDNN convolutions) is faster end to end than its "
-                                 "exported decode steps (docs/backends.md)",
+                                 "exported decode steps (docs/export.md)",
                           "tiny": "the tiny decoder was not measured faster exported"}.get(
             work.decoder, f"no measurement for decoder {work.decoder!r}")
     return AutoChoice(dit, decoder, why)
@@ -158,8 +162,10 @@ def _geometry(gen: Any, batch: int) -> dict[str, Any]:
     from export.manifest import GRAPH_STREAM_FIELDS
 
     stream = to_dict(gen.streaming)
-    return {**{k: stream[k] for k in GRAPH_STREAM_FIELDS}, "batch": batch,
-            "dtype": str(gen.dtype).removeprefix("torch."), "device": gen.device.type}
+    geo = {k: stream[k] for k in GRAPH_STREAM_FIELDS}
+    if not gen.streaming.rolling:  # global attention: the cache's capacity is part of the graph
+        geo["global_cache_frames"] = stream["global_cache_frames"]
+    return {**geo, "batch": batch, "dtype": str(gen.dtype).removeprefix("torch."), "device": gen.device.type}
 
 
 def component_key(gen: Any, backend: str, component: str, *, batch: int = 1) -> CacheKey:

@@ -181,6 +181,9 @@ class OrtStep:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.log_severity_level = 3
+        # Idle pool threads sleep instead of spinning: between the steps the eager decoder and the
+        # sampler run on the same cores (spinning cost 1.5x end to end on 2 cores; docs/export.md).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if providers is None:
             if device.type == "cuda":
                 stream = torch.cuda.current_stream(device).cuda_stream

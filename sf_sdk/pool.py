@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from sf_sdk.attention import CacheAttention, select_cache_attention
+from sf_sdk.backends import Backend
 from sf_sdk.cache import CacheLayout, KVCache, cache_nbytes, check_memory
 from sf_sdk.models.dit import CrossAttnCache
 from sf_sdk.models.taehv import TinyStreamingDecoder, decode_tiny_streams
@@ -259,12 +260,14 @@ class StreamPool:
         self._gen = gen
         self.max_streams = max_streams
         self.backend = gen.backend.for_streams(max_streams)
+        st, cfg = gen.streaming, gen.dit.config
+        if not st.rolling:
+            latent_capacity = self._global_capacity(latent_capacity)
         static = getattr(self.backend.dit, "shapes", None)
         if static is not None and static.batch != max_streams:
             raise ValueError(f"the {self.backend.name} backend's chunk step was exported for a batch of {static.batch} "
                              f"stream(s); a pool of {max_streams} needs an export with --batch {max_streams}")
         self._static_rows = static is not None
-        st, cfg = gen.streaming, gen.dit.config
         if st.denoise_window > 1:
             self._check_window(max_streams)
         # fit: every stream has at most latent_capacity frames, so a shorter cache than the window
@@ -286,6 +289,29 @@ class StreamPool:
         self._clock = Clock(dev)
         # Streams join, leave and step one at a time even if a caller uses several threads.
         self._lock = threading.RLock()
+
+    def _global_capacity(self, frames: int | None) -> int | None:
+        """Under global attention, the cache capacity (latent frames) for streams of at most ``frames``
+        on this pool's backend: an exported chunk step keeps the capacity it was exported for
+        (``global_cache_frames``; its attention reads only the frames written). A longer stream
+        runs the eager DiT where the backend is ``auto``, and is refused by an explicit backend."""
+        static = getattr(self.backend.dit, "shapes", None)
+        if static is None:
+            return frames
+        gen = self._gen
+        held = static.cache_shape[2] // CacheLayout.from_configs(gen.dit.config, gen.streaming).tokens_per_frame
+        if frames is None or frames <= held:
+            return held
+        if self.backend.components is None:
+            raise ValueError(f"the {self.backend.name} backend's chunk step was exported for a global-attention cache "
+                             f"of {held} latent frames; this needs {frames}: re-export with --num-frames {frames} "
+                             f"(or global_cache_frames={frames}), generate fewer frames, or use backend='auto'")
+        log.info("auto: a global-attention stream of %d latent frames exceeds the exported DiT's cache (%d frames, "
+                 "global_cache_frames): it runs the eager DiT", frames, held)
+        parts = self.backend.components
+        self.backend = Backend(self.backend.name.replace(f"dit={parts['dit']}", "dit=eager"), gen.dit,
+                               self.backend.make_decoder, components={**parts, "dit": "eager"})
+        return frames
 
     def _check_window(self, max_streams: int) -> None:
         """A joint denoising window (``denoise_window`` > 1) runs one stream on the eager DiT."""

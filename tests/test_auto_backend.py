@@ -70,7 +70,7 @@ F32 = Workload(torch.float32, rolling=True)
     (CPU_ORT, F32, "onnxruntime", "eager"),
     (Capabilities("cpu", frozenset()), F32, "eager", "eager"),  # onnxruntime not installed
     (CPU_ORT, dataclasses.replace(F32, dtype=torch.bfloat16), "eager", "eager"),  # ORT has no bf16 graphs
-    (CPU_ORT, dataclasses.replace(F32, rolling=False), "eager", "eager"),  # global attention: one export per length
+    (CPU_ORT, dataclasses.replace(F32, rolling=False), "onnxruntime", "eager"),  # global: a global_cache_frames cache
     (CPU_ORT, dataclasses.replace(F32, position_mode="cache_relative"), "eager", "eager"),
     (CPU_ORT, dataclasses.replace(F32, decoder="tiny"), "onnxruntime", "eager"),
     (CPU_ORT, dataclasses.replace(F32, decoder=None), "onnxruntime", None),
@@ -148,6 +148,61 @@ gen = StreamingGenerator.from_config("tiny", stream, vae="tiny", seed=0,
                                      backend_options={"cache_dir": sys.argv[1], "build": "now"})
 print("DIT", gen.backend.components["dit"])
 """
+
+
+def test_global_attention_runs_the_export_up_to_its_capacity_and_eager_beyond(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    stream = StreamingConfig(latent_height=2, latent_width=2, global_cache_frames=6)
+    gen = _gen(tmp_path, "now", stream)
+    assert gen.backend.components["dit"] == "onnxruntime"
+    key = json.loads((_entries(tmp_path)[0] / KEY_FILE).read_text())
+    assert key["geometry"]["global_cache_frames"] == 6 and key["geometry"]["local_attn_size"] == -1
+    eager = StreamingGenerator.from_config("tiny", stream, vae="tiny", seed=0, backend="eager")
+    # 9 and 21 video frames are 3 and 6 latent frames: the exported cache (6 frames) holds them;
+    # 33 (9 latent frames) does not, and runs the eager DiT, with a log line.
+    for frames, dit in ((9, "onnxruntime"), (21, "onnxruntime"), (33, "eager")):
+        with caplog.at_level(logging.INFO, logger="sf_sdk.pool"):
+            a = gen.generate(prompt_embeds=_embeds(), num_frames=frames, seed=3)
+        b = eager.generate(prompt_embeds=_embeds(), num_frames=frames, seed=3)
+        assert gen._solo.backend.components["dit"] == dit, frames
+        assert gen._solo.cache.layout.capacity_frames == (6 if dit == "onnxruntime" else 9)
+        assert torch.allclose(a.latents, b.latents, atol=1e-4), frames
+    assert "exceeds the exported DiT's cache (6 frames" in caplog.text
+    # A second geometry: another global_cache_frames is another cache entry.
+    _gen(tmp_path, "now", dataclasses.replace(stream, global_cache_frames=9))
+    assert len(_entries(tmp_path)) == 2
+
+
+def test_an_explicit_export_refuses_a_global_stream_longer_than_its_cache(tmp_path: Path) -> None:
+    from export.onnx import export_onnx
+    from export.settings import ExportModel, ONNXSettings
+
+    stream = StreamingConfig(latent_height=2, latent_width=2, global_cache_frames=3)
+    gen = StreamingGenerator.from_config("tiny", stream, seed=0, backend="eager")
+    export_onnx(ExportModel(gen.dit, stream, None), tmp_path, ONNXSettings(include_vae=False))
+    gen.use_backend("onnxruntime", {"artifact_dir": str(tmp_path)})
+    gen.generate(prompt_embeds=_embeds(), num_frames=9, decode=False)  # 3 latent frames: fits
+    with pytest.raises(ValueError, match="exported for a global-attention cache of 3 latent frames; this needs 6"):
+        gen.generate(prompt_embeds=_embeds(), num_frames=21, decode=False)
+
+
+def test_onnxruntime_threads_sleep_between_steps(tmp_path: Path) -> None:
+    """Idle ONNX Runtime threads must not spin: the eager decoder runs between the DiT steps on
+    the same cores (spinning made auto slower than eager end to end)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export.onnx import OrtStep
+    from export.settings import TensorSpec
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    step = OrtStep(path, [TensorSpec("x", (2,), torch.float32)], [TensorSpec("y", (2,), torch.float32)],
+                   device=torch.device("cpu"))
+    assert step.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 @pytest.mark.slow
