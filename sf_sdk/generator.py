@@ -77,6 +77,9 @@ __all__ = ["StreamingGenerator", "VideoChunk", "Video", "ChunkTiming", "VideoStr
 
 log = logging.getLogger(__name__)
 
+# The largest decoder pass (pixel frames x height x width) the CPU decodes a chunk in at once.
+CPU_DECODE_PASS_PIXELS = 1 << 20
+
 
 @contextmanager
 def cpu_threads(threads: int | None) -> Iterator[None]:
@@ -313,7 +316,20 @@ class StreamingGenerator:
         """A fresh eager streaming decoder of the chosen ``decoder`` (None without one)."""
         if self.decoder == "tiny":
             return self.tiny_decoder.streaming_decoder()
-        return self.vae.streaming_decoder() if self.vae is not None else None
+        return self.vae.streaming_decoder(latents_per_pass=self.decode_latents_per_pass) if self.vae is not None \
+            else None
+
+    @property
+    def decode_latents_per_pass(self) -> int:
+        """Latent frames per pass of the eager Wan VAE decoder: a whole chunk on the CPU while one
+        pass stays small (its pixels at most ``CPU_DECODE_PASS_PIXELS``: shapes-tiny decodes 1.3-1.55x
+        faster than frame by frame, 2.5e-6 apart; docs/performance.md), else one latent frame per
+        pass, the official decode, whose activations are a chunk's third."""
+        c = self.streaming.num_frame_per_block
+        h, w = self.frame_size
+        if self.device.type == "cpu" and h * w * self.temporal_stride * c <= CPU_DECODE_PASS_PIXELS:
+            return c
+        return 1
 
     def use_backend(self, name: str, options: dict[str, Any] | None = None) -> None:
         """Run later streams on backend ``name`` (``"auto"``, ``"eager"``, or one from the export package)."""

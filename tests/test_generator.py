@@ -245,3 +245,21 @@ def test_registered_backend_runs_the_stream(embeds: torch.Tensor) -> None:
     assert made[-1].calls == 2 * (len(STREAM.denoising_step_list) + 1)  # 2 chunks: 4 steps + cache pass
     register_backend("unavailable", factory, available=lambda: "needs a GPU")
     assert backend_status("unavailable") == "needs a GPU"
+
+
+def test_the_cpu_decoder_takes_a_chunk_per_pass_while_a_pass_stays_small() -> None:
+    small = StreamingGenerator.from_config("tiny", StreamingConfig(latent_height=2, latent_width=2), vae="tiny",
+                                           backend="eager")
+    assert small.decode_latents_per_pass == 3
+    assert small.make_streaming_decoder().latents_per_pass == 3
+    # 480x832 frames: a 3-frame pass would hold 12 pixel frames per activation; one frame per pass.
+    large = StreamingGenerator(small.dit, StreamingConfig(latent_height=60, latent_width=104), vae=small.vae,
+                               backend="eager")
+    assert large.decode_latents_per_pass == 1
+    # The chunked decode gives the frames the official one-frame passes give.
+    video = small.generate(prompt_embeds=torch.randn(4, small.dit.config.text_dim), num_frames=21, seed=1)
+    z = small.vae.decode(video.latents.transpose(0, 1)[None])  # [1, 3, T, H, W], one frame per pass
+    from sf_sdk.results import to_uint8
+
+    official = to_uint8(z)
+    assert np.abs(official.astype(int) - video.frames.astype(int)).max() <= 1

@@ -246,14 +246,17 @@ def test_cli_prompt_at_switches_the_prompt(tmp_path, capsys) -> None:
         assert message in capsys.readouterr().err
 
 
-def test_batched_decode_equals_each_stream_alone() -> None:
-    """decode_streams over streams at different points (one just starting) = each decoder alone."""
+@pytest.mark.parametrize("per_pass", [1, 2, 3])
+def test_batched_decode_equals_each_stream_alone(per_pass: int) -> None:
+    """decode_streams over streams at different points (one just starting) = each decoder alone
+    (one latent frame per pass, the official decode), with any latents per pass."""
     from sf_sdk.models.vae import WanVAE, decode_streams
 
     vae = WanVAE(gen_vae_config()).eval()
     z = torch.randn(3, 16, 9, 2, 2, generator=torch.Generator().manual_seed(0))
     history = [3, 0, 6]  # latent frames each stream has decoded before
-    alone, batched = [vae.streaming_decoder() for _ in range(3)], [vae.streaming_decoder() for _ in range(3)]
+    alone = [vae.streaming_decoder() for _ in range(3)]
+    batched = [vae.streaming_decoder(latents_per_pass=per_pass) for _ in range(3)]
     with torch.inference_mode():
         for decs in (alone, batched):
             for d, n, row in zip(decs, history, z):
@@ -267,6 +270,8 @@ def test_batched_decode_equals_each_stream_alone() -> None:
         again = decode_streams(batched, chunk)  # the states were split back per stream
         ref = [d.decode(c[None]) for d, c in zip(alone, chunk)]
         assert all((a - b).abs().max() < 1e-5 for a, b in zip(again, ref))
+    with pytest.raises(ValueError, match="latents_per_pass"):
+        decode_streams([vae.streaming_decoder(), vae.streaming_decoder(latents_per_pass=2)], chunk[:2])
 
 
 def gen_vae_config():

@@ -632,43 +632,49 @@ def decode_streams(decoders: Sequence[StreamingDecoder], z: Tensor) -> list[Tens
     """One chunk for each of several streams in batched decoder passes.
 
     ``z`` [N, z_dim, t, h, w]: row ``i`` is the next chunk of the stream ``decoders[i]`` holds
-    (each a batch-1 stream of one VAE). Returns each row's pixel frames, as ``decoders[i].decode``
-    would (up to float rounding), and advances every decoder. Rows whose conv states have the same
-    layout (streams past their first frame, or streams starting) run as one batch, frame by frame;
-    their states are split back per stream afterwards.
+    (each a batch-1 stream of one VAE, all with the same ``latents_per_pass``). Returns each row's
+    pixel frames, as ``decoders[i].decode`` would (up to float rounding), and advances every
+    decoder. Rows at the same place whose conv states have the same layout (streams past their
+    first frame, or streams starting) run as one batch, ``latents_per_pass`` latent frames per pass
+    (a starting stream's first frame alone); their states are split back per stream afterwards.
     """
     if len(decoders) != z.shape[0]:
         raise ValueError(f"{len(decoders)} decoders for {z.shape[0]} latent rows")
     if not decoders:
         return []
-    vae = decoders[0].vae
+    vae, per_pass = decoders[0].vae, decoders[0].latents_per_pass
     vae._check_latents(z)
     for d in decoders:
-        if d.vae is not vae or d.latents_per_pass != 1 or d.clamp != decoders[0].clamp:
-            raise ValueError("decode_streams needs decoders of one VAE with the same clamp and one latent per pass")
+        if d.vae is not vae or d.latents_per_pass != per_pass or d.clamp != decoders[0].clamp:
+            raise ValueError("decode_streams needs decoders of one VAE with the same clamp and latents_per_pass")
         geometry = (1, z.shape[3], z.shape[4])
         if d._geometry is not None and d._geometry != geometry:
             raise ValueError(f"a stream decodes batch, h, w = {d._geometry}, got {geometry}")
     out: list[list[Tensor]] = [[] for _ in decoders]
-    for i in range(z.shape[2]):
+    done = [0] * len(decoders)  # latent frames of z each row has decoded
+    frames = z.shape[2]
+    while min(done) < frames:
         groups: dict[tuple, list[int]] = {}
         for row, d in enumerate(decoders):
-            key = ("start",) if d._cache is None else tuple(t is None for t in d._cache)
-            groups.setdefault(key, []).append(row)
-        for key, rows in groups.items():
+            if done[row] < frames:
+                key = ("start",) if d._cache is None else tuple(t is None for t in d._cache)
+                groups.setdefault((done[row], key), []).append(row)
+        for (i, key), rows in groups.items():
             start = key == ("start",)
             if start:
                 tensors: list[Tensor | None] = [None] * vae.num_decoder_caches
             else:
                 tensors = [None if t is None else torch.cat([decoders[r]._cache[j] for r in rows])
                            for j, t in enumerate(decoders[rows[0]]._cache)]
+            span = 1 if start else min(per_pass, frames - i)
             state = ConvCache(tensors, start=start)
-            pixels = vae._decode_frame(z[rows, :, i:i + 1], state, decoders[rows[0]].clamp)  # [G, 3, f, H, W]
+            pixels = vae._decode_frame(z[rows, :, i:i + span], state, decoders[rows[0]].clamp)  # [G, 3, f, H, W]
             for g, r in enumerate(rows):
                 d = decoders[r]
                 d._cache = [None if t is None else t[g:g + 1] for t in state.tensors]
                 d._geometry = (1, z.shape[3], z.shape[4])
                 out[r].append(pixels[g:g + 1])
+                done[r] += span
     return [torch.cat(frames, dim=2) for frames in out]  # each [1, 3, frames, 8h, 8w]
 
 
