@@ -156,6 +156,43 @@ def test_long_rollout_scores_a_window_of_a_longer_rollout(smoke_run: Path, tmp_p
     assert (run_dir / "self_forcing" / "final" / "dit.safetensors").is_file()
 
 
+@pytest.mark.parametrize("mode", ["teacher_forcing", "diffusion_forcing"])
+def test_forcing_modes_take_ground_truth_that_matches_the_prompt(smoke_run: Path, tmp_path: Path, mode: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Teacher / diffusion forcing condition on cached clips: each rollout's prompt must be its
+    clip's own caption (context of another caption contradicts the prompt it is trained with)."""
+    import torch
+
+    import training.stages.self_forcing as sf_stage
+    from training.stages.common import prompt_table
+    from training.stages.teacher import load_latent_cache
+    from training.train import compose, run
+
+    draws: list = []
+    real_draw = sf_stage._Draw
+
+    def recording_draw(*args):
+        draws.append(real_draw(*args))
+        return draws[-1]
+
+    monkeypatch.setattr(sf_stage, "_Draw", recording_draw)
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("self_forcing", "export"))
+    cfg = compose("smoke", [f"run_dir={run_dir}", "stages=[self_forcing]", "self_forcing.steps=2",
+                            f"self_forcing.rollout_mode={mode}"])
+    run(cfg)
+    cache = load_latent_cache(run_dir / "teacher" / "latents")
+    table = prompt_table(cfg, torch.device("cpu"))
+    frames = draws[0].clean.shape[1]
+    checked = 0
+    for d in draws:
+        for cond, clean in zip(d.cond, d.clean):
+            [clip] = [i for i in range(len(cache.captions)) if torch.equal(cache.latents[i, :frames], clean)]
+            assert torch.equal(cond, table.cond[table.index(cache.captions[clip])])
+            checked += 1
+    assert checked >= 4
+
+
 def test_long_rollout_needs_self_forcing_rollouts() -> None:
     from training.train import compose
 

@@ -2,7 +2,10 @@
 
 Per generator update (one ``step``):
 
-1. captions drawn from the shapes prompt set, noise for ``num_latent_frames`` frames;
+1. captions drawn from the shapes prompt set, noise for ``num_latent_frames`` frames (for teacher
+   or diffusion forcing, or the GAN: clips of the teacher's latent cache, as ground truth, with
+   their own captions as the prompts, so that the context and the real clips show what the prompt
+   says);
 2. one exit step drawn and broadcast from rank 0 (``draw_exit_step``), shared by every chunk;
 3. the rollout (``training.algorithms.rollout``) runs the student chunk by chunk with the KV cache
    through ``sf_sdk.sampling.denoise_chunk`` exactly as inference does, the exit step with
@@ -126,8 +129,9 @@ class _Draw:
 
 
 class _ImageClips:
-    """The clips an image-conditioned rollout starts from: the teacher's latent cache, each clip
-    with the index of its caption in the prompt table (the cache stores every clip's caption)."""
+    """Ground-truth clips (an image-conditioned rollout's first frames, a forcing mode's context, the
+    GAN's real side): the teacher's latent cache, each clip with the index of its caption in the
+    prompt table (the cache stores every clip's caption)."""
 
     def __init__(self, cache: LatentCache, prompts: PromptTable, keep_frames: int) -> None:
         known = {c: i for i, c in enumerate(prompts.captions)}
@@ -178,12 +182,14 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
         critic_params += list(head.parameters())
         modules["disc_head"] = head
     frames, k = st.num_latent_frames, cfg.stream.num_frame_per_block
+    # Ground truth comes with its caption: a forcing mode's context and the GAN's real clips must
+    # show what the prompt says (a clip of another caption is context the prompt contradicts).
     real = images = None
     if st.image_conditioning:  # frame 0 of each clip, the whole clip for the GAN's real side
         keep = frames if gan is not None else 1
         images = _ImageClips(_real_clips(cfg, keep), prompts, keep)
     elif gan is not None or st.rollout_mode != "self_forcing":
-        real = _real_clips(cfg, frames).latents[:, :frames]  # [N, frames, C, h, w]
+        real = _ImageClips(_real_clips(cfg, frames), prompts, frames)  # [N, frames, C, h, w] + captions
     opt_g = make_optimizer(student.parameters(), st)
     opt_c = make_optimizer(critic_params, st, lr=st.critic_lr)
     ema = EMA(student, decay=st.ema_decay, start_step=0)
@@ -215,12 +221,13 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
             clip = images.latents[idx].to(dist.device)  # [B, frames or 1, C, h, w]
             return _Draw(prompts.cond[images.caption_index[idx]], noise, clip if gan is not None else None,
                          clip[:, :1])
+        if real is not None:  # cached clips, their captions the prompts
+            idx = torch.randint(len(real), (st.batch_size,), generator=gen)
+            noise = torch.randn((st.batch_size, length, *latent), generator=gen).to(dist.device)
+            return _Draw(prompts.cond[real.caption_index[idx]], noise, real.latents[idx].to(dist.device), None)
         idx = torch.randint(n_caps, (st.batch_size,), generator=gen)
         noise = torch.randn((st.batch_size, length, *latent), generator=gen).to(dist.device)
-        clean = None
-        if real is not None:
-            clean = real[torch.randint(real.shape[0], (st.batch_size,), generator=gen)].to(dist.device)
-        return _Draw(prompts.cond[idx], noise, clean, None)
+        return _Draw(prompts.cond[idx], noise, None, None)
 
     def roll(d: _Draw, start: int, exit_step: int, gen: torch.Generator) -> Tensor:
         """The x0 of the loss window ``[start, start + frames)`` of a rollout over ``d.noise`` (after
