@@ -7,9 +7,10 @@ The rule (:func:`choose_backends`; the measurements behind it are in docs/export
 ================  =============================================  ================================
 component         CPU                                            CUDA
 ================  =============================================  ================================
-DiT chunk step    ``onnxruntime`` (float32 or float16,            ``tensorrt`` (float32 generator,
-                  ``position_mode="absolute"``), else eager      TensorRT + cuda-python), else
-                                                                 eager
+DiT chunk step    ``aoti`` (float32, a C++ compiler to build     ``tensorrt`` (float32 generator,
+                  it), else ``onnxruntime`` (float32 or          TensorRT + cuda-python), else
+                  float16), else eager; ``position_mode=         eager
+                  "absolute"`` only
 Wan VAE decoder   eager (its oneDNN convolutions beat the ONNX   eager
                   Runtime decode step end to end)
 tiny decoder      eager (not measured faster exported)           eager
@@ -36,7 +37,8 @@ An export or a load that fails logs one warning and the component runs eagerly; 
 is recorded in the cache and not retried for the same key. Options: ``cache_dir`` (default
 ``$SF_SDK_ARTIFACT_CACHE``, else ``~/.cache/sf-sdk/artifacts``), ``build``, ``threads`` (ONNX
 Runtime intra-op threads), ``streams`` (the pool size whose DiT is prepared at construction,
-default 1: ``stream()`` / ``generate()``; other pool sizes are prepared when a pool is made).
+default 1: ``stream()`` / ``generate()``; other pool sizes are prepared when a pool is made),
+``dit`` (pin the DiT's backend, e.g. ``"onnxruntime"``, instead of the rule; still cached).
 """
 
 from __future__ import annotations
@@ -63,8 +65,9 @@ log = logging.getLogger(__name__)
 BUILD_ENV = "SF_SDK_AUTO_BUILD"
 BUILD_MODES = ("background", "now", "never")
 # Backends auto may pick for a component (each has an exporter and a loader below).
-DIT_CANDIDATES = {"cpu": ("onnxruntime",), "cuda": ("tensorrt",)}
+DIT_CANDIDATES = {"cpu": ("aoti", "onnxruntime"), "cuda": ("tensorrt",)}
 ORT_DTYPES = (torch.float32, torch.float16)
+AOTI_DTYPES = (torch.float32,)  # measured faster than ONNX Runtime (bfloat16 / float16 not measured)
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,8 +84,12 @@ class Capabilities:
 
     @classmethod
     def probe(cls, device: torch.device) -> Capabilities:
+        """The candidates that can run here (an AOTInductor export also needs a C++ compiler)."""
+        from export.backends import compiler_status
+
         names = DIT_CANDIDATES.get(device.type, ())
-        return cls(device.type, frozenset(n for n in names if backend_status(n) is None))
+        return cls(device.type, frozenset(n for n in names if backend_status(n) is None
+                                          and (n != "aoti" or compiler_status() is None)))
 
 
 @dataclass(frozen=True)
@@ -115,13 +122,23 @@ class AutoChoice:
         return f"auto(dit={self.dit}, decoder={self.decoder or 'none'})"
 
 
-def choose_backends(caps: Capabilities, work: Workload) -> AutoChoice:
-    """The backend of the DiT chunk step and of the decoder (see the module docstring's table)."""
+def choose_backends(caps: Capabilities, work: Workload, pin: str | None = None) -> AutoChoice:
+    """The backend of the DiT chunk step and of the decoder (see the module docstring's table);
+    ``pin`` (the ``dit`` option) names the DiT's backend instead of the rule."""
     why: dict[str, str] = {}
     dit = "eager"
-    if caps.device == "cpu":
-        if "onnxruntime" not in caps.available:
-            why["dit"] = "onnxruntime is not installed (pip install 'sf-sdk[onnx]')"
+    if pin is not None:
+        if pin != "eager" and pin not in caps.available:
+            why["dit"] = f"the pinned DiT backend {pin!r} cannot run here"
+        else:
+            dit = pin
+            why["dit"] = f"pinned (backend_options dit={pin!r})"
+    elif caps.device == "cpu":
+        if "aoti" in caps.available and work.dtype in AOTI_DTYPES:
+            dit = "aoti"
+        elif "onnxruntime" not in caps.available:
+            why["dit"] = ("no C++ compiler for AOTInductor and onnxruntime is not installed (apt-get install g++, "
+                          "or pip install 'sf-sdk[onnx]')")
         elif work.dtype not in ORT_DTYPES:
             why["dit"] = f"ONNX Runtime runs float32 / float16 graphs, the model computes in {work.dtype}"
         else:
@@ -138,8 +155,8 @@ def choose_backends(caps: Capabilities, work: Workload) -> AutoChoice:
         why["dit"] = f"no exported backend for {caps.device}"
     if dit != "eager" and work.position_mode != "absolute":
         dit, why["dit"] = "eager", f"exported steps implement position_mode='absolute', not {work.position_mode!r}"
-    if dit != "eager":
-        why["dit"] = f"{dit} is the fastest measured DiT step on {caps.device}"
+    if dit != "eager" and pin is None:
+        why["dit"] = f"{dit} is the fastest measured DiT step on {caps.device} for {work.dtype}"
         if not work.rolling:
             why["dit"] += (" (global attention: exported for a cache of global_cache_frames latent frames; a "
                            "longer stream runs the eager DiT)")
@@ -184,7 +201,13 @@ def export_component(key: CacheKey, module: torch.nn.Module, spec: dict[str, Any
 
     stream = from_dict(StreamingConfig, spec["streaming"])
     geo = key.geometry
-    if key.component == "dit" and key.backend == "onnxruntime":
+    if key.component == "dit" and key.backend == "aoti":
+        from export.aoti import export_aoti
+        from export.settings import AOTISettings
+
+        export_aoti(ExportModel(module, stream, None, source=spec.get("what", "")), out,
+                    AOTISettings(batch_size=geo["batch"], dtype=geo["dtype"], device=geo["device"], include_vae=False))
+    elif key.component == "dit" and key.backend == "onnxruntime":
         from export.onnx import export_onnx
 
         export_onnx(ExportModel(module, stream, None, source=spec.get("what", "")), out,
@@ -206,6 +229,13 @@ def export_component(key: CacheKey, module: torch.nn.Module, spec: dict[str, Any
 def _load_dit(gen: Any, backend: str, folder: Path, threads: int | None) -> Any:
     from export.manifest import read_manifest
 
+    if backend == "aoti":
+        from export.aoti import BACKEND, load_aoti
+
+        manifest = read_manifest(folder, BACKEND)
+        manifest.check_generator(gen.dit, gen.streaming, vae=None, check_weights=False)  # the key holds them
+        model, _ = load_aoti(manifest, gen.dit, device=gen.device)
+        return model
     if backend == "onnxruntime":
         from export.onnx import BACKEND, load_onnxruntime
 
@@ -277,10 +307,11 @@ class _Options:
     build: str
     threads: int | None
     streams: int = 1
+    dit: str | None = None
 
     @classmethod
     def parse(cls, options: dict[str, Any]) -> _Options:
-        allowed = {"cache_dir", "build", "threads", "streams"}
+        allowed = {"cache_dir", "build", "threads", "streams", "dit"}
         unknown = sorted(set(options) - allowed)
         if "artifact_dir" in unknown:
             raise ValueError("artifact_dir names a folder you exported yourself: pass it with the backend that "
@@ -297,7 +328,11 @@ class _Options:
         streams = options.get("streams", 1)
         if not isinstance(streams, int) or isinstance(streams, bool) or streams <= 0:
             raise ValueError(f"auto backend streams (the pool size to prepare) must be a positive int, got {streams!r}")
-        return cls(ArtifactCache(options.get("cache_dir")), build, threads, streams)
+        dit = options.get("dit")
+        names = ("eager", *sorted({n for names in DIT_CANDIDATES.values() for n in names}))
+        if dit is not None and dit not in names:
+            raise ValueError(f"auto backend dit={dit!r}: choose one of {names} (or leave it out: the rule picks)")
+        return cls(ArtifactCache(options.get("cache_dir")), build, threads, streams, dit)
 
 
 class _Auto:
@@ -401,7 +436,7 @@ def _spec(gen: Any, batch: int) -> dict[str, Any]:
 def auto_backend(gen: Any, options: dict[str, Any]) -> Backend:
     """The ``auto`` backend factory (registered as ``"auto"``)."""
     opts = _Options.parse(options)
-    choice = choose_backends(Capabilities.probe(gen.device), Workload.of(gen))
+    choice = choose_backends(Capabilities.probe(gen.device), Workload.of(gen), opts.dit)
     for component, reason in choice.why.items():
         log.debug("auto %s: %s", component, reason)
     return _Auto(gen, choice, opts).backend(opts.streams)

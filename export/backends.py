@@ -134,7 +134,8 @@ def _check_device(exported: str, gen: StreamingGenerator, name: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _compile_status() -> str | None:
+def compiler_status() -> str | None:
+    """None when inductor (torch.compile, an AOTInductor export) can build CPU code here, else why not."""
     if shutil.which("g++") is None and shutil.which("c++") is None and shutil.which("clang++") is None:
         return "torch.compile (inductor) needs a C++ compiler on the PATH (e.g. apt-get install g++)"
     return None
@@ -163,7 +164,7 @@ def _torch_tensorrt_status() -> str | None:
 
 
 BACKENDS = {
-    "compile": (_compile_backend, _compile_status),
+    "compile": (_compile_backend, compiler_status),
     "aoti": (_aoti_backend, None),
     "onnxruntime": (_onnxruntime_backend, _onnxruntime_status),
     "tensorrt": (_tensorrt_backend, _tensorrt_status),

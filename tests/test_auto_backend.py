@@ -33,8 +33,10 @@ BACKGROUND_TIMEOUT_S = 240
 
 
 def _gen(cache: Path, build: str, stream: StreamingConfig = STREAM, **kwargs) -> StreamingGenerator:
-    return StreamingGenerator.from_config("tiny", stream, vae="tiny", seed=0,
-                                          backend_options={"cache_dir": str(cache), "build": build, **kwargs})
+    """The tiny generator on auto, its DiT pinned to ONNX Runtime (a few seconds to export) unless
+    ``dit=`` says otherwise."""
+    options = {"cache_dir": str(cache), "build": build, "dit": "onnxruntime", **kwargs}
+    return StreamingGenerator.from_config("tiny", stream, vae="tiny", seed=0, backend_options=options)
 
 
 def _entries(cache: Path) -> list[Path]:
@@ -50,24 +52,45 @@ def _embeds() -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def test_auto_is_the_default_and_picks_onnxruntime_for_the_dit_on_this_cpu(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_is_the_default_and_picks_aoti_for_the_dit_on_this_cpu(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SF_SDK_ARTIFACT_CACHE", str(tmp_path))
     monkeypatch.setenv(BUILD_ENV, "never")
     gen = StreamingGenerator.from_config("tiny", STREAM, vae="tiny")
     assert gen.backend.components == {"dit": "eager", "decoder": "eager"}  # nothing cached, build never
-    choice = choose_backends(Capabilities.probe(torch.device("cpu")), Workload.of(gen))
-    assert (choice.dit, choice.decoder) == ("onnxruntime", "eager")
+    caps = Capabilities.probe(torch.device("cpu"))
+    assert caps.available == {"aoti", "onnxruntime"}  # g++ (the CPU kernels need it too) and onnxruntime
+    choice = choose_backends(caps, Workload.of(gen))
+    assert (choice.dit, choice.decoder) == ("aoti", "eager")
     assert default_cache_root() == tmp_path
 
 
+def test_the_aoti_dit_is_built_cached_and_streams_what_eager_streams(tmp_path: Path) -> None:
+    gen = _gen(tmp_path, "now", dit=None)
+    assert gen.backend.components == {"dit": "aoti", "decoder": "eager"}
+    assert gen.backend.dit.name == "AOTInductor"
+    [entry] = [p for p in (tmp_path / "aoti").glob("dit-*") if p.is_dir()]
+    again = _gen(tmp_path, "never", dit=None)  # a later construction loads it
+    assert again.backend.components["dit"] == "aoti"
+    assert [p for p in (tmp_path / "aoti").glob("dit-*") if p.is_dir()] == [entry]
+    eager = StreamingGenerator.from_config("tiny", STREAM, vae="tiny", seed=0, backend="eager")
+    a = again.generate(prompt_embeds=_embeds(), num_frames=21, seed=3)
+    b = eager.generate(prompt_embeds=_embeds(), num_frames=21, seed=3)
+    assert torch.allclose(a.latents, b.latents, atol=1e-3)
+
+
 CPU_ORT = Capabilities("cpu", frozenset({"onnxruntime"}))
+CPU_BOTH = Capabilities("cpu", frozenset({"aoti", "onnxruntime"}))
 CUDA_TRT = Capabilities("cuda", frozenset({"tensorrt"}))
 F32 = Workload(torch.float32, rolling=True)
 
 
 @pytest.mark.parametrize(("caps", "work", "dit", "decoder"), [
-    (CPU_ORT, F32, "onnxruntime", "eager"),
+    (CPU_BOTH, F32, "aoti", "eager"),
+    (CPU_BOTH, dataclasses.replace(F32, dtype=torch.float16), "onnxruntime", "eager"),  # aoti: float32 measured
+    (CPU_BOTH, dataclasses.replace(F32, dtype=torch.bfloat16), "eager", "eager"),
+    (Capabilities("cpu", frozenset({"aoti"})), F32, "aoti", "eager"),
+    (CPU_ORT, F32, "onnxruntime", "eager"),  # no C++ compiler
     (Capabilities("cpu", frozenset()), F32, "eager", "eager"),  # onnxruntime not installed
     (CPU_ORT, dataclasses.replace(F32, dtype=torch.bfloat16), "eager", "eager"),  # ORT has no bf16 graphs
     (CPU_ORT, dataclasses.replace(F32, rolling=False), "onnxruntime", "eager"),  # global: a global_cache_frames cache
@@ -83,6 +106,15 @@ def test_rule_for_given_capabilities(caps: Capabilities, work: Workload, dit: st
     choice = choose_backends(caps, work)
     assert (choice.dit, choice.decoder) == (dit, decoder)
     assert choice.why["dit"]  # every pick says why
+
+
+def test_a_pinned_dit_backend_overrides_the_rule() -> None:
+    assert choose_backends(CPU_BOTH, F32, "onnxruntime").dit == "onnxruntime"
+    assert choose_backends(CPU_BOTH, F32, "eager").dit == "eager"
+    pinned = choose_backends(CPU_ORT, F32, "aoti")  # not available here: eager, and why
+    assert pinned.dit == "eager" and "cannot run here" in pinned.why["dit"]
+    cache_relative = dataclasses.replace(F32, position_mode="cache_relative")
+    assert choose_backends(CPU_BOTH, cache_relative, "aoti").dit == "eager"  # exported steps are absolute
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +177,7 @@ from sf_sdk import StreamingGenerator
 from sf_sdk.config import StreamingConfig
 stream = StreamingConfig(latent_height=4, latent_width=2, local_attn_size=6)
 gen = StreamingGenerator.from_config("tiny", stream, vae="tiny", seed=0,
-                                     backend_options={"cache_dir": sys.argv[1], "build": "now"})
+                                     backend_options={"cache_dir": sys.argv[1], "build": "now", "dit": "onnxruntime"})
 print("DIT", gen.backend.components["dit"])
 """
 
@@ -250,6 +282,8 @@ def test_a_broken_export_warns_once_and_runs_eagerly(tmp_path: Path, monkeypatch
 def test_bad_options_say_what_is_wrong(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="build='sometimes'"):
         _gen(tmp_path, "sometimes")
+    with pytest.raises(ValueError, match="dit='tvm': choose one of"):
+        _gen(tmp_path, "never", dit="tvm")
     with pytest.raises(ValueError, match="artifact_dir"):
         StreamingGenerator.from_config("tiny", STREAM, backend_options={"artifact_dir": str(tmp_path)})
 
