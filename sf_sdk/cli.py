@@ -53,6 +53,11 @@ DEFAULT_FRAMES = 81
 MAX_NAME_CHARS = 60
 # Artifact backends, which need --artifact-dir (the folder `python -m export.<tool>` wrote).
 ARTIFACT_BACKENDS = {"aoti": "aoti", "onnxruntime": "onnx", "tensorrt": "trt", "torch_tensorrt": "torch_trt"}
+# On the CPU a one-video process runs --backend auto's exported DiT only for videos of at least this
+# many chunks: loading it costs a new process ~1.1-1.4 s (inductor's import, the package) and it
+# saves ~13 ms per shapes-tiny chunk at 2 threads, so shorter videos finish sooner eagerly
+# (docs/export.md). Long-lived processes (sf-serve, the Python API) always take auto's pick.
+AUTO_MIN_CHUNKS = 100
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,8 +256,11 @@ def _generate(args: argparse.Namespace, device: str, dtype: str, writer, signals
     if args.framewise:
         overrides["num_frame_per_block"] = 1
     t0 = time.perf_counter()
+    # On the CPU, auto is resolved once the video's length is known (AUTO_MIN_CHUNKS).
+    defer_auto = args.backend == "auto" and device == "cpu"
     gen = StreamingGenerator.from_pretrained(args.model, device=device, dtype=dtype, streaming=overrides or None,
-                                             backend=args.backend, backend_options=_backend_options(args),
+                                             backend="eager" if defer_auto else args.backend,
+                                             backend_options=_backend_options(args),
                                              decoder=args.decoder, decoder_path=args.decoder_path,
                                              wan_dir=args.wan_dir, use_ema=False if args.no_ema else None,
                                              family=args.family, lora=args.lora, lora_scale=args.lora_scale)
@@ -268,6 +276,14 @@ def _generate(args: argparse.Namespace, device: str, dtype: str, writer, signals
     frames = _num_frames(args, gen)
     st = gen.streaming
     latent = (frames - 1) // gen.temporal_stride + 1
+    if defer_auto:
+        chunks = math.ceil(latent / st.num_frame_per_block)
+        if chunks >= AUTO_MIN_CHUNKS:
+            gen.use_backend("auto")
+        else:
+            log.info("backend auto: a video of %d chunk%s runs eagerly (an exported DiT costs a new process more "
+                     "to load than it saves below %d chunks; sf-serve and the Python API use it at any length)",
+                     chunks, "" if chunks == 1 else "s", AUTO_MIN_CHUNKS)
     if not st.rolling and latent > st.global_cache_frames:
         log.warning("%d latent frames with global attention: longer than the %d the model streams by default; "
                     "for long videos use a rolling window (--window N)", latent, st.global_cache_frames)

@@ -295,3 +295,21 @@ def test_vae_frames_benchmark(capsys, tmp_path: Path) -> None:
     assert len(json.loads(capsys.readouterr().out)["error_per_latent_frame"]) == 2
     with pytest.raises(SystemExit):
         bench.main(["--model", "shapes-tiny", "--frames", "8"])
+
+
+def test_short_cpu_videos_run_eagerly_under_auto(model_dir: Path, tmp_path: Path, capsys,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import sf_sdk.cli as cli
+    from sf_sdk.generator import StreamingGenerator as Gen
+
+    used: list[str] = []
+    real_use = Gen.use_backend
+    monkeypatch.setattr(Gen, "use_backend", lambda self, name, options=None: (used.append(name),
+                                                                              real_use(self, name, options))[1])
+    args = [PROMPT, "--frames", "9", "--model", str(model_dir), "--no-progress"]
+    assert main([*args, "--output", str(tmp_path / "short.mp4")]) == 0
+    err = capsys.readouterr().err
+    assert "backend auto: a video of 1 chunk runs eagerly" in err and "auto" not in used, err
+    monkeypatch.setattr(cli, "AUTO_MIN_CHUNKS", 1)  # a video that long takes auto's pick
+    assert main([*args, "--output", str(tmp_path / "long.mp4")]) == 0
+    assert "runs eagerly" not in capsys.readouterr().err and used[-1] == "auto"
