@@ -157,15 +157,18 @@ def test_long_rollout_scores_a_window_of_a_longer_rollout(smoke_run: Path, tmp_p
 
 
 @pytest.mark.parametrize("mode", ["teacher_forcing", "diffusion_forcing"])
-def test_forcing_modes_take_ground_truth_that_matches_the_prompt(smoke_run: Path, tmp_path: Path, mode: str,
+def test_forcing_modes_take_a_teacher_trajectory_as_ground_truth(smoke_run: Path, tmp_path: Path, mode: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Teacher / diffusion forcing condition on cached clips: each rollout's prompt must be its
-    clip's own caption (context of another caption contradicts the prompt it is trained with)."""
+    """Teacher / diffusion forcing roll out from a teacher trajectory's own noise, prompted with its
+    caption, with its end as the context: the student's first chunk and the ground truth after it
+    are one video (an unrelated clip's context contradicts the first chunk)."""
+    import json
+
     import torch
+    from safetensors import safe_open
 
     import training.stages.self_forcing as sf_stage
     from training.stages.common import prompt_table
-    from training.stages.teacher import load_latent_cache
     from training.train import compose, run
 
     draws: list = []
@@ -181,14 +184,21 @@ def test_forcing_modes_take_ground_truth_that_matches_the_prompt(smoke_run: Path
     cfg = compose("smoke", [f"run_dir={run_dir}", "stages=[self_forcing]", "self_forcing.steps=2",
                             f"self_forcing.rollout_mode={mode}"])
     run(cfg)
-    cache = load_latent_cache(run_dir / "teacher" / "latents")
+    noise, x0, captions = [], [], []
+    for path in sorted((run_dir / "ode_init" / "pairs").glob("shard-*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            noise.append(f.get_tensor("noisy")[:, 0])
+            x0.append(f.get_tensor("x0"))
+            captions += json.loads(f.metadata()["captions"])
+    noise, x0 = torch.cat(noise), torch.cat(x0)
     table = prompt_table(cfg, torch.device("cpu"))
     frames = draws[0].clean.shape[1]
     checked = 0
     for d in draws:
-        for cond, clean in zip(d.cond, d.clean):
-            [clip] = [i for i in range(len(cache.captions)) if torch.equal(cache.latents[i, :frames], clean)]
-            assert torch.equal(cond, table.cond[table.index(cache.captions[clip])])
+        for cond, start, clean in zip(d.cond, d.noise, d.clean):
+            [pair] = [i for i in range(len(captions)) if torch.equal(x0[i, :frames], clean)]
+            assert torch.equal(start, noise[pair, :frames])
+            assert torch.equal(cond, table.cond[table.index(captions[pair])])
             checked += 1
     assert checked >= 4
 

@@ -2,10 +2,13 @@
 
 Per generator update (one ``step``):
 
-1. captions drawn from the shapes prompt set, noise for ``num_latent_frames`` frames (for teacher
-   or diffusion forcing, or the GAN: clips of the teacher's latent cache, as ground truth, with
-   their own captions as the prompts, so that the context and the real clips show what the prompt
-   says);
+1. captions drawn from the shapes prompt set, noise for ``num_latent_frames`` frames. Teacher and
+   diffusion forcing instead draw one of the ``ode_init`` stage's teacher trajectories: its
+   caption is the prompt, its starting noise the rollout's noise and its end (``x0``) the ground
+   truth of the context, so the student's own first chunk (which no context conditions) and the
+   ground truth after it belong to one video (an unrelated clip's context makes the first chunk
+   contradict the rest, and the students learn to leave it black). The GAN's real side (without a
+   forcing mode) draws clips of the teacher's latent cache with their own captions as the prompts;
 2. one exit step drawn and broadcast from rank 0 (``draw_exit_step``), shared by every chunk;
 3. the rollout (``training.algorithms.rollout``) runs the student chunk by chunk with the KV cache
    through ``sf_sdk.sampling.denoise_chunk`` exactly as inference does, the exit step with
@@ -182,13 +185,16 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
         critic_params += list(head.parameters())
         modules["disc_head"] = head
     frames, k = st.num_latent_frames, cfg.stream.num_frame_per_block
-    # Ground truth comes with its caption: a forcing mode's context and the GAN's real clips must
-    # show what the prompt says (a clip of another caption is context the prompt contradicts).
-    real = images = None
+    # Ground truth comes with its prompt (step 1 of the module docstring): a forcing mode's
+    # context is a teacher trajectory's end, started from the rollout's own noise; the GAN's real
+    # clips show what their captions say.
+    real = images = pairs = None
     if st.image_conditioning:  # frame 0 of each clip, the whole clip for the GAN's real side
         keep = frames if gan is not None else 1
         images = _ImageClips(_real_clips(cfg, keep), prompts, keep)
-    elif gan is not None or st.rollout_mode != "self_forcing":
+    elif st.rollout_mode != "self_forcing":
+        pairs = _OdePairs.load(Path(cfg.run_dir) / "ode_init" / "pairs", prompts, frames, cfg)
+    elif gan is not None:
         real = _ImageClips(_real_clips(cfg, frames), prompts, frames)  # [N, frames, C, h, w] + captions
     opt_g = make_optimizer(student.parameters(), st)
     opt_c = make_optimizer(critic_params, st, lr=st.critic_lr)
@@ -221,6 +227,10 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
             clip = images.latents[idx].to(dist.device)  # [B, frames or 1, C, h, w]
             return _Draw(prompts.cond[images.caption_index[idx]], noise, clip if gan is not None else None,
                          clip[:, :1])
+        if pairs is not None:  # teacher trajectories: their caption, starting noise and end
+            idx = torch.randint(len(pairs), (st.batch_size,), generator=gen)
+            return _Draw(pairs.cond[idx].to(dist.device), pairs.noise[idx].to(dist.device),
+                         pairs.x0[idx].to(dist.device), None)
         if real is not None:  # cached clips, their captions the prompts
             idx = torch.randint(len(real), (st.batch_size,), generator=gen)
             noise = torch.randn((st.batch_size, length, *latent), generator=gen).to(dist.device)
@@ -308,6 +318,46 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
         long_frames = 4 * frames if images is None else 1 + 4 * (frames - 1)  # whole chunks of the layout
         sample(final, "sample-final-long.mp4", num_frames=long_frames)
     run.mark_done({"steps": state.step})
+
+
+@dataclass
+class _OdePairs:
+    """The ``ode_init`` stage's teacher trajectories as forcing-mode ground truth: each one's
+    prompt ``cond`` [N, text_len, text_dim], starting noise [N, frames, C, h, w] (the trajectory
+    at timestep ``num_train_timesteps``, sigma 1) and end ``x0`` [N, frames, C, h, w]."""
+
+    cond: Tensor
+    noise: Tensor
+    x0: Tensor
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+    @classmethod
+    def load(cls, folder: Path, prompts: PromptTable, frames: int, cfg: TrainConfig) -> _OdePairs:
+        import json
+
+        from safetensors import safe_open
+
+        shards = sorted(folder.glob("shard-*.safetensors"))
+        if not shards:
+            raise ValueError(f"{folder} holds no teacher trajectories: teacher and diffusion forcing take their "
+                             f"ground truth from the ode_init stage's pairs; run ode_init first")
+        noise, x0, captions = [], [], []
+        for path in shards:
+            with safe_open(str(path), "pt") as f:
+                t = f.get_tensor("timesteps")  # [n, kept steps]
+                if not torch.all(t[:, 0] == cfg.stream.num_train_timesteps):
+                    raise ValueError(f"{path}: its trajectories do not start at timestep "
+                                     f"{cfg.stream.num_train_timesteps} (pure noise); rebuild the pairs")
+                noise.append(f.get_tensor("noisy")[:, 0])  # [n, F, C, h, w]
+                x0.append(f.get_tensor("x0"))
+                captions.extend(json.loads(f.metadata()["captions"]))
+        pairs = cls(prompts.lookup(captions).cpu(), torch.cat(noise), torch.cat(x0))
+        if pairs.x0.shape[1] < frames:
+            raise ValueError(f"the teacher trajectories hold {pairs.x0.shape[1]} latent frames; a forcing mode needs "
+                             f"{frames} (self_forcing.num_latent_frames)")
+        return cls(pairs.cond, pairs.noise[:, :frames].contiguous(), pairs.x0[:, :frames].contiguous())
 
 
 def _real_clips(cfg: TrainConfig, frames: int) -> LatentCache:
