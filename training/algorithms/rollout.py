@@ -24,7 +24,11 @@ the paper, Table 3):
 
 The two forcing modes need ``clean_latents`` [B, F, C, H, W]. In the data-free DMD / SiD setting
 there is no data: use the teacher's ODE samples (``training.algorithms.ode``, the ``x0`` of a
-trajectory, computed for the same prompts) or VAE-encoded clips of the training domain.
+trajectory computed for the same prompt) and start the rollout from that trajectory's noise (what
+the ``self_forcing`` stage does): the first chunk, which no context conditions, then lands near the
+trajectory's first chunk, and the context after it continues the same video. Ground truth
+unrelated to ``noise`` (a clip of the domain) makes the rolled-out video jump at the first chunk's
+end.
 
 Image-to-video (``first_frame``): a given clean latent frame is written to the cache first, by the
 cache pass alone (no gradients), exactly as :class:`sf_sdk.StreamingGenerator` writes ``image=`` in
