@@ -135,7 +135,7 @@ def tiny_main(args: argparse.Namespace) -> None:
         makers["wan_onnxruntime"] = _onnx_decoder(wan_graphs, DecodeShapes.from_vae(vae, gen.streaming), folder)
         makers["tiny_onnxruntime"] = _onnx_decoder(tiny_step_graphs(tiny, gen.streaming),
                                                    tiny_decode_shapes(tiny, gen.streaming), folder)
-    batched = {"wan": (vae, decode_streams), "tiny": (tiny, decode_tiny_streams)}
+    batched = {"wan": decode_streams, "tiny": decode_tiny_streams}
     times: dict[str, list[float]] = {name: [] for name in makers}
     pool_times: dict[str, list[float]] = {name: [] for name in batched}
     decoded: dict[str, list[torch.Tensor]] = {}
@@ -148,7 +148,7 @@ def tiny_main(args: argparse.Namespace) -> None:
                         times[name] += secs
                     if rep == 0 and s == 0 and name in ("wan", "tiny"):
                         decoded[name] = [torch.cat(out, dim=2)]
-            for name, (model, decode_many) in batched.items():
+            for name, decode_many in batched.items():
                 decs = [makers[name]() for _ in range(args.streams)]
                 for j in range(args.chunks):
                     z = torch.cat([streams[s][j] for s in range(args.streams)])
