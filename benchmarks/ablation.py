@@ -159,14 +159,16 @@ def plot(rows: list[dict], frames: list[int], path: Path) -> None:
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["mode"], row["layout"]), []).append(row)
+    top = 0.0
     for (mode, layout), group in groups.items():
         means = [statistics.mean(r["scores"][f] for r in group) for f in frames]
+        top = max(top, *means)
         ax.plot(frames, means, marker="o", linestyle="-" if layout == "chunk" else "--",
                 label=f"{SHORT[mode]} {layout}-wise")
     ax.set_xscale("log")
     ax.set_xlabel("video length (frames)")
     ax.set_ylabel("strict shapes score (mean over seeds)")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, min(1.0, max(0.1, 1.25 * top)))
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
