@@ -74,16 +74,25 @@ def build_pairs(cfg: TrainConfig, dist: DistInfo, teacher: WanDiT, prompts: Prom
         atomic_save_file(traj, path, {"captions": json.dumps(captions)})
         log.info("ode pairs: shard %d of %d", shard + 1, num_shards)
     barrier()
+    out, captions = read_pairs(folder, num_shards)
+    out["cond"] = prompts.lookup(captions)  # [N, text_len, text_dim]
+    return out
+
+
+def read_pairs(folder: Path, num_shards: int | None = None) -> tuple[dict[str, Tensor], list[str]]:
+    """The teacher trajectories :func:`build_pairs` wrote into ``folder`` (its first ``num_shards``
+    shards; None: every one there): ``noisy`` [N, kept steps, F, C, h, w], ``timesteps`` [N, kept
+    steps], ``x0`` [N, F, C, h, w], and each trajectory's caption."""
+    paths = ([folder / f"shard-{shard:04d}.safetensors" for shard in range(num_shards)] if num_shards is not None
+             else sorted(folder.glob("shard-*.safetensors")))
     parts: dict[str, list[Tensor]] = {}
-    captions_all: list[str] = []
-    for shard in range(num_shards):
-        with safe_open(str(folder / f"shard-{shard:04d}.safetensors"), "pt") as f:
+    captions: list[str] = []
+    for path in paths:
+        with safe_open(str(path), "pt") as f:
             for k in f.keys():
                 parts.setdefault(k, []).append(f.get_tensor(k))
-            captions_all.extend(json.loads(f.metadata()["captions"]))
-    out = {k: torch.cat(v) for k, v in parts.items()}
-    out["cond"] = prompts.lookup(captions_all)  # [N, text_len, text_dim]
-    return out
+            captions.extend(json.loads(f.metadata()["captions"]))
+    return {k: torch.cat(v) for k, v in parts.items()}, captions
 
 
 def run_ode_init(cfg: TrainConfig, dist: DistInfo) -> None:

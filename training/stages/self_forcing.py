@@ -61,7 +61,7 @@ from training.algorithms import (
     rollout,
 )
 from training.stages.common import PromptTable, prompt_table, save_dit
-from training.stages.ode_init import _ema_copy, load_student, sample_student
+from training.stages.ode_init import _ema_copy, load_student, read_pairs, sample_student
 from training.stages.teacher import LatentCache, load_latent_cache, load_teacher
 from training.stages.vae import load_trained_vae
 from training.utils.checkpoint import TrainState
@@ -131,18 +131,23 @@ class _Draw:
     first_frame: Tensor | None
 
 
+def _caption_index(captions: list[str], prompts: PromptTable, what: str, stage: str) -> Tensor:
+    """The index of each caption in the prompt table [N] (a clear error for captions outside it)."""
+    known = {c: i for i, c in enumerate(prompts.captions)}
+    unknown = sorted({c for c in captions if c not in known})
+    if unknown:
+        raise ValueError(f"{what} has captions outside the prompt set, e.g. {unknown[:3]}: it was built for another "
+                         f"domain; rebuild it with {stage}")
+    return torch.tensor([known[c] for c in captions])
+
+
 class _ImageClips:
     """Ground-truth clips (an image-conditioned rollout's first frames, a forcing mode's context, the
     GAN's real side): the teacher's latent cache, each clip with the index of its caption in the
     prompt table (the cache stores every clip's caption)."""
 
     def __init__(self, cache: LatentCache, prompts: PromptTable, keep_frames: int) -> None:
-        known = {c: i for i, c in enumerate(prompts.captions)}
-        unknown = sorted({c for c in cache.captions if c not in known})
-        if unknown:
-            raise ValueError(f"the latent cache has captions outside the prompt set, e.g. {unknown[:3]}: it was "
-                             f"built for another domain; rebuild it with the teacher stage")
-        self.caption_index = torch.tensor([known[c] for c in cache.captions])  # [N]
+        self.caption_index = _caption_index(cache.captions, prompts, "the latent cache", "the teacher stage")  # [N]
         self.latents = cache.latents[:, :keep_frames].clone()  # [N, keep_frames, C, h, w]
         self.captions = cache.captions
 
@@ -229,7 +234,7 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
                          clip[:, :1])
         if pairs is not None:  # teacher trajectories: their caption, starting noise and end
             idx = torch.randint(len(pairs), (st.batch_size,), generator=gen)
-            return _Draw(pairs.cond[idx].to(dist.device), pairs.noise[idx].to(dist.device),
+            return _Draw(prompts.cond[pairs.caption_index[idx]], pairs.noise[idx].to(dist.device),
                          pairs.x0[idx].to(dist.device), None)
         if real is not None:  # cached clips, their captions the prompts
             idx = torch.randint(len(real), (st.batch_size,), generator=gen)
@@ -323,10 +328,10 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
 @dataclass
 class _OdePairs:
     """The ``ode_init`` stage's teacher trajectories as forcing-mode ground truth: each one's
-    prompt ``cond`` [N, text_len, text_dim], starting noise [N, frames, C, h, w] (the trajectory
+    caption (its index into the prompt table), starting noise [N, frames, C, h, w] (the trajectory
     at timestep ``num_train_timesteps``, sigma 1) and end ``x0`` [N, frames, C, h, w]."""
 
-    cond: Tensor
+    caption_index: Tensor
     noise: Tensor
     x0: Tensor
 
@@ -335,29 +340,18 @@ class _OdePairs:
 
     @classmethod
     def load(cls, folder: Path, prompts: PromptTable, frames: int, cfg: TrainConfig) -> _OdePairs:
-        import json
-
-        from safetensors import safe_open
-
-        shards = sorted(folder.glob("shard-*.safetensors"))
-        if not shards:
+        pairs, captions = read_pairs(folder)
+        if not captions:
             raise ValueError(f"{folder} holds no teacher trajectories: teacher and diffusion forcing take their "
                              f"ground truth from the ode_init stage's pairs; run ode_init first")
-        noise, x0, captions = [], [], []
-        for path in shards:
-            with safe_open(str(path), "pt") as f:
-                t = f.get_tensor("timesteps")  # [n, kept steps]
-                if not torch.all(t[:, 0] == cfg.stream.num_train_timesteps):
-                    raise ValueError(f"{path}: its trajectories do not start at timestep "
-                                     f"{cfg.stream.num_train_timesteps} (pure noise); rebuild the pairs")
-                noise.append(f.get_tensor("noisy")[:, 0])  # [n, F, C, h, w]
-                x0.append(f.get_tensor("x0"))
-                captions.extend(json.loads(f.metadata()["captions"]))
-        pairs = cls(prompts.lookup(captions).cpu(), torch.cat(noise), torch.cat(x0))
-        if pairs.x0.shape[1] < frames:
-            raise ValueError(f"the teacher trajectories hold {pairs.x0.shape[1]} latent frames; a forcing mode needs "
-                             f"{frames} (self_forcing.num_latent_frames)")
-        return cls(pairs.cond, pairs.noise[:, :frames].contiguous(), pairs.x0[:, :frames].contiguous())
+        if not torch.all(pairs["timesteps"][:, 0] == cfg.stream.num_train_timesteps):
+            raise ValueError(f"{folder}: its trajectories do not start at timestep {cfg.stream.num_train_timesteps} "
+                             f"(pure noise); rebuild the pairs")
+        if pairs["x0"].shape[1] < frames:
+            raise ValueError(f"the teacher trajectories hold {pairs['x0'].shape[1]} latent frames; a forcing mode "
+                             f"needs {frames} (self_forcing.num_latent_frames)")
+        index = _caption_index(captions, prompts, f"{folder}", "the ode_init stage")
+        return cls(index, pairs["noisy"][:, 0, :frames].contiguous(), pairs["x0"][:, :frames].contiguous())
 
 
 def _real_clips(cfg: TrainConfig, frames: int) -> LatentCache:
