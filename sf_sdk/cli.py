@@ -256,11 +256,13 @@ def _generate(args: argparse.Namespace, device: str, dtype: str, writer, signals
     if args.framewise:
         overrides["num_frame_per_block"] = 1
     t0 = time.perf_counter()
-    # On the CPU, auto is resolved once the video's length is known (AUTO_MIN_CHUNKS).
-    defer_auto = args.backend == "auto" and device == "cpu"
+    # On the CPU, auto is resolved once the video's length is known (AUTO_MIN_CHUNKS); with options
+    # (--artifact-dir) it is resolved at once and says what is wrong with them.
+    options = _backend_options(args)
+    defer_auto = args.backend == "auto" and device == "cpu" and options is None
     gen = StreamingGenerator.from_pretrained(args.model, device=device, dtype=dtype, streaming=overrides or None,
                                              backend="eager" if defer_auto else args.backend,
-                                             backend_options=_backend_options(args),
+                                             backend_options=options,
                                              decoder=args.decoder, decoder_path=args.decoder_path,
                                              wan_dir=args.wan_dir, use_ema=False if args.no_ema else None,
                                              family=args.family, lora=args.lora, lora_scale=args.lora_scale)
