@@ -39,8 +39,8 @@ def _gen(cache: Path, build: str, stream: StreamingConfig = STREAM, **kwargs) ->
     return StreamingGenerator.from_config("tiny", stream, vae="tiny", seed=0, backend_options=options)
 
 
-def _entries(cache: Path) -> list[Path]:
-    return sorted(p for p in (cache / "onnxruntime").glob("dit-*") if p.is_dir())
+def _entries(cache: Path, backend: str = "onnxruntime") -> list[Path]:
+    return sorted(p for p in (cache / backend).glob("dit-*") if p.is_dir())
 
 
 def _embeds() -> torch.Tensor:
@@ -69,10 +69,10 @@ def test_the_aoti_dit_is_built_cached_and_streams_what_eager_streams(tmp_path: P
     gen = _gen(tmp_path, "now", dit=None)
     assert gen.backend.components == {"dit": "aoti", "decoder": "eager"}
     assert gen.backend.dit.name == "AOTInductor"
-    [entry] = [p for p in (tmp_path / "aoti").glob("dit-*") if p.is_dir()]
+    [entry] = _entries(tmp_path, "aoti")
     again = _gen(tmp_path, "never", dit=None)  # a later construction loads it
     assert again.backend.components["dit"] == "aoti"
-    assert [p for p in (tmp_path / "aoti").glob("dit-*") if p.is_dir()] == [entry]
+    assert _entries(tmp_path, "aoti") == [entry]
     eager = StreamingGenerator.from_config("tiny", STREAM, vae="tiny", seed=0, backend="eager")
     a = again.generate(prompt_embeds=_embeds(), num_frames=21, seed=3)
     b = eager.generate(prompt_embeds=_embeds(), num_frames=21, seed=3)
