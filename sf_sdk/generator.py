@@ -147,7 +147,7 @@ class StreamingGenerator:
         tiny_decoder: torch.nn.Module | None = None,
         decoder: str = "wan",
     ) -> None:
-        self.dit = dit.eval()
+        self.dit = dit.eval().use_cpu_matmul_layout()
         self.streaming = streaming
         self.vae = vae.eval() if vae is not None else None
         self.text_encoder = text_encoder

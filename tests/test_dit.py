@@ -87,6 +87,46 @@ def test_write_cache_leaves_the_cache_forward_chunk_leaves(mode, dtype):
             assert full.end_frame == short.end_frame
 
 
+def test_cpu_matmul_layout_keeps_values_outputs_and_saving(tmp_path):
+    """use_cpu_matmul_layout stores each linear weight as its contiguous transpose: the same values,
+    parameters and state dict, the same stream (float64), the fused q/k/v copy in the same layout,
+    and the weights still save; the generator applies it to CPU models."""
+    from safetensors.torch import load_file, save_model
+
+    from sf_sdk import StreamingGenerator
+
+    stream = STREAMS["window_sink"]
+    model = tiny_model(seed=3)
+    standard = tiny_model(seed=3)
+    params = {name: p for name, p in model.named_parameters()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert model.use_cpu_matmul_layout() is model
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.t().is_contiguous() and not m.weight.is_contiguous() for m in linears)
+    assert {name: p for name, p in model.named_parameters()} == params  # the same objects
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    w, _, _ = model.blocks[0].self_attn.fused_qkv()
+    assert w.t().is_contiguous()
+    frames, c = 12, stream.num_frame_per_block
+    x = torch.randn(1, frames, 16, 4, 6, dtype=torch.float64)
+    t = torch.rand(1, frames, dtype=torch.float64) * 1000
+    ctx = torch.randn(1, 5, TINY.text_dim, dtype=torch.float64)
+    with torch.no_grad():
+        caches = [m.new_cache(stream, 1, num_frames=frames) for m in (model, standard)]
+        crosses = [m.encode_context(ctx) for m in (model, standard)]
+        for s in range(0, frames, c):
+            a, b = (m.forward_chunk(x[:, s:s + c], t[:, s:s + c], cr, ca, s)
+                    for m, cr, ca in zip((model, standard), crosses, caches))
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    save_model(model, str(tmp_path / "w.safetensors"))
+    loaded = load_file(str(tmp_path / "w.safetensors"))
+    assert all(torch.equal(loaded[k], before[k]) for k in loaded)
+    gen = StreamingGenerator(tiny_model(seed=3, dtype=torch.float32), StreamingConfig(latent_height=4, latent_width=6),
+                             backend="eager")
+    assert gen.dit.blocks[0].ffn[0].weight.t().is_contiguous()
+
+
 def test_cache_relative_matches_absolute_without_sinks_and_bounds_positions():
     model = tiny_model()
     base = StreamingConfig(latent_height=4, latent_width=6, local_attn_size=6)
