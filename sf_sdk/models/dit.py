@@ -665,10 +665,10 @@ class WanDiT(nn.Module):
 
         ``F.linear`` then hands the CPU GEMM a plain [in, out] operand instead of a transposed
         one, which is faster at the few rows of a streaming chunk: 48-row float32 matmuls of the
-        race's tiny config ran 15-28% faster in a micro-benchmark, a whole chunk 7-10% (docs/
-        performance.md). Values, shapes, parameter objects and the state dict's contents are
-        unchanged (saving writes contiguous copies); an optimizer holding the parameters keeps
-        them. The generator calls it for CPU models."""
+        race's tiny config ran 1.15-1.28x faster in a micro-benchmark, a whole eager chunk 1.11-1.13x
+        on one thread and 1.03x on two (docs/performance.md). Values, shapes, parameter objects
+        and the state dict's contents are unchanged (saving writes contiguous copies); an
+        optimizer holding the parameters keeps them. The generator calls it for CPU models."""
         with torch.no_grad():
             for module in self.modules():
                 if isinstance(module, nn.Linear) and module.weight.device.type == "cpu" \
