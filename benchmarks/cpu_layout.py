@@ -1,0 +1,136 @@
+"""The CPU weight layout (``WanDiT.use_cpu_matmul_layout``) against the standard one, side by side.
+
+    python benchmarks/cpu_layout.py --config tiny --threads 1 --rounds 8 --json layout.json
+    python benchmarks/cpu_layout.py --config mid --dtype bfloat16 --threads 2 --chunks 2 --rounds 3
+    python benchmarks/cpu_layout.py --model shapes-tiny --threads 2
+
+Two eager generators with the same weights, one with every linear weight stored as its contiguous
+transpose (what ``StreamingGenerator`` does for CPU models), one with the weights put back in the
+standard row-major [out, in] layout. Each round streams one video on each, alternating, so a
+change in machine load hits both alike.
+
+What a figure includes: the DiT of one chunk (its denoising steps and the cache pass; no text
+encoder, no decode), wall time per chunk, the median over every chunk after the first of each
+stream, after one warm-up stream per side. ``--config`` takes the race's DiT configurations
+(``benchmarks/race_official.py``: random weights, a global cache, chunks of 3 latent frames);
+``--model`` a model folder or bundled name with its own streaming settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+for path in (HERE.parent, HERE):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from race_official import CHUNK_FRAMES, CONFIGS, PROMPT_ROWS, ours_run  # noqa: E402
+
+from sf_sdk.config import StreamingConfig  # noqa: E402
+from sf_sdk.generator import StreamingGenerator  # noqa: E402
+
+log = logging.getLogger("benchmarks.cpu_layout")
+
+
+def standard_layout(gen: StreamingGenerator) -> StreamingGenerator:
+    """Put every linear weight of the generator's DiT back in the row-major [out, in] layout (the
+    fused q/k/v copy is remade on its next use: its key holds the weights' storage)."""
+    with torch.no_grad():
+        for module in gen.dit.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.data = module.weight.data.contiguous()
+    return gen
+
+
+def _layout_of(gen: StreamingGenerator) -> str:
+    w = next(m.weight for m in gen.dit.modules() if isinstance(m, torch.nn.Linear))
+    return "standard" if w.is_contiguous() else "transposed"
+
+
+def _generators(args: argparse.Namespace) -> tuple[dict[str, StreamingGenerator], int, dict[str, Any]]:
+    """(the two generators by layout, latent frames per stream, what was run)."""
+    if args.model:
+        make = lambda: StreamingGenerator.from_pretrained(args.model, dtype=args.dtype, backend="eager",  # noqa: E731
+                                                          load_text_encoder=False)
+        what = {"model": args.model}
+    else:
+        rc = CONFIGS[args.config]
+        h, w = rc.latent_hw
+        stream = StreamingConfig(num_frame_per_block=CHUNK_FRAMES, latent_height=h, latent_width=w,
+                                 global_cache_frames=args.chunks * CHUNK_FRAMES)
+        make = lambda: StreamingGenerator.from_config(rc.dit, stream, seed=args.seed, dtype=args.dtype,  # noqa: E731
+                                                      backend="eager")
+        what = {"config": args.config}
+    gens = {"standard": standard_layout(make()), "transposed": make()}
+    for name, gen in gens.items():
+        if _layout_of(gen) != name:
+            raise RuntimeError(f"the {name} side's weights are in the {_layout_of(gen)} layout")
+    chunk = gens["transposed"].streaming.num_frame_per_block
+    return gens, args.chunks * chunk, what
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    gens, num_latent, what = _generators(args)
+    ref = gens["transposed"]
+    embeds = torch.randn(PROMPT_ROWS if args.model is None else ref.dit.config.text_len, ref.dit.config.text_dim,
+                         generator=torch.Generator().manual_seed(args.seed)).to(ref.dtype)
+    for gen in gens.values():  # warm-up
+        ours_run(gen, embeds, num_latent)
+    chunks: dict[str, list[float]] = {name: [] for name in gens}
+    for _ in range(args.rounds):
+        for name, gen in gens.items():
+            wall, _ = ours_run(gen, embeds, num_latent)
+            chunks[name].extend(wall[1:])  # the first chunk of each stream is not counted
+    sides = {name: {"median_s": statistics.median(w), "chunks": len(w), "chunk_wall_s": w} for name, w in chunks.items()}
+    speedup = sides["standard"]["median_s"] / sides["transposed"]["median_s"]
+    return {**what, "dtype": str(ref.dtype).removeprefix("torch."), "threads": args.threads,
+            "chunks_per_stream": args.chunks, "rounds": args.rounds, "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "sides": sides, "speedup": speedup}
+
+
+def table(result: dict[str, Any]) -> str:
+    what = result.get("model") or f"race {result['config']}"
+    s = result["sides"]
+    return "\n".join([
+        "| what | dtype | threads | standard s/chunk | transposed s/chunk | speed-up |",
+        "|---|---|---|---|---|---|",
+        f"| {what} | {result['dtype']} | {result['threads']} | {s['standard']['median_s']:.4f} | "
+        f"{s['transposed']['median_s']:.4f} | {result['speedup']:.3f}x |",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/cpu_layout.py", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="a race DiT configuration")
+    src.add_argument("--model", help="a model folder or bundled name instead")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--chunks", type=int, default=7, help="chunks per stream")
+    p.add_argument("--rounds", type=int, default=8, help="streams per side")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="also write the result here")
+    args = p.parse_args(argv)
+    if args.chunks < 2 or args.rounds < 1:
+        p.error("--chunks must be at least 2 (the first chunk of a stream is not counted) and --rounds at least 1")
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    result = run(args)
+    print(table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
