@@ -16,6 +16,7 @@
 // (bfloat16 / float16: converted) into a contiguous float32 scratch block, shared by all the
 // task's queries. Everything accumulates in float32.
 #include "../checks.h"
+#include "vec_math.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -70,28 +71,6 @@ template <>
 struct Tile<1> {
   static constexpr int kRows = 8;
 };
-
-// ------------------------------------------------------------------------------------------
-// exp2 on a vector, for x <= 0 (scores minus their running max).
-// 2^x = 2^n * 2^f with n = round(x), f in [-0.5, 0.5]; 2^f is a degree-5 polynomial fitted to
-// minimise the relative error on [-0.5, 0.5] (2.3e-7 with float32 Horner evaluation); 2^n is
-// built in the exponent bits. Inputs below -127 (including -inf) return exactly 0.
-// ------------------------------------------------------------------------------------------
-inline Vec exp2_nonpositive(Vec x) {
-  const Vec c0(1.0000001192092896f), c1(0.6931469440460205f), c2(0.24022121727466583f),
-      c3(0.05550742521882057f), c4(0.009675459936261177f), c5(0.0013266970636323094f);
-  x = at::vec::clamp_min(x, Vec(-127.0f));
-  const Vec n = x.round();
-  const Vec f = x - n;
-  Vec p = at::vec::fmadd(c5, f, c4);
-  p = at::vec::fmadd(p, f, c3);
-  p = at::vec::fmadd(p, f, c2);
-  p = at::vec::fmadd(p, f, c1);
-  p = at::vec::fmadd(p, f, c0);
-  // n = -127 gives exponent bits 0, i.e. exactly 0.
-  const IVec bits = (at::vec::convert_to_int_of_same_size(n) + IVec(127)) << IVec(23);
-  return p * at::vec::cast<float>(bits);
-}
 
 // max without NaN propagation (one instruction on x86).
 inline Vec fast_max(const Vec& a, const Vec& b) {

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from sf_sdk import ops
 from sf_sdk.attention import REFERENCE, CacheAttention, attention, select_cache_attention
 from sf_sdk.cache import ChunkPlan, KVCache, frame_visibility, write_rows
 from sf_sdk.config import DiTConfig, StreamingConfig
@@ -83,9 +84,21 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     the weight, as the official norm). ``weight`` broadcasts over x's trailing dims."""
     if x.dtype in (torch.float16, torch.bfloat16):
         return F.rms_norm(x.float(), x.shape[-1:], None, eps).type_as(x) * weight
+    if _fused_eager(x):  # one pass (the CPU kernel) instead of six ops
+        if x.dim() == 4 and weight.shape == x.shape[2:]:  # [B, L, G, D] with [G, D]
+            return torch.ops.sf_sdk.grouped_rms_norm(x, weight, eps)
+        if x.dim() == 3 and weight.shape == x.shape[-1:]:  # [B, L, D] with [D]
+            return torch.ops.sf_sdk.grouped_rms_norm(x.unsqueeze(2), weight.unsqueeze(0), eps).squeeze(2)
     if weight.shape == x.shape[-1:]:
         return F.rms_norm(x, x.shape[-1:], weight, eps)
     return F.rms_norm(x, x.shape[-1:], None, eps) * weight
+
+
+def _fused_eager(x: Tensor) -> bool:
+    """Whether an eager call on x runs the fused CPU kernels of the block's elementwise chains
+    (:func:`sf_sdk.ops.block_kernels_available`: float32 CPU tensors with the kernels loaded),
+    which it does only without autograd and outside traced graphs."""
+    return not torch.is_grad_enabled() and not _tracing() and ops.block_kernels_available(x)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -540,6 +553,9 @@ def gelu_tanh(y: Tensor) -> Tensor:
     if y.device.type != "cpu" or y.dtype not in (torch.float32, torch.float64) or torch.is_grad_enabled() \
             or _tracing():
         return F.gelu(y, approximate="tanh")
+    if y.is_contiguous() and ops.block_kernels_available(y):  # float32: one fused pass (CPU kernel)
+        torch.ops.sf_sdk.gelu_tanh_(y)
+        return y
     z = torch.mul(y, y)
     z.mul_(0.044715 * _GELU_C).add_(_GELU_C).mul_(y)  # 2 sqrt(2/pi) (y + 0.044715 y^3)
     return y.mul_(z.sigmoid_())
@@ -549,6 +565,15 @@ def _modulate(x: Tensor, shift: Tensor, scale1: Tensor, frames: int) -> Tensor:
     """adaLN per frame: x [B, F*T, dim], shift and 1 + scale [B, F, 1, dim] -> [B, F*T, dim]."""
     b, n, d = x.shape
     return torch.addcmul(shift, x.view(b, frames, n // frames, d), scale1).view(b, n, d)  # [B, F*T, dim]
+
+
+def _norm_modulate(norm: nn.Module, x: Tensor, shift: Tensor, scale1: Tensor, frames: int) -> Tensor:
+    """adaLN: ``_modulate(norm(x), ...)`` for the block's affine-free layer norms, in one fused pass
+    where the CPU kernels run (:func:`_fused_eager`)."""
+    if isinstance(norm, LayerNorm) and norm.weight is None and norm.bias is None and _fused_eager(x) \
+            and shift.shape[0] == x.shape[0] and shift.dtype == x.dtype:
+        return torch.ops.sf_sdk.modulated_layer_norm(x, shift, scale1, norm.eps)
+    return _modulate(norm(x), shift, scale1, frames)
 
 
 def _gated_add(x: Tensor, y: Tensor, gate: Tensor, frames: int) -> Tensor:
@@ -585,11 +610,11 @@ class Block(nn.Module):
         # e: [B, F, 6, dim] time projection of each frame
         frames = e.shape[1]
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation_of(e, x.dtype)
-        y = self.self_attn(_modulate(self.norm1(x), shift1, scale1, frames), attend, layer)
+        y = self.self_attn(_norm_modulate(self.norm1, x, shift1, scale1, frames), attend, layer)
         x = _gated_add(x, y, gate1, frames)
         x = x + self.cross_attn(self.norm3(x), cross_k, cross_v)
         ffn_in, _, ffn_out = self.ffn
-        y = F.linear(_modulate(self.norm2(x), shift2, scale2, frames), ffn_in.weight, ffn_in.bias)
+        y = F.linear(_norm_modulate(self.norm2, x, shift2, scale2, frames), ffn_in.weight, ffn_in.bias)
         y = F.linear(gelu_tanh(y), ffn_out.weight, ffn_out.bias)  # [B, F*T, dim]
         return _gated_add(x, y, gate2, frames)
 
@@ -599,7 +624,7 @@ class Block(nn.Module):
         keys/values of x, written through ``attend`` (the rest of the block is not computed)."""
         frames = e.shape[1]
         shift1, scale1 = self.modulation_of(e, x.dtype)[:2]
-        _, k, v = self.self_attn.project(_modulate(self.norm1(x), shift1, scale1, frames))
+        _, k, v = self.self_attn.project(_norm_modulate(self.norm1, x, shift1, scale1, frames))
         attend.write(layer, k, v)
 
 
@@ -614,7 +639,7 @@ class Head(nn.Module):
         # e: [B, F, dim] time embedding of each frame
         frames = e.shape[1]
         shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).to(x.dtype).unsqueeze(3).unbind(2)
-        return self.head(_modulate(self.norm(x), shift, 1 + scale, frames))  # [B, F*T, out*p]
+        return self.head(_norm_modulate(self.norm, x, shift, 1 + scale, frames))  # [B, F*T, out*p]
 
 
 # --------------------------------------------------------------------------------------------
