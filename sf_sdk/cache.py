@@ -445,7 +445,7 @@ class KVCache:
             cos, sin = rope
             fused, rotate = self._rope_writers()
             if fused is not None and plan.uniform and cos.dim() == 2 and cos.dtype in (torch.float32, torch.float64):
-                fused(kc, vc, k.contiguous(), v.contiguous(), plan.write_slots[0], cos, sin)
+                fused(kc, vc, k, v, plan.write_slots[0], cos, sin)  # it reads strided rows in place
                 return
             k = rotate(k, cos, sin)
         slots = plan.write_slots[0] if plan.uniform else plan.write_slots
