@@ -1,17 +1,20 @@
-"""The CPU weight layout (``WanDiT.use_cpu_matmul_layout``) against the standard one, side by side.
+"""The eager CPU path's measured choices, each against its alternative, side by side in one run.
 
-    python benchmarks/cpu_layout.py --config tiny --threads 1 --rounds 8 --json layout.json
-    python benchmarks/cpu_layout.py --config mid --dtype bfloat16 --threads 2 --chunks 2 --rounds 3
-    python benchmarks/cpu_layout.py --model shapes-tiny --threads 2
+    python benchmarks/cpu_eager.py --compare layout --config tiny --threads 1 --rounds 8 --json layout.json
+    python benchmarks/cpu_eager.py --compare block-kernels --model shapes-tiny --threads 2
+    python benchmarks/cpu_eager.py --compare layout --config mid --dtype bfloat16 --threads 2 --chunks 2 --rounds 3
 
-Two eager generators with the same weights, one with every linear weight stored as its contiguous
-transpose (what ``StreamingGenerator`` does for CPU models), one with the weights put back in the
-standard row-major [out, in] layout. Each round streams one video on each, alternating, so a
-change in machine load hits both alike.
+``--compare layout``: every linear weight stored as its contiguous transpose (what
+``StreamingGenerator`` does for CPU models, ``WanDiT.use_cpu_matmul_layout``) against the
+standard row-major [out, in] layout (two generators with the same weights).
+``--compare block-kernels``: the fused CPU kernels of the block's elementwise chains
+(``sf_sdk.ops.block_kernels_available``: modulated layer norm, grouped RMS norm, GELU) against the
+same chains in PyTorch ops (one generator; the choice switched between streams).
 
-What a figure includes: the DiT of one chunk (its denoising steps and the cache pass; no text
-encoder, no decode), wall time per chunk, the median over every chunk after the first of each
-stream, after one warm-up stream per side. ``--config`` takes the race's DiT configurations
+Each round streams one video on each side, alternating, so a change in machine load hits both
+alike. What a figure includes: the DiT of one chunk (its denoising steps and the cache pass; no
+text encoder, no decode), wall time per chunk, the median over every chunk after the first of
+each stream, after one warm-up stream per side. ``--config`` takes the race's DiT configurations
 (``benchmarks/race_official.py``: random weights, a global cache, chunks of 3 latent frames);
 ``--model`` a model folder or bundled name with its own streaming settings.
 """
@@ -36,10 +39,11 @@ for path in (HERE.parent, HERE):
 
 from race_official import CHUNK_FRAMES, CONFIGS, PROMPT_ROWS, ours_run  # noqa: E402
 
+from sf_sdk import ops  # noqa: E402
 from sf_sdk.config import StreamingConfig  # noqa: E402
 from sf_sdk.generator import StreamingGenerator  # noqa: E402
 
-log = logging.getLogger("benchmarks.cpu_layout")
+log = logging.getLogger("benchmarks.cpu_eager")
 
 
 def standard_layout(gen: StreamingGenerator) -> StreamingGenerator:
@@ -57,8 +61,12 @@ def _layout_of(gen: StreamingGenerator) -> str:
     return "standard" if w.is_contiguous() else "transposed"
 
 
+# The sides of each comparison: (baseline, the choice the generator makes).
+SIDES = {"layout": ("standard", "transposed"), "block-kernels": ("torch ops", "fused kernels")}
+
+
 def _generators(args: argparse.Namespace) -> tuple[dict[str, StreamingGenerator], int, dict[str, Any]]:
-    """(the two generators by layout, latent frames per stream, what was run)."""
+    """(the generator of each side, latent frames per stream, what was run)."""
     if args.model:
         make = lambda: StreamingGenerator.from_pretrained(args.model, dtype=args.dtype, backend="eager",  # noqa: E731
                                                           load_text_encoder=False)
@@ -71,47 +79,69 @@ def _generators(args: argparse.Namespace) -> tuple[dict[str, StreamingGenerator]
         make = lambda: StreamingGenerator.from_config(rc.dit, stream, seed=args.seed, dtype=args.dtype,  # noqa: E731
                                                       backend="eager")
         what = {"config": args.config}
-    gens = {"standard": standard_layout(make()), "transposed": make()}
-    for name, gen in gens.items():
-        if _layout_of(gen) != name:
-            raise RuntimeError(f"the {name} side's weights are in the {_layout_of(gen)} layout")
-    chunk = gens["transposed"].streaming.num_frame_per_block
+    if args.compare == "layout":
+        gens = {"standard": standard_layout(make()), "transposed": make()}
+        for name, gen in gens.items():
+            if _layout_of(gen) != name:
+                raise RuntimeError(f"the {name} side's weights are in the {_layout_of(gen)} layout")
+    else:
+        gen = make()
+        gens = dict.fromkeys(SIDES["block-kernels"], gen)
+    chunk = next(iter(gens.values())).streaming.num_frame_per_block
     return gens, args.chunks * chunk, what
+
+
+def _block_kernels(on: bool) -> None:
+    """Switch the DiT's fused elementwise kernels on (the library's own rule) or off."""
+    ops.block_kernels_available = _BLOCK_KERNELS_RULE if on else (lambda x: False)
+
+
+_BLOCK_KERNELS_RULE = ops.block_kernels_available
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     gens, num_latent, what = _generators(args)
-    ref = gens["transposed"]
+    baseline, chosen = SIDES[args.compare]
+    if args.compare == "block-kernels" and not _BLOCK_KERNELS_RULE(torch.empty(0)):
+        raise RuntimeError(f"the CPU kernels are not loaded ({ops.unavailable_reason('cpu')}): nothing to compare")
+    ref = gens[chosen]
     embeds = torch.randn(PROMPT_ROWS if args.model is None else ref.dit.config.text_len, ref.dit.config.text_dim,
                          generator=torch.Generator().manual_seed(args.seed)).to(ref.dtype)
-    for gen in gens.values():  # warm-up
-        ours_run(gen, embeds, num_latent)
     chunks: dict[str, list[float]] = {name: [] for name in gens}
-    for _ in range(args.rounds):
-        for name, gen in gens.items():
-            wall, _ = ours_run(gen, embeds, num_latent)
-            chunks[name].extend(wall[1:])  # the first chunk of each stream is not counted
+    try:
+        for name, gen in gens.items():  # warm-up
+            _block_kernels(name != "torch ops")
+            ours_run(gen, embeds, num_latent)
+        for _ in range(args.rounds):
+            for name, gen in gens.items():
+                _block_kernels(name != "torch ops")
+                wall, _ = ours_run(gen, embeds, num_latent)
+                chunks[name].extend(wall[1:])  # the first chunk of each stream is not counted
+    finally:
+        _block_kernels(True)
     sides = {name: {"median_s": statistics.median(w), "chunks": len(w), "chunk_wall_s": w} for name, w in chunks.items()}
-    speedup = sides["standard"]["median_s"] / sides["transposed"]["median_s"]
-    return {**what, "dtype": str(ref.dtype).removeprefix("torch."), "threads": args.threads,
+    speedup = sides[baseline]["median_s"] / sides[chosen]["median_s"]
+    return {**what, "compare": args.compare, "baseline": baseline, "chosen": chosen,
+            "dtype": str(ref.dtype).removeprefix("torch."), "threads": args.threads,
             "chunks_per_stream": args.chunks, "rounds": args.rounds, "cpu": platform.processor() or platform.machine(),
             "torch": torch.__version__, "sides": sides, "speedup": speedup}
 
 
 def table(result: dict[str, Any]) -> str:
     what = result.get("model") or f"race {result['config']}"
-    s = result["sides"]
+    s, base, chosen = result["sides"], result["baseline"], result["chosen"]
     return "\n".join([
-        "| what | dtype | threads | standard s/chunk | transposed s/chunk | speed-up |",
+        f"| what | dtype | threads | {base} s/chunk | {chosen} s/chunk | speed-up |",
         "|---|---|---|---|---|---|",
-        f"| {what} | {result['dtype']} | {result['threads']} | {s['standard']['median_s']:.4f} | "
-        f"{s['transposed']['median_s']:.4f} | {result['speedup']:.3f}x |",
+        f"| {what} | {result['dtype']} | {result['threads']} | {s[base]['median_s']:.4f} | "
+        f"{s[chosen]['median_s']:.4f} | {result['speedup']:.3f}x |",
     ])
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python benchmarks/cpu_layout.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/cpu_eager.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--compare", choices=sorted(SIDES), default="layout", help="which choice to measure")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="a race DiT configuration")
     src.add_argument("--model", help="a model folder or bundled name instead")
