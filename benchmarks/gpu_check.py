@@ -19,7 +19,8 @@ The steps, in order:
   device (``sf_sdk.ops.build``; CUDA needs ``nvcc``).
 * ``kernels_parity``: ``sf_sdk::cache_attention``, ``cache_write`` and ``cache_write_rope``
   against the pure-PyTorch references in float32, bfloat16 and float16 at several cache lengths
-  (empty, one slot, partial, full), plus ``torch.library.opcheck`` of every op per dtype. On CUDA
+  (empty, one slot, partial, full), the block ops (``modulated_layer_norm``, ``grouped_rms_norm``,
+  ``gelu_tanh_``; float32) likewise, plus ``torch.library.opcheck`` of every op per dtype. On CUDA
   also the 1.3B shape (12 heads of 128, a 3-frame chunk of 1560 tokens over a 12-frame window).
 * ``stream_eager``, ``stream_compile``, ``stream_aoti``: the tiny preset streamed 5 chunks (decode
   on, a rolling window that evicts); compile and AOTInductor must match eager (max abs error of
@@ -187,6 +188,26 @@ def step_kernels_parity(ctx: Context) -> dict[str, Any]:
         torch.library.opcheck(torch.ops.sf_sdk.cache_write_rope.default, (kc, vc, kn, vn, slots, angles.cos(),
                                                                          angles.sin()))
         worst[name] = max(errs)
+    # The block's elementwise ops (CPU kernels in float32; elsewhere their references run).
+    x, mod = rand(2, 48, 256, dtype=torch.float32), rand(2, 3, 6, 256, dtype=torch.float32)
+    shift, scale = mod.unsqueeze(3).unbind(2)[:2]
+    qk, w, y = rand(2, 48, 3, 256, dtype=torch.float32)[:, :, :2], rand(2, 256, dtype=torch.float32), \
+        rand(48, 1024, dtype=torch.float32) * 4
+    gelu = y.clone()
+    torch.ops.sf_sdk.gelu_tanh_(gelu)
+    block = {"modulated_layer_norm": (torch.ops.sf_sdk.modulated_layer_norm(x, shift, 1 + scale, 1e-6),
+                                      ops.reference_modulated_layer_norm(x, shift, 1 + scale, 1e-6)),
+             "grouped_rms_norm": (torch.ops.sf_sdk.grouped_rms_norm(qk, w, 1e-6), ops.reference_grouped_rms_norm(qk, w, 1e-6)),
+             "gelu_tanh_": (gelu, torch.nn.functional.gelu(y, approximate="tanh"))}
+    results["block_ops_max_abs_error"] = {}
+    for name, (got, ref) in block.items():
+        err = (got - ref).abs().max().item()
+        results["block_ops_max_abs_error"][name] = err
+        if not err <= KERNEL_TOL[torch.float32]:
+            failures.append(f"{name} float32: max abs error {err:.3g}")
+    torch.library.opcheck(torch.ops.sf_sdk.modulated_layer_norm.default, (x, shift, 1 + scale, 1e-6))
+    torch.library.opcheck(torch.ops.sf_sdk.grouped_rms_norm.default, (qk, w, 1e-6))
+    torch.library.opcheck(torch.ops.sf_sdk.gelu_tanh_.default, (y.clone(),))
     results["max_abs_error"] = worst
     results["tolerance"] = {str(d).removeprefix("torch."): t for d, t in KERNEL_TOL.items()}
     results["cases"] = [{"label": c[0], "q": list(c[1:5]), "capacity": c[5], "kv_lens": c[6]} for c in cases]

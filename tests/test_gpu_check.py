@@ -44,6 +44,9 @@ def test_cpu_parts_run_and_pass(gpu_check, tmp_path):
         errors, tol = parity["result"]["max_abs_error"], parity["result"]["tolerance"]
         assert sorted(errors) == ["bfloat16", "float16", "float32"]
         assert all(0 <= errors[d] <= tol[d] for d in errors)
+        block = parity["result"]["block_ops_max_abs_error"]
+        assert sorted(block) == ["gelu_tanh_", "grouped_rms_norm", "modulated_layer_norm"]
+        assert all(0 <= e <= tol["float32"] for e in block.values())
     eager = steps["stream_eager"]
     assert eager["status"] == "ok" and eager["result"]["chunks"] == gpu_check.TINY_CHUNKS
     assert steps["preset_1.3b"]["status"] == "skipped" and "CUDA" in steps["preset_1.3b"]["reason"]
