@@ -34,6 +34,18 @@ os.environ.setdefault("SF_SDK_AUTO_BUILD", "never")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def cpu_kernels() -> str:
+    """The compiled CPU kernels' library path (built once, cached); skips under SF_SDK_NO_CPU_KERNELS."""
+    from sf_sdk import ops
+
+    if os.environ.get("SF_SDK_NO_CPU_KERNELS", "") not in ("", "0"):
+        pytest.skip("SF_SDK_NO_CPU_KERNELS is set")
+    path = ops.build(("cpu",))["cpu"]
+    assert path is not None, f"the CPU kernels did not build: {ops.unavailable_reason('cpu')}"
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -4,8 +4,6 @@ widths; opcheck; argument errors; and the DiT running them (and only where it sh
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,15 +14,6 @@ from sf_sdk import ops
 from sf_sdk.config import DIT_PRESETS, StreamingConfig
 
 TINY = DIT_PRESETS["tiny"]
-
-
-@pytest.fixture(scope="module")
-def cpu_kernels() -> str:
-    if os.environ.get("SF_SDK_NO_CPU_KERNELS", "") not in ("", "0"):
-        pytest.skip("SF_SDK_NO_CPU_KERNELS is set")
-    path = ops.build(("cpu",))["cpu"]
-    assert path is not None, f"the CPU kernels did not build: {ops.unavailable_reason('cpu')}"
-    return path
 
 
 def _adaln_inputs(batch: int, frames: int, per_frame: int, dim: int):

@@ -32,15 +32,6 @@ ATOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
 
-@pytest.fixture(scope="module")
-def cpu_kernels() -> str:
-    if os.environ.get("SF_SDK_NO_CPU_KERNELS", "") not in ("", "0"):
-        pytest.skip("SF_SDK_NO_CPU_KERNELS is set")
-    path = ops.build(("cpu",))["cpu"]
-    assert path is not None, f"the CPU kernels did not build: {ops.unavailable_reason('cpu')}"
-    return path
-
-
 @pytest.fixture
 def restore_backend():
     previous = attention.get_backend()
