@@ -10,7 +10,10 @@ What a figure includes:
   over ``--repeats`` rounds after one short warm-up video each; the pairs run round-robin within each round, so a change in machine
   load hits all of them alike. ``dit_s`` / ``decode_s`` are the chunks' own timings (summed).
   ``dit=X, decoder=Y`` runs the DiT chunk step on X and the decoder on Y; ``auto`` is what
-  ``backend="auto"`` picks here (from a warm artifact cache), ``eager`` is ``backend="eager"``.
+  ``backend="auto"`` picks here (from a warm artifact cache) for the float32 generator the other
+  pairs share, ``eager`` is ``backend="eager"``; ``default`` is a generator built with every
+  default (``dtype="auto"``, ``backend="auto"``: on a CPU with AMX whose DiT runs on AOTInductor,
+  the whole model in bfloat16). Each pair's ``dtype`` is reported.
   Exports are done before timing and reported apart (``export_s``).
 * ``cli`` (``--cli``): the README command ``sf-generate "a red circle moving right" --frames 33``
   as a new process, wall time from start to exit: ``cold`` with an empty artifact cache and an
@@ -83,29 +86,41 @@ def _pairs(gen: StreamingGenerator, cache: Path) -> tuple[dict[str, Backend], di
 
 def run_pairs(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="sf-auto-bench-") as tmp:
+        cache = Path(args.cache) if args.cache else Path(tmp)
         gen = StreamingGenerator.from_pretrained(args.model, backend="eager")
-        pairs, export_s = _pairs(gen, Path(args.cache) if args.cache else Path(tmp))
+        pairs, export_s = _pairs(gen, cache)
+        gens = {name: gen for name in pairs}
+        # "default": a generator with every default (dtype and backend "auto"), its exports built first
+        t0 = time.perf_counter()
+        default = StreamingGenerator.from_pretrained(args.model, backend_options={"cache_dir": str(cache),
+                                                                                  "build": "now"})
+        export_s["default"] = time.perf_counter() - t0
+        pairs["default"], gens["default"] = default.backend, default
+        dtypes = {name: str(g.dtype).removeprefix("torch.") for name, g in gens.items()}
         runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in pairs}
-        for backend in pairs.values():  # warm-up: one short video each
-            gen.backend = backend
-            gen.generate(PROMPT, num_frames=args.warmup_frames, seed=0)
+        for name, backend in pairs.items():  # warm-up: one short video each
+            gens[name].backend = backend
+            gens[name].generate(PROMPT, num_frames=args.warmup_frames, seed=0)
         for r in range(args.repeats):
             for name, backend in pairs.items():
-                gen.backend = backend
+                g = gens[name]
+                g.backend = backend
                 t0 = time.perf_counter()
-                video = gen.generate(PROMPT, num_frames=args.frames, seed=0)
+                video = g.generate(PROMPT, num_frames=args.frames, seed=0)
                 wall = time.perf_counter() - t0
                 runs[name].append((wall, sum(t.dit_s for t in video.timings), sum(t.decode_s for t in video.timings)))
                 log.info("round %d %-38s %.2f s", r, name, wall)
         components = pairs["auto"].components
+        default_components = pairs["default"].components
     eager_best = min(runs["eager"])[0]
     results = {}
     for name, vals in runs.items():
         best = min(vals)
         results[name] = {"best_s": best[0], "median_s": statistics.median(v[0] for v in vals), "dit_s": best[1],
                          "decode_s": best[2], "speedup_vs_eager": eager_best / best[0],
-                         "fps": args.frames / best[0], "samples": len(vals)}
-    return {"auto_components": components, "export_s": export_s, "pairs": results}
+                         "fps": args.frames / best[0], "samples": len(vals), "dtype": dtypes[name]}
+    return {"auto_components": components, "default_components": default_components, "export_s": export_s,
+            "pairs": results}
 
 
 def _cli(args: list[str], env: dict[str, str], output: Path) -> float:

@@ -7,9 +7,9 @@ The rule (:func:`choose_backends`; the measurements behind it are in docs/export
 ================  =============================================  ================================
 component         CPU                                            CUDA
 ================  =============================================  ================================
-DiT chunk step    ``aoti`` (float32, a C++ compiler to build     ``tensorrt`` (float32 generator,
-                  it), else ``onnxruntime`` (float32 or          TensorRT + cuda-python), else
-                  float16), else eager; ``position_mode=         eager
+DiT chunk step    ``aoti`` (float32 or bfloat16, a C++ compiler  ``tensorrt`` (float32 generator,
+                  to build it), else ``onnxruntime`` (float32    TensorRT + cuda-python), else
+                  or float16), else eager; ``position_mode=      eager
                   "absolute"`` only
 Wan VAE decoder   eager (its oneDNN convolutions beat the ONNX   eager
                   Runtime decode step end to end)
@@ -39,6 +39,11 @@ is recorded in the cache and not retried for the same key. Options: ``cache_dir`
 Runtime intra-op threads), ``streams`` (the pool size whose DiT is prepared at construction,
 default 1: ``stream()`` / ``generate()``; other pool sizes are prepared when a pool is made),
 ``dit`` (pin the DiT's backend, e.g. ``"onnxruntime"``, instead of the rule; still cached).
+
+Measured, not only ruled: right after a DiT export for AOTInductor or ONNX Runtime, the builder
+times it against the eager DiT on the same stream (:mod:`export.measure`) and records both in the
+entry; where eager measured faster (by more than 5%), later runs stream eagerly and say so. A
+pinned ``dit`` is used whatever the measurement.
 """
 
 from __future__ import annotations
@@ -67,7 +72,10 @@ BUILD_MODES = ("background", "now", "never")
 # Backends auto may pick for a component (each has an exporter and a loader below).
 DIT_CANDIDATES = {"cpu": ("aoti", "onnxruntime"), "cuda": ("tensorrt",)}
 ORT_DTYPES = (torch.float32, torch.float16)
-AOTI_DTYPES = (torch.float32,)  # measured faster than ONNX Runtime (bfloat16 / float16 not measured)
+# Exported DiT steps timed against eager right after their build (export.measure); eager runs
+# where it measured faster. TensorRT engines are not (built for CUDA, where eager is not close).
+MEASURED_BACKENDS = ("aoti", "onnxruntime")
+AOTI_DTYPES = (torch.float32, torch.bfloat16)  # measured faster than ONNX Runtime / eager (float16 not measured)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,31 +232,59 @@ def export_component(key: CacheKey, module: torch.nn.Module, spec: dict[str, Any
         export_tiny_onnx(module, stream, out, ONNXSettings(dtype=geo["dtype"], device=geo["device"]))
     else:
         raise ValueError(f"no exporter for the {key.component} component on {key.backend}")
+    if key.component == "dit" and key.backend in MEASURED_BACKENDS:
+        _measure_dit(key, module, stream, out)
+
+
+def _measure_dit(key: CacheKey, module: torch.nn.Module, stream: Any, out: Path) -> None:
+    """Time the just-exported DiT step against eager (:mod:`export.measure`) and record it in the
+    entry; a measurement that fails is logged and leaves the export in use (the static rule)."""
+    from export.measure import time_chunk_models, write_measurement
+    from export.settings import ExportModel, ExportSettings
+
+    geo = key.geometry
+    try:
+        step = _load_dit_module(module, stream, torch.device(geo["device"]), key.backend, out, None)
+        settings = ExportSettings(batch_size=geo["batch"], dtype=geo["dtype"], device=geo["device"])
+        seconds = time_chunk_models(ExportModel(module, stream, None), {"eager": module, key.backend: step}, settings)
+        record = write_measurement(out, key.backend, seconds)
+    except Exception as exc:
+        log.warning("auto: timing the %s DiT against eager failed (%s: %s); the export is used as the rule says",
+                    key.backend, type(exc).__name__, " ".join(str(exc).split())[:300])
+        return
+    log.info("auto: the %s DiT step %.1f ms, eager %.1f ms per chunk (%s)", key.backend,
+             seconds[key.backend] * 1e3, seconds["eager"] * 1e3,
+             "eager is used" if record["eager_faster"] else "the export is used")
 
 
 def _load_dit(gen: Any, backend: str, folder: Path, threads: int | None) -> Any:
+    return _load_dit_module(gen.dit, gen.streaming, gen.device, backend, folder, threads)
+
+
+def _load_dit_module(dit: torch.nn.Module, stream: Any, device: torch.device, backend: str, folder: Path,
+                     threads: int | None) -> Any:
     from export.manifest import read_manifest
 
     if backend == "aoti":
         from export.aoti import BACKEND, load_aoti
 
         manifest = read_manifest(folder, BACKEND)
-        manifest.check_generator(gen.dit, gen.streaming, vae=None, check_weights=False)  # the key holds them
-        model, _ = load_aoti(manifest, gen.dit, device=gen.device)
+        manifest.check_generator(dit, stream, vae=None, check_weights=False)  # the key holds them
+        model, _ = load_aoti(manifest, dit, device=device)
         return model
     if backend == "onnxruntime":
         from export.onnx import BACKEND, load_onnxruntime
 
         manifest = read_manifest(folder, BACKEND)
-        manifest.check_generator(gen.dit, gen.streaming, vae=None, check_weights=False)  # the key holds them
-        model, _ = load_onnxruntime(manifest, gen.dit, device=gen.device, threads=threads)
+        manifest.check_generator(dit, stream, vae=None, check_weights=False)  # the key holds them
+        model, _ = load_onnxruntime(manifest, dit, device=device, threads=threads)
         return model
     if backend == "tensorrt":
         from export.trt import BACKEND, load_tensorrt, settings_from_manifest
 
         manifest = read_manifest(folder, BACKEND)
-        manifest.check_generator(gen.dit, gen.streaming, vae=None, check_weights=False)
-        model, _ = load_tensorrt(manifest, gen.dit, settings_from_manifest(manifest), device=gen.device)
+        manifest.check_generator(dit, stream, vae=None, check_weights=False)
+        model, _ = load_tensorrt(manifest, dit, settings_from_manifest(manifest), device=device)
         return model
     raise ValueError(f"no loader for the DiT on {backend}")
 
@@ -293,7 +329,10 @@ def _load_source(folder: Path) -> torch.nn.Module:
 
 def export_saved(key: CacheKey, spec: dict[str, Any], source: Path, out: Path) -> None:
     """The background builder's export: the component saved by :func:`save_source` into ``out``."""
-    export_component(key, _load_source(source).to(key.geometry["device"]), spec, out)
+    module = _load_source(source).to(key.geometry["device"])
+    if key.component == "dit":
+        module.use_cpu_matmul_layout()  # as the generator holds it (a no-op off the CPU): eager is timed as it runs
+    export_component(key, module, spec, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,6 +452,14 @@ class _Auto:
             except Exception as exc:
                 log.warning("auto: exporting the %s %s failed (%s: %s): it runs eagerly", backend, what,
                             type(exc).__name__, " ".join(str(exc).split())[:300])
+                return None
+        if component == "dit" and backend in MEASURED_BACKENDS and self.opts.dit is None:  # a pin is obeyed
+            from export.measure import eager_is_faster
+
+            slower, why = eager_is_faster(path)
+            if slower:
+                log.info("auto: the eager DiT measured faster than the %s one for the %s (%s): it runs eagerly",
+                         backend, what, why)
                 return None
         try:
             return load(path)

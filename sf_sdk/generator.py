@@ -119,9 +119,10 @@ def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return resolve_dtype(dtype)
 
 
-def _auto_dtype(cfg: DiTConfig, stream: StreamingConfig, device: torch.device, backend: str) -> torch.dtype:
+def _auto_dtype(cfg: DiTConfig, stream: StreamingConfig, device: torch.device, backend: str,
+                backend_options: dict[str, Any] | None) -> torch.dtype:
     """``dtype="auto"`` (sf_sdk.precision), logged with its reason."""
-    choice = choose_dtype(cfg, stream, device, backend=backend)
+    choice = choose_dtype(cfg, stream, device, backend=backend, backend_options=backend_options)
     log.info("dtype auto: %s (%s)", str(choice.dtype).removeprefix("torch."), choice.why)
     return choice.dtype
 
@@ -230,7 +231,8 @@ class StreamingGenerator:
                                  dit_config=dit_config, vae_config=vae_config, text_config=text_config,
                                  family=family, lora=lora, lora_scale=lora_scale)
         if auto:
-            dt = _auto_dtype(loaded.dit_config, _override_streaming(loaded.streaming, streaming), dev, backend)
+            dt = _auto_dtype(loaded.dit_config, _override_streaming(loaded.streaming, streaming), dev, backend,
+                             backend_options)
             if dt != torch.float32:
                 loaded.dit.to(dt)
                 if loaded.vae is not None:
@@ -286,7 +288,7 @@ class StreamingGenerator:
         a :class:`~sf_sdk.models.taehv.TAEHVConfig` or preset name (``decoder="tiny"`` decodes with it)."""
         dev = _parse_device(device)
         dcfg = _preset(DIT_PRESETS, dit, "DiT")
-        dt = (_auto_dtype(dcfg, streaming or StreamingConfig(), dev, backend) if is_auto(dtype)
+        dt = (_auto_dtype(dcfg, streaming or StreamingConfig(), dev, backend, backend_options) if is_auto(dtype)
               else _parse_dtype(dtype))
         torch.manual_seed(seed)
         model = WanDiT(dcfg).to(dev, dt)

@@ -10,8 +10,12 @@ docs/performance.md):
 * CPU with AMX bfloat16 tiles (Sapphire Rapids and later): bfloat16 when one DiT call's block
   matmuls reach :data:`CPU_BF16_MIN_GFLOP` (0.5 GFLOP): a chunk of the 2-layer mid race config
   (195 GFLOP per call) runs 4.5x faster than in float32, 0.7-11 GFLOP calls 1.1-2.2x; below,
-  per-op overhead dominates and bfloat16 gains within the noise (the 0.18 GFLOP tiny race config:
-  0.93x-1.06x) while costing precision. The bundled shapes-tiny (0.04 GFLOP) stays float32.
+  eager per-op overhead dominates and eager bfloat16 gains nothing (the 0.18 GFLOP tiny race
+  config: 0.8x-1.06x). Also bfloat16, at any size, when ``backend="auto"`` will run the DiT on
+  AOTInductor (:func:`dit_runs_on_aoti`): its frozen graph multiplies bfloat16 through prepacked
+  oneDNN weights and fuses the elementwise ops, so the overhead that keeps eager in float32 is
+  gone; its bfloat16 chunk step is 1.3-1.5x its float32 one at the tiny race config and on the
+  bundled shapes-tiny (0.04 GFLOP), whose strict shapes score is unchanged (docs/performance.md).
 * Anything else: float32.
 
 bfloat16 keeps 8 bits of mantissa: one mid-sized DiT call differs from float32 by about 1e-2 (the
@@ -22,19 +26,23 @@ to opt out.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from sf_sdk.config import DiTConfig, StreamingConfig
 
 __all__ = ["AUTO", "CPU_BF16_MIN_GFLOP", "DtypeChoice", "choose_dtype", "cpu_has_amx_bf16", "dit_call_gflop",
-           "is_auto"]
+           "dit_runs_on_aoti", "is_auto"]
 
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
 CPU_BF16_MIN_GFLOP = 0.5
+BUILD_ENV = "SF_SDK_AUTO_BUILD"  # the auto backend's build mode (export.auto.BUILD_ENV)
 
 
 @dataclass(frozen=True)
@@ -66,12 +74,36 @@ def dit_call_gflop(cfg: DiTConfig, stream: StreamingConfig) -> float:
     return 2.0 * tokens * per_token * cfg.num_layers / 1e9
 
 
+def dit_runs_on_aoti(stream: StreamingConfig, backend: str, backend_options: Mapping[str, Any] | None = None,
+                     *, compiler: bool | None = None) -> bool:
+    """Whether a CPU generator with these settings runs its DiT on AOTInductor: ``backend="auto"``
+    that may build or load the export (its ``build`` option, else ``$SF_SDK_AUTO_BUILD``, is not
+    ``"never"``), whose DiT is not pinned to another backend, for a stream the exported step
+    implements (``position_mode="absolute"``), on a machine with a C++ compiler (``compiler``
+    overrides the check: tests)."""
+    if backend != "auto" or stream.position_mode != "absolute":
+        return False
+    options = dict(backend_options or {})
+    if options.get("dit") not in (None, "aoti"):
+        return False
+    if (options.get("build") or os.environ.get(BUILD_ENV) or "background") == "never":
+        return False
+    if compiler is None:
+        try:
+            from export.backends import compiler_status
+        except ImportError:  # pragma: no cover - the export package is not installed beside sf_sdk
+            return False
+        compiler = compiler_status() is None
+    return compiler
+
+
 def choose_dtype(cfg: DiTConfig, stream: StreamingConfig, device: torch.device, *,
-                 backend: str = "auto", has_amx: bool | None = None, tensorrt: bool | None = None,
-                 cuda_bf16: bool | None = None) -> DtypeChoice:
+                 backend: str = "auto", backend_options: Mapping[str, Any] | None = None,
+                 has_amx: bool | None = None, tensorrt: bool | None = None,
+                 cuda_bf16: bool | None = None, aoti: bool | None = None) -> DtypeChoice:
     """The ``dtype="auto"`` choice for a DiT of ``cfg`` streaming ``stream`` on ``device`` (see the
-    module docstring). ``has_amx`` / ``tensorrt`` / ``cuda_bf16`` override what this machine
-    reports (tests)."""
+    module docstring). ``has_amx`` / ``tensorrt`` / ``cuda_bf16`` / ``aoti`` (the DiT runs on
+    AOTInductor) override what this machine and these settings report (tests)."""
     if device.type == "cuda":
         if tensorrt is None:
             from sf_sdk.backends import backend_status
@@ -90,8 +122,14 @@ def choose_dtype(cfg: DiTConfig, stream: StreamingConfig, device: torch.device, 
         gflop = dit_call_gflop(cfg, stream)
         if not amx:
             return DtypeChoice(torch.float32, "this CPU has no AMX bfloat16 tiles")
-        if gflop < CPU_BF16_MIN_GFLOP:
-            return DtypeChoice(torch.float32, f"one DiT call is {gflop:.2f} GFLOP of matmuls (< "
-                                              f"{CPU_BF16_MIN_GFLOP}): overhead-bound, bfloat16 gains nothing")
-        return DtypeChoice(torch.bfloat16, f"AMX bfloat16 tiles and {gflop:.1f} GFLOP per DiT call")
+        if gflop >= CPU_BF16_MIN_GFLOP:
+            return DtypeChoice(torch.bfloat16, f"AMX bfloat16 tiles and {gflop:.1f} GFLOP per DiT call")
+        if aoti is None:
+            aoti = dit_runs_on_aoti(stream, backend, backend_options)
+        if aoti:
+            return DtypeChoice(torch.bfloat16, f"AMX bfloat16 tiles and the DiT on AOTInductor (its bfloat16 step "
+                                               f"is faster than its float32 one at {gflop:.2f} GFLOP per call)")
+        return DtypeChoice(torch.float32, f"one DiT call is {gflop:.2f} GFLOP of matmuls (< "
+                                          f"{CPU_BF16_MIN_GFLOP}) and no AOTInductor export: overhead-bound, "
+                                          f"bfloat16 gains nothing")
     return DtypeChoice(torch.float32, f"no measured rule for {device.type}")

@@ -46,6 +46,46 @@ def test_rule(device, kwargs, cfg, expected, why):
     assert why in choice.why
 
 
+@pytest.mark.parametrize(("stream", "backend", "options", "env", "compiler", "expected"), [
+    (StreamingConfig(), "auto", None, "background", True, True),
+    (StreamingConfig(), "auto", {"build": "now"}, "never", True, True),  # the option beats the environment
+    (StreamingConfig(), "auto", None, "never", True, False),  # nothing gets built: eager unless cached
+    (StreamingConfig(), "auto", {"build": "never"}, "now", True, False),
+    (StreamingConfig(), "auto", {"dit": "aoti"}, "now", True, True),
+    (StreamingConfig(), "auto", {"dit": "onnxruntime"}, "now", True, False),
+    (StreamingConfig(), "auto", {"dit": "eager"}, "now", True, False),
+    (StreamingConfig(), "auto", None, "now", False, False),  # no C++ compiler
+    (StreamingConfig(), "eager", None, "now", True, False),
+    (StreamingConfig(position_mode="cache_relative"), "auto", None, "now", True, False),  # exported steps: absolute
+])
+def test_dit_runs_on_aoti(monkeypatch, stream, backend, options, env, compiler, expected):
+    monkeypatch.setenv(precision.BUILD_ENV, env)
+    assert precision.dit_runs_on_aoti(stream, backend, options, compiler=compiler) is expected
+
+
+def test_aoti_puts_small_models_in_bfloat16_on_amx():
+    """Below the eager threshold, bfloat16 only where the DiT runs on AOTInductor (and AMX is there)."""
+    tiny, stream = DiTConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=6), StreamingConfig(latent_height=8,
+                                                                                               latent_width=8)
+    on_aoti = choose_dtype(tiny, stream, CPU, has_amx=True, aoti=True)
+    assert on_aoti.dtype == torch.bfloat16 and "AOTInductor" in on_aoti.why
+    assert choose_dtype(tiny, stream, CPU, has_amx=True, aoti=False).dtype == torch.float32
+    assert choose_dtype(tiny, stream, CPU, has_amx=False, aoti=True).dtype == torch.float32  # no AMX: float32
+
+
+def test_from_config_bfloat16_on_aoti(monkeypatch, tmp_path):
+    """backend auto that may build its AOTInductor DiT: the small model is made in bfloat16, and auto
+    keeps the DiT on AOTInductor for that dtype (build 'never' here, so it streams eagerly)."""
+    monkeypatch.setattr(precision, "cpu_has_amx_bf16", lambda: True)
+    monkeypatch.setattr(precision, "dit_runs_on_aoti", lambda *a, **k: True)
+    gen = StreamingGenerator.from_config("tiny", StreamingConfig(latent_height=8, latent_width=8),
+                                         backend_options={"build": "never", "cache_dir": str(tmp_path)})
+    assert gen.dtype == torch.bfloat16
+    from export.auto import Capabilities, Workload, choose_backends
+
+    assert choose_backends(Capabilities("cpu", frozenset({"aoti"})), Workload.of(gen)).dit == "aoti"
+
+
 def test_tensorrt_only_counts_for_backend_auto(monkeypatch):
     import sf_sdk.backends as backends
 
