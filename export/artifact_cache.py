@@ -67,13 +67,20 @@ def default_cache_root() -> Path:
     return Path(base) / "sf-sdk" / "artifacts"
 
 
+# The layout of what the exporters write; part of every key, so a change of it rebuilds old entries
+# (2: AOTInductor folders gained the cache-pass step).
+ARTIFACT_FORMAT = "2"
+
+
 def library_versions() -> dict[str, str]:
-    """The versions an exported artifact depends on: torch, the ONNX stack, TensorRT, sf-sdk."""
+    """The versions an exported artifact depends on: torch, the ONNX stack, TensorRT, sf-sdk, and the
+    exporters' own :data:`ARTIFACT_FORMAT`."""
     from importlib import metadata
 
     from export.manifest import versions
 
     out = versions()
+    out["artifact_format"] = ARTIFACT_FORMAT
     try:
         out["sf-sdk"] = metadata.version("sf-sdk")
     except metadata.PackageNotFoundError:

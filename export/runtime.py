@@ -56,20 +56,27 @@ class StepChunkModel:
 
     ``dit`` supplies the rotary tables (computed once per chunk, in float64, outside the graph);
     its weights are not used by the step. Exactly one of ``inplace`` / ``functional`` is given.
+    ``cache_pass``: an in-place step of the same inputs that only writes the cache
+    (``ChunkStep(cache_only=True)``), run by :meth:`write_cache`; without one the cache pass runs
+    the chunk step and drops its flow.
     ``shapes`` is the static profile the step was captured for (None: any geometry, for steps
     that specialize themselves, such as torch.compile).
     """
 
     def __init__(self, dit: WanDiT, shapes: ChunkShapes | None, *, name: str, inplace: InPlaceStep | None = None,
-                 functional: FunctionalStep | None = None, device: torch.device | str | None = None) -> None:
+                 functional: FunctionalStep | None = None, cache_pass: InPlaceStep | None = None,
+                 device: torch.device | str | None = None) -> None:
         if (inplace is None) == (functional is None):
             raise ValueError("give exactly one of inplace= or functional=")
+        if cache_pass is not None and inplace is None:
+            raise ValueError("a cache_pass step writes the cache in place: give it with inplace=")
         self.dit = dit
         self.config = dit.config
         self.shapes = shapes
         self.name = name
         self._inplace = inplace
         self._functional = functional
+        self._cache_pass = cache_pass
         self.device = torch.device(device) if device is not None else dit.patch_embedding.weight.device
         # The spare buffers of each cache a functional step has run on.
         self._spares: weakref.WeakKeyDictionary[KVCache, tuple[Tensor, Tensor]] = weakref.WeakKeyDictionary()
@@ -86,16 +93,7 @@ class StepChunkModel:
     def forward_chunk(self, x: Tensor, timestep: Tensor, cross: CrossAttnCache, cache: KVCache,
                       start_frame: int | ChunkPlan, attend: StepAttention | None = None) -> Tensor:
         """Predict the flow of one chunk; the cache is updated as by ``WanDiT.forward_chunk``."""
-        if timestep.dim() == 1 and timestep.shape[0] == x.shape[0]:
-            timestep = timestep.unsqueeze(1).expand(x.shape[0], x.shape[1])
-        self._check(x, timestep, cross, cache)
-        plan = start_frame if isinstance(start_frame, ChunkPlan) else cache.plan_chunk(start_frame, x.shape[1])
-        if plan.rows != cache.batch_size:
-            raise ValueError(f"the {self.name} chunk step runs all {cache.batch_size} rows of its cache at once, "
-                             f"the plan covers {plan.rows}")
-        if attend is None or attend.plan is not plan:
-            attend = self.step_attention(cache, plan)
-        args = ChunkInputs.from_plan(x, timestep, cross, cache, attend)
+        args = self._inputs(x, timestep, cross, cache, start_frame, attend)
         if self._inplace is not None:
             return self._inplace(*args)
         k_out, v_out = self._spare(cache)
@@ -105,7 +103,29 @@ class StepChunkModel:
         self._spares[cache] = cache.swap(k_out, v_out)
         return flow
 
+    def write_cache(self, x: Tensor, timestep: Tensor, cross: CrossAttnCache, cache: KVCache,
+                    start_frame: int | ChunkPlan, attend: StepAttention | None = None) -> None:
+        """The cache pass: the keys/values ``forward_chunk`` writes, through the cache-only step when
+        there is one (else the chunk step, its flow dropped)."""
+        if self._cache_pass is None:
+            self.forward_chunk(x, timestep, cross, cache, start_frame, attend)
+            return
+        self._cache_pass(*self._inputs(x, timestep, cross, cache, start_frame, attend))
+
     # ------------------------------------------------------------------ helpers
+    def _inputs(self, x: Tensor, timestep: Tensor, cross: CrossAttnCache, cache: KVCache,
+                start_frame: int | ChunkPlan, attend: StepAttention | None) -> ChunkInputs:
+        if timestep.dim() == 1 and timestep.shape[0] == x.shape[0]:
+            timestep = timestep.unsqueeze(1).expand(x.shape[0], x.shape[1])
+        self._check(x, timestep, cross, cache)
+        plan = start_frame if isinstance(start_frame, ChunkPlan) else cache.plan_chunk(start_frame, x.shape[1])
+        if plan.rows != cache.batch_size:
+            raise ValueError(f"the {self.name} chunk step runs all {cache.batch_size} rows of its cache at once, "
+                             f"the plan covers {plan.rows}")
+        if attend is None or attend.plan is not plan:
+            attend = self.step_attention(cache, plan)
+        return ChunkInputs.from_plan(x, timestep, cross, cache, attend)
+
     def _spare(self, cache: KVCache) -> tuple[Tensor, Tensor]:
         spare = self._spares.get(cache)
         if spare is None or spare[0].shape != cache.k.shape or spare[0].dtype != cache.k.dtype:

@@ -25,10 +25,12 @@ from export.settings import ExportModel, ExportSettings
 from sf_sdk.models.dit import ChunkInputs, ChunkStep, WanDiT
 from sf_sdk.models.vae import VAEDecodeStep
 
-__all__ = ["StepGraph", "chunk_step_graph", "decode_step_graphs", "check_exportable", "STEP_FILES"]
+__all__ = ["StepGraph", "chunk_step_graph", "cache_step_graph", "decode_step_graphs", "check_exportable",
+           "STEP_FILES"]
 
-# Artifact names (without extension) of the three steps.
-STEP_FILES = {"chunk": "chunk_step", "vae_first": "vae_first", "vae_step": "vae_step"}
+# Artifact names (without extension) of the steps.
+STEP_FILES = {"chunk": "chunk_step", "cache_pass": "cache_pass_step", "vae_first": "vae_first",
+              "vae_step": "vae_step"}
 
 
 @dataclass
@@ -88,6 +90,15 @@ def chunk_step_graph(model: ExportModel, settings: ExportSettings, *, functional
     outputs = [spec.name for spec in shapes.outputs()] if functional else ["flow"]
     step = ChunkStep(dit, functional=functional, attention=settings.attention).eval()
     return StepGraph("chunk", step, args, names, outputs)
+
+
+def cache_step_graph(model: ExportModel, settings: ExportSettings) -> StepGraph:
+    """The cache pass as its own in-place step (``ChunkStep(cache_only=True)``): the inputs of the
+    chunk step, the same keys/values written, without the last layer's attention and FFN and the
+    head, which only feed the flow the cache pass discards."""
+    chunk = chunk_step_graph(model, settings, functional=False)
+    step = ChunkStep(model.dit, attention=settings.attention, cache_only=True).eval()
+    return StepGraph("cache_pass", step, chunk.args, chunk.input_names, ["kv_len_out"])
 
 
 def decode_step_graphs(model: ExportModel, settings: ExportSettings) -> list[StepGraph]:

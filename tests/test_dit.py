@@ -227,6 +227,30 @@ def test_chunk_step_exports_without_graph_breaks():
     torch.testing.assert_close(new_k, cache.k, rtol=1e-5, atol=1e-5)
 
 
+def test_cache_only_step_writes_what_the_chunk_step_writes():
+    """ChunkStep(cache_only=True), the exported cache pass: exported, it leaves the cache as the whole
+    in-place step does (every layer's keys/values, to float32 rounding of the export), running less."""
+    model = tiny_model(dtype=torch.float32)
+    stream = StreamingConfig(latent_height=4, latent_width=6, local_attn_size=6)
+    cache, cross, x, t, plan, attend = _step_inputs(model, stream, 9)
+    kv_len = torch.tensor(plan.kv_len)
+
+    def args(k, v):
+        return (x, t, cross.k, cross.v, k, v, plan.write_slots, kv_len, attend.cos_q, attend.sin_q)
+
+    full_k, full_v, only_k, only_v = cache.k.clone(), cache.v.clone(), cache.k.clone(), cache.v.clone()
+    with torch.no_grad():
+        ChunkStep(model).eval()(*args(full_k, full_v))
+        only = torch.export.export(ChunkStep(model, cache_only=True).eval(), args(cache.k.clone(), cache.v.clone()),
+                                   strict=False).module()
+        assert torch.equal(only(*args(only_k, only_v)), kv_len)
+    assert not torch.equal(only_k, cache.k)  # it wrote
+    torch.testing.assert_close(only_k, full_k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(only_v, full_v, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="in place"):
+        ChunkStep(model, functional=True, cache_only=True)
+
+
 def test_bad_inputs_have_clear_errors():
     model = tiny_model(dtype=torch.float32)
     stream = StreamingConfig(latent_height=4, latent_width=6, local_attn_size=6)

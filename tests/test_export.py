@@ -201,7 +201,7 @@ def aoti_dir(tmp_path_factory):
 @pytest.mark.slow
 def test_aoti_cli_verifies_dit_and_vae(aoti_dir):
     manifest = read_manifest(aoti_dir, "aoti")
-    assert sorted(manifest.files) == ["chunk", "vae_first", "vae_step"]
+    assert sorted(manifest.files) == ["cache_pass", "chunk", "vae_first", "vae_step"]
     assert all(manifest.path(step).is_file() for step in manifest.files)
     verify = {r["step"]: r for r in json.loads((aoti_dir / "export.json").read_text())["verify"]}
     assert verify["chunk"]["ok"] and verify["chunk"]["chunks"] >= 4 and verify["chunk"]["evictions"] > 0
@@ -210,10 +210,24 @@ def test_aoti_cli_verifies_dit_and_vae(aoti_dir):
 
 
 @pytest.mark.slow
-def test_aoti_backend_streams_like_eager(aoti_dir):
+def test_aoti_backend_streams_like_eager(aoti_dir, tmp_path):
     model = _tiny_model()
-    got = _stream(_generator(model, "aoti", artifact_dir=str(aoti_dir)))
+    gen = _generator(model, "aoti", artifact_dir=str(aoti_dir))
+    assert gen.backend.dit._cache_pass is not None  # the cache pass runs its own, shorter step
+    got = _stream(gen)
     _assert_same_stream(got, _stream(_generator(model)))
+    # A folder exported before the cache pass had its own step: the chunk step writes the cache.
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(aoti_dir, old)
+    meta = json.loads((old / "export.json").read_text())
+    del meta["files"]["cache_pass"]
+    (old / "cache_pass_step.pt2").unlink()
+    (old / "export.json").write_text(json.dumps(meta))
+    legacy = _generator(model, "aoti", artifact_dir=str(old))
+    assert legacy.backend.dit._cache_pass is None
+    _assert_same_stream(_stream(legacy), got)
     other = load_export_model("tiny", random_init=True, latent_hw=(4, 6), window=WINDOW, seed=7)
     with pytest.raises(ValueError, match="other DiT weights"):
         _generator(other, "aoti", artifact_dir=str(aoti_dir))

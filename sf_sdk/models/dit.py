@@ -1014,13 +1014,20 @@ class ChunkStep(nn.Module):
     ``functional=False``: the cache buffers are updated in place and only the flow is returned.
     ``functional=True``: returns ``(flow, new_k_cache, new_v_cache)`` and leaves inputs untouched.
     ``attention``: the cache-attention implementation captured in the graph (None: the default).
+    ``cache_only=True`` (in place only): the cache pass of :meth:`WanDiT.write_cache`, which writes
+    the same keys/values and skips what only feeds the flow; it returns ``kv_len`` (a graph needs
+    an output).
     """
 
-    def __init__(self, model: WanDiT, functional: bool = False, attention: str | None = None) -> None:
+    def __init__(self, model: WanDiT, functional: bool = False, attention: str | None = None, *,
+                 cache_only: bool = False) -> None:
         super().__init__()
+        if cache_only and functional:
+            raise ValueError("the cache-only step writes the cache in place: functional=False")
         self.model = model
         self.functional = functional
         self.attention = attention
+        self.cache_only = cache_only
 
     def forward(self, x: Tensor, timestep: Tensor, cross_k: Tensor, cross_v: Tensor, k_cache: Tensor,
                 v_cache: Tensor, write_slots: Tensor, kv_len: Tensor, cos_q: Tensor, sin_q: Tensor):
@@ -1032,6 +1039,9 @@ class ChunkStep(nn.Module):
         attend = StepAttention(k_cache, v_cache, write_slots, kv_len, cos_q, sin_q, impl=impl,
                                functional=self.functional)
         grid_hw = self.model.grid(x.shape[3], x.shape[4])
+        if self.cache_only:
+            self.model._run_blocks(x, timestep, CrossAttnCache(cross_k, cross_v), attend, grid_hw, cache_only=True)
+            return kv_len.clone()
         flow = self.model._run_blocks(x, timestep, CrossAttnCache(cross_k, cross_v), attend, grid_hw)
         if self.functional:
             return flow, torch.stack(attend.new_k), torch.stack(attend.new_v)
