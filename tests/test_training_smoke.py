@@ -203,6 +203,46 @@ def test_forcing_modes_take_a_teacher_trajectory_as_ground_truth(smoke_run: Path
     assert checked >= 4
 
 
+def test_init_critic_starts_the_critic_from_a_trained_one(smoke_run: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``self_forcing.init_critic``: the critic of a continuation starts from the critic of an earlier
+    self_forcing run (its stage folder: the newest checkpoint), not from the teacher; a folder
+    without checkpoints is a clear error."""
+    import torch
+    from safetensors.torch import load_file
+
+    import training.stages.self_forcing as sf_stage
+    from training.train import compose, run
+    from training.utils.checkpoint import latest_step
+
+    source = smoke_run / "self_forcing"
+    ckpts = source / "checkpoints"
+    saved = load_file(str(ckpts / f"ckpt-{latest_step(ckpts):08d}.safetensors"))
+    want = {k[len("model.critic."):]: v for k, v in saved.items() if k.startswith("model.critic.")}
+    teacher = load_file(str(smoke_run / "teacher" / "final" / "dit.safetensors"))
+    assert any(not torch.equal(want[k], teacher[k]) for k in want)  # the trained critic moved off the teacher
+    seen: list[dict[str, torch.Tensor]] = []
+    real = sf_stage._trained_critic
+
+    def recording(src: str, device: torch.device) -> dict[str, torch.Tensor]:
+        seen.append(real(src, device))
+        return seen[-1]
+
+    monkeypatch.setattr(sf_stage, "_trained_critic", recording)
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("self_forcing", "export"))
+    run(compose("smoke", [f"run_dir={run_dir}", "stages=[self_forcing]", "self_forcing.steps=1",
+                          f"self_forcing.init_critic={source}"]))
+    assert len(seen) == 1 and seen[0].keys() == want.keys()
+    assert all(torch.equal(seen[0][k], want[k]) for k in want)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        real(str(empty), torch.device("cpu"))
+    with pytest.raises(ValueError, match="holds no critic"):
+        real(str(smoke_run / "teacher" / "final" / "dit.safetensors"), torch.device("cpu"))
+
+
 def test_long_rollout_needs_self_forcing_rollouts() -> None:
     from training.train import compose
 

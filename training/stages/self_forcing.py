@@ -159,6 +159,33 @@ class _ImageClips:
         return [i * len(self) // count for i in range(count)]
 
 
+def _trained_critic(source: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """The critic weights of a self_forcing checkpoint (``source``: the file, or a stage folder whose
+    newest checkpoint is taken), for ``self_forcing.init_critic``."""
+    from safetensors.torch import load_file
+
+    from training.utils.checkpoint import latest_step
+
+    path = Path(source)
+    if path.is_dir():
+        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        step = latest_step(folder)
+        if step is None:
+            raise FileNotFoundError(f"self_forcing.init_critic={source!r}: no checkpoint (ckpt-*.safetensors) in "
+                                    f"{folder}; name a self_forcing stage folder or one of its checkpoint files")
+        path = folder / f"ckpt-{step:08d}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"self_forcing.init_critic={source!r} does not exist: name a self_forcing stage "
+                                f"folder or one of its checkpoint files")
+    prefix = "model.critic."
+    state = {k[len(prefix):]: v for k, v in load_file(str(path), device=str(device)).items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f"self_forcing.init_critic={source!r}: {path.name} holds no critic ({prefix}*): it is not a "
+                         f"self_forcing checkpoint")
+    log.info("self_forcing: the critic starts from %s", path)
+    return state
+
+
 def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
     st = cfg.self_forcing
     run = StageRun(cfg, "self_forcing", st, dist)
@@ -171,7 +198,7 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
     student = load_student(cfg, "ode_init", dist.device).train()
     student.gradient_checkpointing = cfg.gradient_checkpointing
     critic = WanDiT(cfg.dit).to(dist.device)
-    critic.load_state_dict(teacher.state_dict())
+    critic.load_state_dict(teacher.state_dict() if not st.init_critic else _trained_critic(st.init_critic, dist.device))
     critic.gradient_checkpointing = cfg.gradient_checkpointing
     schedule = ChunkSchedule.from_config(cfg.stream).schedule
     if st.loss == "dmd":

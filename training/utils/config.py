@@ -229,6 +229,11 @@ class SelfForcingStageConfig(StageConfig):
     # the loss to one random num_latent_frames window of it (the frames before it without
     # gradients, the rollout stops at the window's end); 1 = the plain rollout.
     long_rollout: int = 1
+    # The critic (fake score) starts from a trained one instead of the teacher: a self_forcing
+    # checkpoint file (ckpt-*.safetensors) or a self_forcing stage folder (its newest checkpoint).
+    # A continuation then keeps the critic that tracked its student (Self-Forcing++, LongLive);
+    # "" = the teacher, as the paper does.
+    init_critic: str = ""
     # Image-to-video fine-tune: each rollout starts from a clip of the teacher's latent cache, its
     # latent frame 0 the given image (written to the KV cache by a cache pass, as inference does
     # with ``image=``) and its caption the prompt; the student generates the num_latent_frames - 1
