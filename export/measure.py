@@ -112,8 +112,12 @@ def eager_is_faster(folder: Path) -> tuple[bool, str]:
     record = read_measurement(folder)
     if record is None:
         return False, "not measured"
-    s = record["seconds_per_chunk"]
-    backend = record["backend"]
-    why = (f"{backend} {s[backend] * 1e3:.1f} ms against eager {s['eager'] * 1e3:.1f} ms per chunk when it was "
-           f"built ({record['threads']} thread(s))")
-    return bool(record["eager_faster"]), why
+    try:
+        s = record["seconds_per_chunk"]
+        backend = record["backend"]
+        why = (f"{backend} {s[backend] * 1e3:.1f} ms against eager {s['eager'] * 1e3:.1f} ms per chunk when it "
+               f"was built ({record['threads']} thread(s))")
+        return bool(record["eager_faster"]), why
+    except (KeyError, TypeError, ValueError):  # a record this version cannot read: the static rule
+        log.warning("%s: unreadable %s, ignored (the export is used)", folder, MEASURE_FILE)
+        return False, "unreadable measurement"

@@ -190,6 +190,8 @@ def test_an_export_measured_slower_than_eager_is_left_for_eager(built: Path, tmp
     assert gen.backend.components["dit"] == "eager"
     assert "measured faster than the onnxruntime one" in caplog.text and "20.0 ms against eager 10.0 ms" in caplog.text
     assert _gen(cache, "never").backend.components["dit"] == "onnxruntime"  # pinned: used
+    (entry / MEASURE_FILE).write_text(json.dumps({"backend": "onnxruntime"}))  # unreadable: the rule's pick
+    assert _gen(cache, "never", dit=None).backend.components["dit"] == "onnxruntime"
 
 
 def test_changed_weights_are_not_served_from_the_cache(built: Path) -> None:
