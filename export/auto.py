@@ -62,7 +62,7 @@ from export.artifact_cache import ArtifactCache, CacheKey, library_versions
 from sf_sdk.backends import Backend, backend_status, register_backend
 from sf_sdk.config import to_dict
 
-__all__ = ["Capabilities", "Workload", "AutoChoice", "choose_backends", "auto_backend", "component_key",
+__all__ = ["Capabilities", "Workload", "AutoChoice", "choose_backends", "dit_on_aoti", "auto_backend", "component_key",
            "export_component", "export_saved", "save_source", "BUILD_ENV", "BUILD_MODES"]
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,20 @@ def choose_backends(caps: Capabilities, work: Workload, pin: str | None = None) 
                           "tiny": "the tiny decoder was not measured faster exported"}.get(
             work.decoder, f"no measurement for decoder {work.decoder!r}")
     return AutoChoice(dit, decoder, why)
+
+
+def dit_on_aoti(device: torch.device, stream: Any, options: dict[str, Any] | None, *,
+                caps: Capabilities | None = None) -> bool:
+    """Whether ``backend="auto"`` with ``options`` runs a bfloat16 DiT streaming ``stream`` on
+    AOTInductor here: the rule picks it (:func:`choose_backends`, the ``dit`` pin included) and the
+    build mode may build or load it (not ``"never"``). ``dtype="auto"``'s question
+    (:func:`sf_sdk.precision.dit_runs_on_aoti`); ``caps`` overrides the probe (tests)."""
+    opts = _Options.parse(dict(options or {}))
+    if opts.build == "never":
+        return False
+    caps = caps if caps is not None else Capabilities.probe(device)
+    work = Workload(torch.bfloat16, stream.rolling, stream.position_mode, decoder=None)
+    return choose_backends(caps, work, opts.dit).dit == "aoti"
 
 
 # --------------------------------------------------------------------------------------------

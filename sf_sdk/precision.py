@@ -26,7 +26,6 @@ to opt out.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +41,6 @@ log = logging.getLogger(__name__)
 
 AUTO = "auto"
 CPU_BF16_MIN_GFLOP = 0.5
-BUILD_ENV = "SF_SDK_AUTO_BUILD"  # the auto backend's build mode (export.auto.BUILD_ENV)
 
 
 @dataclass(frozen=True)
@@ -77,24 +75,17 @@ def dit_call_gflop(cfg: DiTConfig, stream: StreamingConfig) -> float:
 def dit_runs_on_aoti(stream: StreamingConfig, backend: str, backend_options: Mapping[str, Any] | None = None,
                      *, compiler: bool | None = None) -> bool:
     """Whether a CPU generator with these settings runs its DiT on AOTInductor: ``backend="auto"``
-    that may build or load the export (its ``build`` option, else ``$SF_SDK_AUTO_BUILD``, is not
-    ``"never"``), whose DiT is not pinned to another backend, for a stream the exported step
-    implements (``position_mode="absolute"``), on a machine with a C++ compiler (``compiler``
-    overrides the check: tests)."""
-    if backend != "auto" or stream.position_mode != "absolute":
+    whose own rule (:func:`export.auto.dit_on_aoti`: the ``dit`` pin, the build mode, the stream's
+    position mode, a C++ compiler) picks it for a bfloat16 DiT. ``compiler`` overrides the
+    machine's compiler check (tests)."""
+    if backend != "auto":
         return False
-    options = dict(backend_options or {})
-    if options.get("dit") not in (None, "aoti"):
+    try:
+        from export.auto import Capabilities, dit_on_aoti
+    except ImportError:  # pragma: no cover - the export package is not installed beside sf_sdk
         return False
-    if (options.get("build") or os.environ.get(BUILD_ENV) or "background") == "never":
-        return False
-    if compiler is None:
-        try:
-            from export.backends import compiler_status
-        except ImportError:  # pragma: no cover - the export package is not installed beside sf_sdk
-            return False
-        compiler = compiler_status() is None
-    return compiler
+    caps = None if compiler is None else Capabilities("cpu", frozenset({"aoti"} if compiler else ()))
+    return dit_on_aoti(torch.device("cpu"), stream, dict(backend_options or {}), caps=caps)
 
 
 def choose_dtype(cfg: DiTConfig, stream: StreamingConfig, device: torch.device, *,

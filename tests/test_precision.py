@@ -59,7 +59,9 @@ def test_rule(device, kwargs, cfg, expected, why):
     (StreamingConfig(position_mode="cache_relative"), "auto", None, "now", True, False),  # exported steps: absolute
 ])
 def test_dit_runs_on_aoti(monkeypatch, stream, backend, options, env, compiler, expected):
-    monkeypatch.setenv(precision.BUILD_ENV, env)
+    from export.auto import BUILD_ENV
+
+    monkeypatch.setenv(BUILD_ENV, env)
     assert precision.dit_runs_on_aoti(stream, backend, options, compiler=compiler) is expected
 
 
