@@ -55,8 +55,8 @@ def export_aoti(model: ExportModel, out_dir: str | os.PathLike, settings: AOTISe
     settings = settings or AOTISettings()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    graphs = [chunk_step_graph(model, settings, functional=False), cache_step_graph(model, settings),
-              *decode_step_graphs(model, settings)]
+    chunk = chunk_step_graph(model, settings, functional=False)
+    graphs = [chunk, cache_step_graph(chunk, model, settings), *decode_step_graphs(model, settings)]
     files, seconds = {}, {}
     for graph in graphs:
         name = STEP_FILES[graph.name] + SUFFIX

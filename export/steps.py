@@ -92,11 +92,11 @@ def chunk_step_graph(model: ExportModel, settings: ExportSettings, *, functional
     return StepGraph("chunk", step, args, names, outputs)
 
 
-def cache_step_graph(model: ExportModel, settings: ExportSettings) -> StepGraph:
-    """The cache pass as its own in-place step (``ChunkStep(cache_only=True)``): the inputs of the
-    chunk step, the same keys/values written, without the last layer's attention and FFN and the
-    head, which only feed the flow the cache pass discards."""
-    chunk = chunk_step_graph(model, settings, functional=False)
+def cache_step_graph(chunk: StepGraph, model: ExportModel, settings: ExportSettings) -> StepGraph:
+    """The cache pass as its own in-place step (``ChunkStep(cache_only=True)``) beside the in-place
+    ``chunk`` step, whose example inputs it shares (no second example cache: at the 1.3B preset's
+    global cache that is gigabytes): the same keys/values written, without the last layer's
+    attention and FFN and the head, which only feed the flow the cache pass discards."""
     step = ChunkStep(model.dit, attention=settings.attention, cache_only=True).eval()
     return StepGraph("cache_pass", step, chunk.args, chunk.input_names, ["kv_len_out"])
 
