@@ -95,11 +95,9 @@ def object_error(model: Pair, frames: Tensor) -> float:
 
 def load_any_vae(source: str) -> tuple[WanVAE, str]:
     """The VAE ``source`` names (see the module docstring) and a description of what was loaded."""
-    from safetensors.torch import load_file
-
     from sf_sdk import StreamingGenerator
     from training.stages.vae import finished_vae_dir, load_vae_dir
-    from training.utils.checkpoint import latest_step
+    from training.utils.checkpoint import latest_step, module_state
 
     path = Path(source)
     if (path / VAE_CONFIG_FILE).is_file():
@@ -111,8 +109,7 @@ def load_any_vae(source: str) -> tuple[WanVAE, str]:
             done = finished_vae_dir(path) or path / "vae" / "final"
             return load_vae_dir(done, torch.device("cpu")), str(done)
         vae = load_vae_dir(path / "vae" / "final", torch.device("cpu"))
-        ckpt = load_file(ckpts / f"ckpt-{step:08d}.safetensors")
-        vae.load_state_dict({k[len("model.vae."):]: v for k, v in ckpt.items() if k.startswith("model.vae.")})
+        vae.load_state_dict(module_state(ckpts, "vae")[0])
         return vae, f"{ckpts} step {step}"
     vae = StreamingGenerator.from_pretrained(source, device="cpu").vae
     if vae is None:

@@ -162,26 +162,15 @@ class _ImageClips:
 def _trained_critic(source: str, device: torch.device) -> dict[str, torch.Tensor]:
     """The critic weights of a self_forcing checkpoint (``source``: the file, or a stage folder whose
     newest checkpoint is taken), for ``self_forcing.init_critic``."""
-    from safetensors.torch import load_file
+    from training.utils.checkpoint import module_state
 
-    from training.utils.checkpoint import latest_step
-
-    path = Path(source)
-    if path.is_dir():
-        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        step = latest_step(folder)
-        if step is None:
-            raise FileNotFoundError(f"self_forcing.init_critic={source!r}: no checkpoint (ckpt-*.safetensors) in "
-                                    f"{folder}; name a self_forcing stage folder or one of its checkpoint files")
-        path = folder / f"ckpt-{step:08d}.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"self_forcing.init_critic={source!r} does not exist: name a self_forcing stage "
-                                f"folder or one of its checkpoint files")
-    prefix = "model.critic."
-    state = {k[len(prefix):]: v for k, v in load_file(str(path), device=str(device)).items() if k.startswith(prefix)}
-    if not state:
-        raise ValueError(f"self_forcing.init_critic={source!r}: {path.name} holds no critic ({prefix}*): it is not a "
-                         f"self_forcing checkpoint")
+    try:
+        state, path = module_state(source, "critic", device=str(device))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"self_forcing.init_critic={source!r}: {exc}; name a self_forcing stage folder or "
+                                f"one of its checkpoint files") from None
+    except ValueError as exc:
+        raise ValueError(f"self_forcing.init_critic={source!r}: {exc}: it is not a self_forcing checkpoint") from None
     log.info("self_forcing: the critic starts from %s", path)
     return state
 

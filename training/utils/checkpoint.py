@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-__all__ = ["TrainState", "save_checkpoint", "load_checkpoint", "latest_step", "atomic_save_file",
+__all__ = ["TrainState", "save_checkpoint", "load_checkpoint", "latest_step", "module_state", "atomic_save_file",
            "capture_rng", "restore_rng"]
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,27 @@ def latest_step(folder: str | os.PathLike) -> int | None:
         return None
     steps = [int(m.group(1)) for p in folder.iterdir() if (m := _CKPT.match(p.name))]
     return max(steps) if steps else None
+
+
+def module_state(source: str | os.PathLike, name: str, *, device: str = "cpu") -> tuple[dict[str, Tensor], Path]:
+    """One module's weights (``name``: a key of the stage's ``TrainState.modules``, e.g. ``"critic"``)
+    from a checkpoint: ``source`` a ``ckpt-*.safetensors`` file, or a folder holding them (its
+    newest; a stage folder's ``checkpoints/`` is looked into). Returns (state dict, the file)."""
+    path = Path(source)
+    if path.is_dir():
+        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        step = latest_step(folder)
+        if step is None:
+            raise FileNotFoundError(f"{source}: no checkpoint (ckpt-*.safetensors) in {folder}")
+        path = _ckpt_path(folder, step)
+    if not path.is_file():
+        raise FileNotFoundError(f"{source} does not exist: name a checkpoint file or a folder of them")
+    prefix = f"model.{name}."
+    with safe_open(str(path), "pt", device=device) as f:
+        state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{path.name} holds no {name} module ({prefix}*)")
+    return state, path
 
 
 def save_checkpoint(folder: str | os.PathLike, state: TrainState, config: dict[str, Any], *, rank: int = 0,
