@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from export.settings import ExportModel, ExportSettings
-from sf_sdk.sampling import ChunkModel, ChunkSchedule, denoise_chunk, randn_rows
+from export.verify import stream_setup
+from sf_sdk.sampling import ChunkModel, denoise_chunk, randn_rows
 
 __all__ = ["MEASURE_FILE", "MARGIN", "time_chunk_models", "write_measurement", "read_measurement",
            "eager_is_faster"]
@@ -57,19 +58,15 @@ def time_chunk_models(model: ExportModel, runners: Mapping[str, ChunkModel], set
     ``rounds`` rounds, and none started after ``budget_s`` seconds."""
     dit, stream = model.dit, model.streaming
     shapes = model.chunk_shapes(settings)
-    device = torch.device(settings.device)
     c = stream.num_frame_per_block
     chunks = 1 + TIMED_CHUNKS
     if not stream.rolling:
         chunks = min(chunks, shapes.cache_capacity // (c * shapes.grid_hw[0] * shapes.grid_hw[1]))
     if chunks < 2:
         raise ValueError(f"the cache holds {chunks} chunk(s): nothing to time after the first")
-    steps = ChunkSchedule.from_config(stream)
     times: dict[str, list[float]] = {name: [] for name in runners}
     with torch.no_grad():
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        emb = torch.randn(shapes.batch, max(1, dit.config.text_len // 2), dit.config.text_dim, generator=g)
-        cross = dit.encode_context(emb.to(device, shapes.dtype))
+        shapes, device, steps, cross = stream_setup(model, settings, seed)
         start = time.perf_counter()
         for _ in range(rounds):
             if time.perf_counter() - start > budget_s:

@@ -15,10 +15,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from export.settings import ExportModel, ExportSettings, attention_backend, tolerance
+from export.settings import ChunkShapes, ExportModel, ExportSettings, attention_backend, tolerance
+from sf_sdk.models.dit import CrossAttnCache
 from sf_sdk.sampling import ChunkModel, ChunkSchedule, denoise_chunk, randn_rows
 
-__all__ = ["VerifyResult", "verify_chunk_model", "verify_decoder", "verify_chunks", "VerificationError"]
+__all__ = ["VerifyResult", "verify_chunk_model", "verify_decoder", "verify_chunks", "stream_setup",
+           "VerificationError"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,19 @@ def verify_chunks(model: ExportModel, settings: ExportSettings) -> tuple[int, in
     return n, 0
 
 
+def stream_setup(model: ExportModel, settings: ExportSettings, seed: int
+                 ) -> tuple[ChunkShapes, torch.device, ChunkSchedule, CrossAttnCache]:
+    """What a stream through a chunk step of ``model`` needs besides its cache and noise: the step's
+    shapes, the device, the few-step schedule and a random prompt's cross-attention K/V (seeded; the
+    same for every runner). Call under ``no_grad``."""
+    dit = model.dit
+    shapes = model.chunk_shapes(settings)
+    device = torch.device(settings.device)
+    prompt = torch.Generator(device="cpu").manual_seed(seed)
+    emb = torch.randn(shapes.batch, max(1, dit.config.text_len // 2), dit.config.text_dim, generator=prompt)
+    return shapes, device, ChunkSchedule.from_config(model.streaming), dit.encode_context(emb.to(device, shapes.dtype))
+
+
 def verify_chunk_model(model: ExportModel, candidate: ChunkModel, settings: ExportSettings, *,
                        seed: int = 0, name: str = "chunk", tol: float | None = None) -> VerifyResult:
     """Stream the same noise through ``candidate`` and the eager DiT; max abs error over x0 and cache.
@@ -70,18 +85,13 @@ def verify_chunk_model(model: ExportModel, candidate: ChunkModel, settings: Expo
     ring at different chunks, as pooled streams do.
     """
     dit, stream = model.dit, model.streaming
-    shapes = model.chunk_shapes(settings)
     chunks, evicted = verify_chunks(model, settings)
-    steps = ChunkSchedule.from_config(stream)
-    device = torch.device(settings.device)
-    prompt = torch.Generator(device="cpu").manual_seed(seed)
-    rows = shapes.batch
-    late = [r % 2 for r in range(rows)]  # chunks each row waits before it joins
-    if rows > 1 and not stream.rolling:
-        late = [0] * rows  # a global cache holds exactly the stream: no room to stagger
     with torch.no_grad(), attention_backend(settings.attention):
-        emb = torch.randn(rows, max(1, dit.config.text_len // 2), dit.config.text_dim, generator=prompt)
-        cross = dit.encode_context(emb.to(device, shapes.dtype))
+        shapes, device, steps, cross = stream_setup(model, settings, seed)
+        rows = shapes.batch
+        late = [r % 2 for r in range(rows)]  # chunks each row waits before it joins
+        if rows > 1 and not stream.rolling:
+            late = [0] * rows  # a global cache holds exactly the stream: no room to stagger
         caches = [dit.new_cache(stream, rows, num_frames=settings.num_frames) for _ in range(2)]
         gens = [[torch.Generator(device=device).manual_seed(seed + 1 + r) for r in range(rows)] for _ in range(2)]
         err = 0.0
