@@ -3,6 +3,7 @@
     python benchmarks/cpu_eager.py --compare layout --config tiny --threads 1 --rounds 8 --json layout.json
     python benchmarks/cpu_eager.py --compare block-kernels --model shapes-tiny --threads 2
     python benchmarks/cpu_eager.py --compare layout --config mid --dtype bfloat16 --threads 2 --chunks 2 --rounds 3
+    python benchmarks/cpu_eager.py --compare attention --config tiny --threads 2 --rounds 12
 
 ``--compare layout``: every linear weight stored as its contiguous transpose (what
 ``StreamingGenerator`` does for CPU models, ``WanDiT.use_cpu_matmul_layout``) against the
@@ -10,6 +11,10 @@ standard row-major [out, in] layout (two generators with the same weights).
 ``--compare block-kernels``: the fused CPU kernels of the block's elementwise chains
 (``sf_sdk.ops.block_kernels_available``: modulated layer norm, grouped RMS norm, GELU) against the
 same chains in PyTorch ops (one generator; the choice switched between streams).
+``--compare attention``: a stream's self-attention over the cache (one row: ``kv_len`` an int) by
+SDPA on the sliced cache view (the ``"auto"`` rule's CPU choice, ``sf_sdk.ops.kernel_available``)
+against the compiled ``sf_sdk::cache_attention`` kernel (two generators with the same weights,
+each stream opened under :func:`sf_sdk.attention.default_backend` ``"reference"`` / ``"kernel"``).
 
 Each round streams one video on each side, alternating, so a change in machine load hits both
 alike. What a figure includes: the DiT of one chunk (its denoising steps and the cache pass; no
@@ -40,8 +45,10 @@ for path in (HERE.parent, HERE):
 from race_official import CHUNK_FRAMES, CONFIGS, PROMPT_ROWS, ours_run  # noqa: E402
 
 from sf_sdk import ops  # noqa: E402
+from sf_sdk.attention import default_backend  # noqa: E402
 from sf_sdk.config import StreamingConfig  # noqa: E402
 from sf_sdk.generator import StreamingGenerator  # noqa: E402
+from sf_sdk.results import video_frames_for_latents  # noqa: E402
 
 log = logging.getLogger("benchmarks.cpu_eager")
 
@@ -62,7 +69,10 @@ def _layout_of(gen: StreamingGenerator) -> str:
 
 
 # The sides of each comparison: (baseline, the choice the generator makes).
-SIDES = {"layout": ("standard", "transposed"), "block-kernels": ("torch ops", "fused kernels")}
+SIDES = {"layout": ("standard", "transposed"), "block-kernels": ("torch ops", "fused kernels"),
+         "attention": ("kernel", "sdpa")}
+# The attention name each side's streams are opened under (--compare attention).
+ATTENTION = {"kernel": "kernel", "sdpa": "reference"}
 
 
 def _generators(args: argparse.Namespace) -> tuple[dict[str, StreamingGenerator], int, dict[str, Any]]:
@@ -84,11 +94,20 @@ def _generators(args: argparse.Namespace) -> tuple[dict[str, StreamingGenerator]
         for name, gen in gens.items():
             if _layout_of(gen) != name:
                 raise RuntimeError(f"the {name} side's weights are in the {_layout_of(gen)} layout")
+    elif args.compare == "attention":
+        gens = {name: make() for name in SIDES["attention"]}
     else:
         gen = make()
         gens = dict.fromkeys(SIDES["block-kernels"], gen)
     chunk = next(iter(gens.values())).streaming.num_frame_per_block
     return gens, args.chunks * chunk, what
+
+
+def _latents(gen: StreamingGenerator, embeds: torch.Tensor, num_latent: int) -> torch.Tensor:
+    """The latents of one stream of ``num_latent`` latent frames (seed 0, no decode)."""
+    frames = video_frames_for_latents(num_latent, gen.temporal_stride)
+    with gen.stream(prompt_embeds=embeds, num_frames=frames, decode=False, seed=0) as s:
+        return torch.cat([chunk.latents for chunk in s])
 
 
 def _block_kernels(on: bool) -> None:
@@ -103,21 +122,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     gens, num_latent, what = _generators(args)
     baseline, chosen = SIDES[args.compare]
-    if args.compare == "block-kernels" and not _BLOCK_KERNELS_RULE(torch.empty(0)):
+    if args.compare in ("block-kernels", "attention") and not _BLOCK_KERNELS_RULE(torch.empty(0)):
         raise RuntimeError(f"the CPU kernels are not loaded ({ops.unavailable_reason('cpu')}): nothing to compare")
     ref = gens[chosen]
     embeds = torch.randn(PROMPT_ROWS if args.model is None else ref.dit.config.text_len, ref.dit.config.text_dim,
                          generator=torch.Generator().manual_seed(args.seed)).to(ref.dtype)
     chunks: dict[str, list[float]] = {name: [] for name in gens}
+
+    def stream(name: str, gen: StreamingGenerator) -> list[float]:
+        _block_kernels(name != "torch ops")
+        with default_backend(ATTENTION.get(name, "auto")):
+            return ours_run(gen, embeds, num_latent)[0]
+
+    parity = None
+    if args.compare == "attention":  # the two sides compute the same video (not bit for bit)
+        latents = []
+        for name, gen in gens.items():
+            with default_backend(ATTENTION[name]):
+                latents.append(_latents(gen, embeds, num_latent))
+        parity = (latents[0] - latents[1]).abs().max().item()
     try:
         for name, gen in gens.items():  # warm-up
-            _block_kernels(name != "torch ops")
-            ours_run(gen, embeds, num_latent)
+            stream(name, gen)
         for _ in range(args.rounds):
             for name, gen in gens.items():
-                _block_kernels(name != "torch ops")
-                wall, _ = ours_run(gen, embeds, num_latent)
-                chunks[name].extend(wall[1:])  # the first chunk of each stream is not counted
+                chunks[name].extend(stream(name, gen)[1:])  # the first chunk of each stream is not counted
     finally:
         _block_kernels(True)
     sides = {name: {"median_s": statistics.median(w), "chunks": len(w), "chunk_wall_s": w} for name, w in chunks.items()}
@@ -125,7 +154,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {**what, "compare": args.compare, "baseline": baseline, "chosen": chosen,
             "dtype": str(ref.dtype).removeprefix("torch."), "threads": args.threads,
             "chunks_per_stream": args.chunks, "rounds": args.rounds, "cpu": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "sides": sides, "speedup": speedup}
+            "torch": torch.__version__, "sides": sides, "speedup": speedup,
+            **({"latents_max_abs_diff": parity} if parity is not None else {})}
 
 
 def table(result: dict[str, Any]) -> str:

@@ -552,23 +552,12 @@ def build(devices: Sequence[str] = ("cpu", "cuda"), verbose: bool = False) -> di
 # Kernel selection
 # --------------------------------------------------------------------------------------------
 
-# Largest queries x head_dim per head for which "auto" takes the CPU kernel in float32 (see
-# kernel_available for the rule and benchmarks/attention.py for the measurements).
-_CPU_AUTO_MAX_QUERY_ELEMENTS = 1 << 14
-
-
 def _kernel_is_faster(q: Tensor, masked: bool) -> bool:
-    """The "auto" rule; see :func:`kernel_available`."""
-    if q.device.type == "cpu":
-        if masked:
-            return True
-        return q.shape[1] * q.shape[3] <= _CPU_AUTO_MAX_QUERY_ELEMENTS
-    if q.device.type == "cuda":
-        # Unmeasured on GPUs so far: SDPA on the sliced cache view (flash attention, no copy) stays
-        # the default; the kernel takes the masked (static-shape, device kv_len) calls, where the
-        # reference would have to read and mask the whole capacity.
-        return masked
-    return False
+    """The "auto" rule; see :func:`kernel_available`. On both device types the kernel takes the
+    masked calls (a tensor ``kv_len``: pooled rows, static-shape graphs), where the reference would
+    read and mask the whole capacity, and SDPA on the sliced view takes the rest (on GPUs
+    unmeasured so far: flash attention on the view, no copy)."""
+    return masked and q.device.type in ("cpu", "cuda")
 
 
 def kernel_available(q: Tensor, required: bool, *, masked: bool = False) -> bool:
@@ -583,11 +572,13 @@ def kernel_available(q: Tensor, required: bool, *, masked: bool = False) -> bool
 
     * CPU, ``masked`` (kv_len is a tensor: the reference would read and mask the whole
       capacity): the kernel, which reads only the valid prefix.
-    * CPU, any dtype: the kernel when ``Lq * head_dim <= 16384`` (small calls, e.g. the tiny
-      preset, where SDPA's per-call and thread-wake-up overhead dominates and the two are level);
-      above that SDPA: at the mid preset (1170 queries over 2340 keys, one thread) it takes 162 ms
-      against the kernel's 295 in float32, and 67 against 317 in bfloat16, where SDPA runs on the
-      CPU's AMX tiles (the kernel converts each key block to float32 and computes there).
+    * CPU, ``kv_len`` an int: SDPA on the sliced view, at every size and dtype. At the mid preset
+      (1170 queries over 2340 keys, one thread) it takes 162 ms against the kernel's 295 in
+      float32, and 67 against 317 in bfloat16, where SDPA runs on the CPU's AMX tiles (the kernel
+      converts each key block to float32 and computes there); at the race's tiny config (48
+      queries, 4 heads of 64, over 96-336 keys) SDPA is 1.2-2.1x faster too, and a tiny eager
+      chunk 1.04-1.09x (docs/performance.md). Only the tiniest calls (head_dim 24, 96 keys) are
+      level.
     * CUDA: not measured on a GPU yet, so SDPA (flash attention on the view) stays the default
       except for ``masked`` calls (static-shape export graphs).
     """

@@ -21,11 +21,12 @@ def _bench():
 
 
 @pytest.mark.parametrize(("compare", "sides"), [("layout", {"standard", "transposed"}),
-                                               ("block-kernels", {"torch ops", "fused kernels"})])
+                                               ("block-kernels", {"torch ops", "fused kernels"}),
+                                               ("attention", {"kernel", "sdpa"})])
 def test_cpu_eager_benchmark_times_both_sides(tmp_path: Path, compare: str, sides: set[str]) -> None:
     from sf_sdk import ops
 
-    if compare == "block-kernels" and ops.build(("cpu",))["cpu"] is None:
+    if compare in ("block-kernels", "attention") and ops.build(("cpu",))["cpu"] is None:
         pytest.skip(f"the CPU kernels are not built: {ops.unavailable_reason('cpu')}")
     bench = _bench()
     out = tmp_path / "bench.json"
@@ -39,6 +40,8 @@ def test_cpu_eager_benchmark_times_both_sides(tmp_path: Path, compare: str, side
         assert side["median_s"] > 0
     assert result["speedup"] == pytest.approx(result["sides"][result["baseline"]]["median_s"]
                                               / result["sides"][result["chosen"]]["median_s"])
+    if compare == "attention":  # the sides really run different attention, on one video
+        assert 0 < result["latents_max_abs_diff"] < 1e-3
 
 
 def test_standard_layout_undoes_the_generators_layout() -> None:

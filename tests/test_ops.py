@@ -384,11 +384,12 @@ def test_attention_backends(cpu_kernels: str, restore_backend: None) -> None:
 def test_kernel_available_rule(cpu_kernels: str) -> None:
     small = torch.zeros(1, 72, 4, 24)
     large = torch.zeros(1, 1170, 12, 128)
-    assert ops.kernel_available(small, False)  # float32, small: per-call overhead wins
-    assert not ops.kernel_available(large, False)  # float32, large: SDPA on the view is as fast
-    assert ops.kernel_available(large, False, masked=True)  # tensor kv_len: the reference masks everything
-    assert not ops.kernel_available(large.bfloat16(), False)  # bfloat16, large: SDPA (AMX) is faster
-    assert ops.kernel_available(small.bfloat16(), False)
+    # int kv_len: SDPA on the sliced view, small or large, float32 or bfloat16 (AMX)
+    for q in (small, large, small.bfloat16(), large.bfloat16()):
+        assert not ops.kernel_available(q, False)
+    # tensor kv_len: the reference would read and mask the whole capacity
+    assert ops.kernel_available(small, False, masked=True)
+    assert ops.kernel_available(large.bfloat16(), False, masked=True)
     assert ops.kernel_available(large, True)  # required: always, when loaded
     assert not ops.kernel_available(small.double(), False)
     with pytest.raises(RuntimeError, match="python -m sf_sdk.ops build"):
