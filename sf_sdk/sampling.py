@@ -102,6 +102,17 @@ def _chunk_timesteps(attend: StepAttention, values: tuple[float, ...], like: Ten
     return table
 
 
+def _chunk_sigmas(table: ChunkTimesteps, schedule: FlowMatchSchedule, like: Tensor) -> tuple[Tensor, Tensor]:
+    """sigma and 1 - sigma of each of the chunk's calls, ``[S, B, F, 1, 1, 1]`` in ``like``'s dtype:
+    one table lookup per chunk where ``schedule.x0_from_flow`` / ``add_noise`` would look up each
+    call's (the same values and arithmetic, so the same results)."""
+    if table.sigmas is None or table.sigmas[0].dtype != like.dtype:
+        sigma = schedule.sigma(table.stacked)  # [S, B, F], float64
+        sigma = sigma.reshape(*sigma.shape, *([1] * (like.dim() - 2))).to(like.dtype)  # [S, B, F, 1, 1, 1]
+        table.sigmas = (sigma, 1 - sigma)
+    return table.sigmas
+
+
 def cache_pass(model: ChunkModel, clean: Tensor, cross: CrossAttnCache, cache: KVCache, start: int | ChunkPlan,
                steps: ChunkSchedule, *, generator: Generators = None, attend: StepAttention | None = None,
                attention: str | None = None) -> None:
@@ -178,16 +189,18 @@ def denoise_chunk(
     if attend is None or attend.plan is not plan:
         with torch.no_grad():
             attend = model.step_attention(cache, plan, attention)
-    ts = _chunk_timesteps(attend, (*timesteps, steps.context_noise), noise).rows  # ts[-1]: the cache pass
+    table = _chunk_timesteps(attend, (*timesteps, steps.context_noise), noise)
+    ts = table.rows  # ts[-1]: the cache pass
+    sigma, keep = _chunk_sigmas(table, steps.schedule, noise)
     x = noise
     x0 = noise
     for i in range(exit_step + 1):
         with torch.set_grad_enabled(grad_at_exit and i == exit_step and torch.is_grad_enabled()):
             flow = model.forward_chunk(x, ts[i], cross, cache, plan, attend)
-            x0 = steps.schedule.x0_from_flow(flow, x, ts[i])
+            x0 = x - sigma[i] * flow  # steps.schedule.x0_from_flow(flow, x, ts[i])
         if i < exit_step:
             fresh = randn_rows(x0.shape, generator, device=x0.device, dtype=x0.dtype)
-            x = steps.schedule.add_noise(x0, fresh, ts[i + 1])
+            x = keep[i + 1] * x0 + sigma[i + 1] * fresh  # steps.schedule.add_noise(x0, fresh, ts[i + 1])
     if update_cache:
         cache_pass(model, x0, cross, cache, plan, steps, generator=generator, attend=attend)
     return x0

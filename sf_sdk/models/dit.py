@@ -236,6 +236,8 @@ class ChunkTimesteps:
     stacked: Tensor  # [S, B, F]
     rows: tuple[Tensor, ...] = ()
     _embedded: tuple[Tensor, Tensor] | None = field(default=None, repr=False)  # [S, B, F, dim], [S, B, F, 6, dim]
+    # The sampler's per-chunk memo of (sigma, 1 - sigma) of every call (sf_sdk.sampling).
+    sigmas: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def make(cls, values: Sequence[float], batch: int, frames: int, *, device: torch.device, dtype: torch.dtype
