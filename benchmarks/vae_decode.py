@@ -17,8 +17,9 @@ does) and per encode of the matching video, for each way, and the ratios.
 generator runs it, ``decode_latents_per_pass`` latent frames per pass, and one frame per pass, the
 official decode), side by side in one run, on latents the model generates (8 prompts, ``--chunks`` chunks each): seconds per
 chunk of one stream (the median over every chunk after each stream's first and over the repeats;
-eager PyTorch, and with ``--onnx`` both decoders' decode steps exported to ONNX and run on ONNX
-Runtime), seconds per chunk of ``--streams`` streams decoded in one batched pass (a pool's decode),
+eager PyTorch in the generator's dtype (``--dtype``, default ``auto`` as ``sf-generate``: bfloat16
+on a CPU with AMX where the DiT runs on AOTInductor), and with ``--onnx`` both decoders' decode steps
+exported to ONNX in float32 and run on ONNX Runtime), seconds per chunk of ``--streams`` streams decoded in one batched pass (a pool's decode),
 and the PSNR of the tiny decoder's frames against the Wan decoder's (uint8 frames, peak 255, over
 all frames). Decode only: no DiT, no uint8 conversion in the times.
 """
@@ -26,6 +27,7 @@ all frames). Decode only: no DiT, no uint8 conversion in the times.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import platform
@@ -112,7 +114,7 @@ def tiny_main(args: argparse.Namespace) -> None:
     from sf_sdk.models.vae import decode_streams
 
     torch.set_num_threads(args.threads)
-    gen = StreamingGenerator.from_pretrained(args.model, decoder="tiny")
+    gen = StreamingGenerator.from_pretrained(args.model, decoder="tiny", dtype=args.dtype)
     vae, tiny = gen.vae.eval(), gen.tiny_decoder.eval()
     c = gen.streaming.num_frame_per_block
     frames = video_frames_for_latents(c * args.chunks, gen.temporal_stride)
@@ -130,11 +132,13 @@ def tiny_main(args: argparse.Namespace) -> None:
 
         tmp = tempfile.TemporaryDirectory()
         folder = Path(tmp.name)
-        settings = ExportSettings()
-        wan_graphs = decode_step_graphs(ExportModel(dit=None, streaming=gen.streaming, vae=vae), settings)
-        makers["wan_onnxruntime"] = _onnx_decoder(wan_graphs, DecodeShapes.from_vae(vae, gen.streaming), folder)
-        makers["tiny_onnxruntime"] = _onnx_decoder(tiny_step_graphs(tiny, gen.streaming),
-                                                   tiny_decode_shapes(tiny, gen.streaming), folder)
+        settings = ExportSettings()  # float32: what ONNX Runtime runs on the CPU (float32 copies of both decoders)
+        vae32, tiny32 = copy.deepcopy(vae).float(), copy.deepcopy(tiny).float()
+        wan_graphs = decode_step_graphs(ExportModel(dit=None, streaming=gen.streaming, vae=vae32), settings)
+        makers["wan_onnxruntime"] = _onnx_decoder(wan_graphs, DecodeShapes.from_vae(vae32, gen.streaming), folder)
+        makers["tiny_onnxruntime"] = _onnx_decoder(tiny_step_graphs(tiny32, gen.streaming),
+                                                   tiny_decode_shapes(tiny32, gen.streaming), folder)
+    onnx_streams = [[z.float() for z in chunks] for chunks in streams[:2]]
     batched = {"wan": decode_streams, "tiny": decode_tiny_streams}
     times: dict[str, list[float]] = {name: [] for name in makers}
     pool_times: dict[str, list[float]] = {name: [] for name in batched}
@@ -142,7 +146,7 @@ def tiny_main(args: argparse.Namespace) -> None:
     with torch.no_grad():
         for rep in range(args.repeats + 1):  # the first round warms up
             for name, make in makers.items():
-                for s, chunks in enumerate(streams[:2]):
+                for s, chunks in enumerate(onnx_streams if name.endswith("_onnxruntime") else streams[:2]):
                     secs, out = _median_chunk_seconds(make, chunks)
                     if rep:
                         times[name] += secs
@@ -164,7 +168,8 @@ def tiny_main(args: argparse.Namespace) -> None:
     med = {name: statistics.median(v) for name, v in times.items()}
     pool_med = {name: statistics.median(v) for name, v in pool_times.items()}
     result = {
-        "model": args.model, "chunk_latent_frames": c, "chunk_video_frames": c * gen.temporal_stride,
+        "model": args.model, "dtype": str(gen.dtype).removeprefix("torch."),
+        "onnxruntime_dtype": "float32" if args.onnx else None, "chunk_latent_frames": c, "chunk_video_frames": c * gen.temporal_stride,
         "latent_hw": [gen.streaming.latent_height, gen.streaming.latent_width], "chunks": args.chunks,
         "streams": args.streams, "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
@@ -184,7 +189,8 @@ def tiny_main(args: argparse.Namespace) -> None:
         print(json.dumps(result, indent=2))
         return
     print(f"{args.model}: chunks of {c} latent frames = {result['chunk_video_frames']} video frames at "
-          f"{gen.frame_size[0]}x{gen.frame_size[1]}, {args.threads} thread(s), median over {len(times['wan'])} chunks")
+          f"{gen.frame_size[0]}x{gen.frame_size[1]}, {result['dtype']} (ONNX Runtime: float32), {args.threads} "
+          f"thread(s), median over {len(times['wan'])} chunks")
     print(f"{'decoder':18} {'s / chunk':>10} {'vs wan':>8}")
     for name, sec in med.items():
         print(f"{name:18} {sec:10.4f} {med['wan'] / sec:7.2f}x")
@@ -206,7 +212,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="the tiny decoder against the Wan decoder (see above)")
     ap.add_argument("--chunks", type=int, default=8, help="--tiny: chunks per stream")
     ap.add_argument("--streams", type=int, default=8, help="--tiny: streams of the batched (pool) decode")
-    ap.add_argument("--onnx", action="store_true", help="--tiny: also both decoders' steps on ONNX Runtime")
+    ap.add_argument("--onnx", action="store_true", help="--tiny: also both decoders' steps on ONNX Runtime (float32)")
+    ap.add_argument("--dtype", default="auto", help="--tiny: the generator's dtype (auto: its default, as sf-generate)")
     args = ap.parse_args()
     if args.tiny:
         if args.chunks < 2 or args.streams < 1 or args.repeats < 1:
