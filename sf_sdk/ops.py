@@ -577,7 +577,7 @@ def kernel_available(q: Tensor, required: bool, *, masked: bool = False) -> bool
       float32, and 67 against 317 in bfloat16, where SDPA runs on the CPU's AMX tiles (the kernel
       converts each key block to float32 and computes there); at the race's tiny config (48
       queries, 4 heads of 64, over 96-336 keys) SDPA is 1.2-2.1x faster too, and a tiny eager
-      chunk 1.04-1.09x (docs/performance.md). Only the tiniest calls (head_dim 24, 96 keys) are
+      chunk 1.03-1.06x (docs/performance.md). Only the tiniest calls (head_dim 24, 96 keys) are
       level.
     * CUDA: not measured on a GPU yet, so SDPA (flash attention on the view) stays the default
       except for ``masked`` calls (static-shape export graphs).
