@@ -1086,10 +1086,10 @@ def write_png(path: Path, image: np.ndarray) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _sdk_generate(model: str, device: str, decoder: str = "wan") -> GenerateFn:
+def _sdk_generate(model: str, device: str, decoder: str = "wan", dtype: str = "auto") -> GenerateFn:
     from sf_sdk import StreamingGenerator  # lazy: the evaluator itself does not need the SDK
 
-    generator = StreamingGenerator.from_pretrained(model, device=device, decoder=decoder)
+    generator = StreamingGenerator.from_pretrained(model, device=device, decoder=decoder, dtype=dtype)
 
     def generate(prompt: str, num_frames: int, seed: int) -> Any:
         frames = generator.generate(prompt, num_frames=num_frames, seed=seed).frames
@@ -1101,7 +1101,7 @@ def _sdk_generate(model: str, device: str, decoder: str = "wan") -> GenerateFn:
     return generate
 
 
-def _vae_roundtrip(model: str, device: str, decoder: str = "wan") -> GenerateFn:
+def _vae_roundtrip(model: str, device: str, decoder: str = "wan", dtype: str = "auto") -> GenerateFn:
     """Real clips of each caption through the model's VAE (encode, decode): the ceiling that
     no generator decoding with this VAE can pass. ``decoder="tiny"``: decoded by the model's tiny
     decoder instead (the same encoder and latents)."""
@@ -1110,7 +1110,7 @@ def _vae_roundtrip(model: str, device: str, decoder: str = "wan") -> GenerateFn:
     from sf_sdk import StreamingGenerator
     from training.data.shapes import frames_to_tensor, tensor_to_frames
 
-    gen = StreamingGenerator.from_pretrained(model, device=device, decoder=decoder)
+    gen = StreamingGenerator.from_pretrained(model, device=device, decoder=decoder, dtype=dtype)
     vae = gen.vae
     if vae is None:
         raise ValueError(f"model {model!r} has no VAE: --reconstruct needs one")
@@ -1177,6 +1177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.eval.shapes_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="model name or checkpoint path for StreamingGenerator.from_pretrained")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto",
+                        help="--model: the generator's dtype (auto: its default, as sf-generate; e.g. float32 to "
+                             "compare models whose default dtypes differ)")
     parser.add_argument("--frames", type=int, default=ShapesConfig.num_frames, help="frames per video")
     parser.add_argument("--seeds", type=int, default=1, help="videos per prompt (seeds seed_base..)")
     parser.add_argument("--seed-base", type=int, default=0)
@@ -1245,9 +1248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             if not args.model:
                 parser.error("--model is required (or use --calibrate or --teacher)")
-            source = {"model": args.model, "reconstruct": args.reconstruct, "decoder": args.decoder}
+            source = {"model": args.model, "reconstruct": args.reconstruct, "decoder": args.decoder,
+                      "dtype": args.dtype}
             make_generate = partial(_vae_roundtrip if args.reconstruct else _sdk_generate, args.model, args.device,
-                                    args.decoder)
+                                    args.decoder, args.dtype)
         import torch
 
         prompts = args.prompts or all_captions()
