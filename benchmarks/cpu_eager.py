@@ -103,13 +103,6 @@ def _generators(args: argparse.Namespace) -> tuple[dict[str, StreamingGenerator]
     return gens, args.chunks * chunk, what
 
 
-def _latents(gen: StreamingGenerator, embeds: torch.Tensor, num_latent: int) -> torch.Tensor:
-    """The latents of one stream of ``num_latent`` latent frames (seed 0, no decode)."""
-    frames = video_frames_for_latents(num_latent, gen.temporal_stride)
-    with gen.stream(prompt_embeds=embeds, num_frames=frames, decode=False, seed=0) as s:
-        return torch.cat([chunk.latents for chunk in s])
-
-
 def _block_kernels(on: bool) -> None:
     """Switch the DiT's fused elementwise kernels on (the library's own rule) or off."""
     ops.block_kernels_available = _BLOCK_KERNELS_RULE if on else (lambda x: False)
@@ -139,7 +132,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         latents = []
         for name, gen in gens.items():
             with default_backend(ATTENTION[name]):
-                latents.append(_latents(gen, embeds, num_latent))
+                frames = video_frames_for_latents(num_latent, gen.temporal_stride)
+                latents.append(gen.generate(prompt_embeds=embeds, num_frames=frames, decode=False, seed=0).latents)
         parity = (latents[0] - latents[1]).abs().max().item()
     try:
         for name, gen in gens.items():  # warm-up

@@ -138,7 +138,7 @@ def tiny_main(args: argparse.Namespace) -> None:
         makers["wan_onnxruntime"] = _onnx_decoder(wan_graphs, DecodeShapes.from_vae(vae32, gen.streaming), folder)
         makers["tiny_onnxruntime"] = _onnx_decoder(tiny_step_graphs(tiny32, gen.streaming),
                                                    tiny_decode_shapes(tiny32, gen.streaming), folder)
-    onnx_streams = [[z.float() for z in chunks] for chunks in streams[:2]]
+    onnx_streams = [[z.float() for z in chunks] for chunks in streams[:2]] if args.onnx else []
     batched = {"wan": decode_streams, "tiny": decode_tiny_streams}
     times: dict[str, list[float]] = {name: [] for name in makers}
     pool_times: dict[str, list[float]] = {name: [] for name in batched}
