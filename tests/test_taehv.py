@@ -22,7 +22,7 @@ from sf_sdk.checkpoint.taehv import (
     taehv_config_from_state,
 )
 from sf_sdk.config import StreamingConfig
-from sf_sdk.models.taehv import TAEHVConfig, TAEHVDecoder, TinyDecodeStep, decode_tiny_streams
+from sf_sdk.models.taehv import MemBlock, TAEHVConfig, TAEHVDecoder, TinyDecodeStep, decode_tiny_streams
 from training.train import compose, run
 
 SMALL = TAEHVConfig(z_dim=16, widths=(8, 8, 4, 4), blocks_per_stage=2)
@@ -105,6 +105,52 @@ def test_streaming_equals_whole_clip_decode() -> None:
             out.append(frames)
         torch.testing.assert_close(torch.cat(out, dim=2), whole, rtol=0, atol=1e-6)
         assert [tuple(m.shape) for m in memory] == [s.shape for s in step.cache_spec(2, 3, 2)]
+
+
+def _decode_layer_by_layer(model: TAEHVDecoder, z: torch.Tensor) -> torch.Tensor:
+    """The decoder as its layers read, one after another (upsample, TGrow, conv as three ops;
+    contiguous memory): the reference for the folded growth and channels-last path."""
+    b, c, t, h, w = z.shape
+    x = z.transpose(1, 2).reshape(b * t, c, h, w)
+    for layer in model.decoder:
+        if isinstance(layer, MemBlock):
+            xs = x.reshape(b, -1, *x.shape[1:])
+            past = torch.cat([torch.zeros_like(xs[:, :1]), xs[:, :-1]], dim=1).reshape(x.shape)
+            x = layer.conv(torch.cat([x, past], dim=1)).add(layer.skip(x)).relu()
+        else:
+            x = layer(x)
+    raw = x.reshape(b, -1, *x.shape[1:]).transpose(1, 2)
+    return model.to_pixels(raw[:, :, model.frames_to_trim:], clamp=False)
+
+
+@pytest.mark.parametrize("config", [
+    SMALL,
+    # A stage that grows in time only, one in space only.
+    TAEHVConfig(z_dim=4, widths=(8, 6, 4), blocks_per_stage=1, time_upscale=(True, False), space_upscale=(False, True)),
+], ids=["small", "time-only-and-space-only-stages"])
+def test_folded_growth_equals_the_layers(config: TAEHVConfig) -> None:
+    torch.manual_seed(0)
+    model = TAEHVDecoder(config).double().eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    z = torch.randn(2, config.z_dim, 3, 3, 5, dtype=torch.float64)
+    with torch.no_grad():
+        reference = _decode_layer_by_layer(model, z)
+        torch.testing.assert_close(model.decode(z, clamp=False), reference, rtol=1e-12, atol=1e-9)
+        # The folded weights are kept between calls and rebuilt when a weight changes.
+        model.decoder[model._growth_layers[-1] + 2].weight.mul_(-1)
+        changed = _decode_layer_by_layer(model, z)
+        assert (changed - reference).abs().max() > 1e-3
+        torch.testing.assert_close(model.decode(z, clamp=False), changed, rtol=1e-12, atol=1e-9)
+    # Training: the same gradients as the layers give.
+    model.train()
+    grads = []
+    for decode in (lambda: model.decode(z, clamp=False), lambda: _decode_layer_by_layer(model, z)):
+        model.zero_grad()
+        decode().square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
 
 
 def test_batched_streams_equal_each_stream_alone() -> None:

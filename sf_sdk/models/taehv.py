@@ -27,6 +27,14 @@ Stream semantics (what every decode path computes):
   frames give ``1 + 4 (T - 1)`` frames, aligned with the Wan VAE's decode: the first chunk of a
   stream gives ``1 + 4 (t - 1)`` frames, every later chunk ``4 t``.
 
+How a stage grows (the same sums as the layers, in fewer operations): nearest 2x upsampling,
+the TGrow 1x1 conv and the 3x3 conv after it are linear, so they run as one transposed conv of
+stride 2 (a 4x4 kernel: each output pixel's 3x3 window on the upsampled grid reads 2x2 input
+pixels) whose weights fold the TGrow blocks in; its ``s * C`` output channels are ``s`` frames of
+``C`` channels, so no copy orders them. Decode does a quarter of the 3x3 conv's multiplies and never
+materializes the upsampled frames (2.3-4x faster for each stage's growth on this CPU; float32
+agrees with the layer-by-layer path to float32 rounding, see ``grow``).
+
 Three ways to decode, one code path (:meth:`TAEHVDecoder.run`, any number of latent frames per
 call, the memory passed explicitly):
 
@@ -168,8 +176,12 @@ class MemBlock(nn.Module):
         self.skip = nn.Conv2d(c_in, c_out, 1, bias=False) if c_in != c_out else nn.Identity()
 
     def forward(self, x: Tensor, past: Tensor) -> Tensor:
-        # x, past: [N, C_in, H, W] (past: the same block's input one frame earlier)
-        return F.relu(self.conv(torch.cat([x, past], dim=1)) + self.skip(x))  # [N, C_out, H, W]
+        # x, past: [N, C_in, H, W] (past: the same block's input one frame earlier). The ReLUs and
+        # the sum write into the convs' fresh outputs (autograd allows it: a conv keeps its input).
+        conv = self.conv
+        y = F.relu_(conv[0](torch.cat([x, past], dim=1)))
+        y = conv[4](F.relu_(conv[2](y)))
+        return F.relu_(y.add_(self.skip(x)))  # [N, C_out, H, W]
 
 
 class TGrow(nn.Module):
@@ -186,6 +198,13 @@ class TGrow(nn.Module):
         # conv is its slow reference kernel (~10% of a shapes-tiny chunk's decode).
         y = torch.matmul(self.conv.weight.view(c * self.stride, c), x.reshape(n, c, h * w))  # [N, C*s, H*W]
         return y.reshape(n * self.stride, c, h, w)  # [B*T*stride, C, H, W]
+
+
+def _transposed_taps(kernel: Tensor, dim: int) -> Tensor:
+    """A 3-tap axis of a conv after nearest 2x upsampling -> the 4 taps of the stride-2
+    transposed conv that computes both output phases from the input (see ``TAEHVDecoder.grow``)."""
+    k0, k1, k2 = kernel.unbind(dim)
+    return torch.stack([k2, k1 + k2, k0 + k1, k0], dim)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,6 +234,9 @@ class TAEHVDecoder(nn.Module):
         layers += [nn.ReLU(), _conv3x3(n[-1], RGB_CHANNELS)]
         self.decoder = nn.Sequential(*layers)
         self.num_decoder_caches = sum(isinstance(m, MemBlock) for m in self.decoder)
+        # Each stage's growth (upsample, TGrow, conv) runs as one op (grow): the index of its upsample.
+        self._growth_layers = tuple(i for i, m in enumerate(self.decoder) if isinstance(m, nn.Upsample))
+        self._grow_weights: dict[int, tuple[tuple[object, ...], Tensor]] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -239,22 +261,92 @@ class TAEHVDecoder(nn.Module):
             raise ValueError(f"the memory holds {len(memory)} entries but this decoder has "
                              f"{self.num_decoder_caches} MemBlocks: build it for this model (cache_spec)")
         b, c, t, h, w = z.shape
-        x = z.transpose(1, 2).reshape(b * t, c, h, w)  # [B*t, z, h, w]
+        # Frames in channels-last memory from here on: the convs take it without a reorder
+        # (1.6-3x faster each on this CPU); every op below keeps it.
+        x = z.transpose(1, 2).reshape(b * t, c, h, w).contiguous(memory_format=torch.channels_last)  # [B*t, z, h, w]
         index = 0
-        for layer in self.decoder:
-            if isinstance(layer, MemBlock):
-                frames = x.shape[0] // b
-                xs = x.reshape(b, frames, *x.shape[1:])  # [B, T', C, H, W]
-                prev = memory[index]
-                prev = xs.new_zeros(b, 1, *xs.shape[2:]) if prev is None else prev.transpose(1, 2)  # [B, 1, C, H, W]
-                past = torch.cat([prev, xs[:, :-1]], dim=1).reshape(x.shape)  # [B*T', C, H, W]
-                memory[index] = xs[:, -1:].transpose(1, 2).contiguous()  # [B, C, 1, H, W]
-                x = layer(x, past)
+        skip = 0
+        for i, layer in enumerate(self.decoder):
+            if skip:  # the TGrow and conv that grow() ran
+                skip -= 1
+            elif i in self._growth_layers:
+                x = self.grow(i, x)
+                skip = 2
+            elif isinstance(layer, MemBlock):
+                x = layer(x, self._past(x, b, memory, index))
                 index += 1
+            elif isinstance(layer, nn.ReLU):
+                x = F.relu_(x)  # every ReLU here follows a conv whose output nothing else holds
             else:
                 x = layer(x)
         frames = x.shape[0] // b
         return x.reshape(b, frames, *x.shape[1:]).transpose(1, 2)  # [B, 3, 4t, 8h, 8w]
+
+    @staticmethod
+    def _past(x: Tensor, b: int, memory: list[Tensor | None], index: int) -> Tensor:
+        """A MemBlock's memory input for frames ``x`` ``[B*T', C, H, W]`` (streams' frames
+        consecutive): each frame's predecessor, the stored frame before a stream's first; stores
+        the last frames as the new memory ``[B, C, 1, H, W]``."""
+        frames = x.shape[0] // b
+        prev = memory[index]
+        parts = []
+        for row in range(b):
+            first = (x.new_zeros(1, *x.shape[1:]) if prev is None else prev[row:row + 1, :, 0])  # [1, C, H, W]
+            parts += [first.contiguous(memory_format=torch.channels_last), x[row * frames:(row + 1) * frames - 1]]
+        memory[index] = x.view(b, frames, *x.shape[1:])[:, -1:].transpose(1, 2).contiguous()  # [B, C, 1, H, W]
+        return torch.cat(parts)  # [B*T', C, H, W]
+
+    def grow(self, index: int, x: Tensor) -> Tensor:
+        """The stage growth at ``decoder[index]`` (upsample, TGrow, conv 3x3) in one conv:
+        ``[N, C_in, H, W]`` -> ``[N * s, C_out, 2H, 2W]`` (``[N * s, C_out, H, W]`` for a stage
+        without spatial upsampling), ``s`` the TGrow stride."""
+        up, tgrow, conv = self.decoder[index], self.decoder[index + 1], self.decoder[index + 2]
+        weight = self._grow_weight(index)
+        n, _, h, w = x.shape
+        s, c_out = tgrow.stride, conv.out_channels
+        if int(up.scale_factor) == UPSCALE:
+            y = F.conv_transpose2d(x, weight, stride=UPSCALE, padding=1)  # [N, s*C_out, 2H, 2W]
+        else:
+            y = F.conv2d(x, weight, padding=1)  # [N, s*C_out, H, W]
+        if s == 1:
+            return y
+        # Frame t*s + j is channel block j of frame t; in channels-last memory that is one copy
+        # ([N, H', W', s, C] -> [N, s, H', W', C]), in contiguous memory a view.
+        h2, w2 = y.shape[2:]
+        if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
+            y = y.permute(0, 2, 3, 1).reshape(n, h2, w2, s, c_out).permute(0, 3, 1, 2, 4)  # [N, s, H', W', C]
+            return y.reshape(n * s, h2, w2, c_out).permute(0, 3, 1, 2)  # [N*s, C, H', W'] channels-last
+        return y.reshape(n * s, c_out, h2, w2)
+
+    def _grow_weight(self, index: int) -> Tensor:
+        """:meth:`grow`'s folded weights, from the layers' current weights (kept between calls
+        when no gradient is taken and nothing traces; rebuilt when a weight changes)."""
+        up, tgrow, conv = self.decoder[index], self.decoder[index + 1], self.decoder[index + 2]
+        w_t, w_c = tgrow.conv.weight, conv.weight  # [s*C_in, C_in, 1, 1], [C_out, C_in, 3, 3]
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        reuse = not tracing and not torch.is_grad_enabled()
+        if reuse:
+            key = (w_t._version, w_c._version, w_t.data_ptr(), w_c.data_ptr(), w_c.dtype, w_c.device)
+            cached = self._grow_weights.get(index)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        s, c_in, c_out = tgrow.stride, w_c.shape[1], w_c.shape[0]
+        # Conv after TGrow: frame j's kernel is conv . block j of the 1x1 conv (in float32 at least).
+        wide = torch.promote_types(w_c.dtype, torch.float32)
+        blocks = w_t.to(wide).reshape(s, c_in, c_in)  # [s, mid, in]
+        kernel = torch.einsum("omyx,jmi->joiyx", w_c.to(wide), blocks)  # [s, C_out, C_in, 3, 3]
+        if int(up.scale_factor) == UPSCALE:
+            # Nearest 2x then a 3x3 conv (padding 1): output row 2i reads input rows i-1 (tap 0)
+            # and i (taps 1 + 2), row 2i+1 reads i (taps 0 + 1) and i+1 (tap 2); as a stride-2
+            # transposed conv (padding 1) those are its kernel rows 3, 1 and 2, 0.
+            kernel = _transposed_taps(_transposed_taps(kernel, 3), 4)  # [s, C_out, C_in, 4, 4]
+            weight = kernel.reshape(s * c_out, c_in, 4, 4).transpose(0, 1)  # [C_in, s*C_out, 4, 4]
+        else:
+            weight = kernel.reshape(s * c_out, c_in, 3, 3)
+        weight = weight.contiguous().to(w_c.dtype)
+        if reuse:
+            self._grow_weights[index] = (key, weight)
+        return weight
 
     @staticmethod
     def to_pixels(raw: Tensor, clamp: bool) -> Tensor:
