@@ -193,9 +193,11 @@ class TGrow(nn.Module):
         self.conv = nn.Conv2d(channels, channels * stride, 1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        n, c, h, w = x.shape  # n = B * T, frames of a clip consecutive
+        # The decoder's run folds this layer into the stage's growth (TAEHVDecoder.grow); this
+        # forward runs the layer alone. n = B * T, frames of a clip consecutive.
+        n, c, h, w = x.shape
         # The 1x1 conv as one batched matmul (the same sums): PyTorch's CPU path for a bias-free 1x1
-        # conv is its slow reference kernel (~10% of a shapes-tiny chunk's decode).
+        # conv is its slow reference kernel.
         y = torch.matmul(self.conv.weight.view(c * self.stride, c), x.reshape(n, c, h * w))  # [N, C*s, H*W]
         return y.reshape(n * self.stride, c, h, w)  # [B*T*stride, C, H, W]
 
