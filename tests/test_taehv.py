@@ -142,6 +142,11 @@ def test_folded_growth_equals_the_layers(config: TAEHVConfig) -> None:
         changed = _decode_layer_by_layer(model, z)
         assert (changed - reference).abs().max() > 1e-3
         torch.testing.assert_close(model.decode(z, clamp=False), changed, rtol=1e-12, atol=1e-9)
+        # A decoder made under inference mode (its weights are inference tensors) decodes the same.
+        with torch.inference_mode():
+            frozen = TAEHVDecoder(config).double().eval()
+            frozen.load_state_dict(model.state_dict())
+            torch.testing.assert_close(frozen.decode(z, clamp=False), changed, rtol=1e-12, atol=1e-9)
     # Training: the same gradients as the layers give.
     model.train()
     grads = []

@@ -35,6 +35,8 @@ from sf_sdk import ops
 from sf_sdk.attention import REFERENCE, CacheAttention, attention, select_cache_attention
 from sf_sdk.cache import ChunkPlan, KVCache, frame_visibility, write_rows
 from sf_sdk.config import DiTConfig, StreamingConfig
+from sf_sdk.models.graphs import tracing as _tracing
+from sf_sdk.models.graphs import weights_key
 
 __all__ = [
     "WanDiT",
@@ -154,15 +156,6 @@ class RotaryEmbedding:
             aw.view(*lead, 1, 1, w, -1).expand(*rows, nf, h, w, -1),
         ], dim=-1).reshape(*rows, nf * h * w, -1)  # [..., F*h*w, head_dim/2]
         return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
-
-
-def _tracing() -> bool:
-    """Inside torch.compile / torch.export / jit tracing (graphs keep real-valued ops: ONNX and
-    TensorRT have no complex tensors)."""
-    return torch.compiler.is_compiling() or _is_exporting() or torch.jit.is_tracing()
-
-
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5 has it
 
 
 def rotary_freqs(cos: Tensor, sin: Tensor) -> Tensor:
@@ -485,7 +478,7 @@ class SelfAttention(nn.Module):
         params = [self.q.weight, self.q.bias, self.k.weight, self.k.bias, self.v.weight, self.v.bias]
         if self.qk_norm:
             params += [self.norm_q.weight, self.norm_k.weight]
-        key = tuple((p.data_ptr(), None if p.is_inference() else p._version) for p in params)
+        key = weights_key(params)
         if self._fused is None or self._fused[0] != key:
             with torch.no_grad():
                 w = torch.cat([self.q.weight, self.k.weight, self.v.weight])  # [3*dim, dim]

@@ -31,7 +31,7 @@ How a stage grows (the same sums as the layers, in fewer operations): nearest 2x
 the TGrow 1x1 conv and the 3x3 conv after it are linear, so they run as one transposed conv of
 stride 2 (a 4x4 kernel: each output pixel's 3x3 window on the upsampled grid reads 2x2 input
 pixels) whose weights fold the TGrow blocks in; its ``s * C`` output channels are ``s`` frames of
-``C`` channels, so no copy orders them. Decode does a quarter of the 3x3 conv's multiplies and never
+``C`` channels (one copy puts them in frame order in channels-last memory). Decode does a quarter of the 3x3 conv's multiplies and never
 materializes the upsampled frames (2.3-4x faster for each stage's growth on this CPU; float32
 agrees with the layer-by-layer path to float32 rounding, see ``grow``).
 
@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sf_sdk.config import VAEConfig
+from sf_sdk.models.graphs import tracing, weights_key
 from sf_sdk.models.vae import CacheSpec
 
 __all__ = [
@@ -291,10 +292,11 @@ class TAEHVDecoder(nn.Module):
         the last frames as the new memory ``[B, C, 1, H, W]``."""
         frames = x.shape[0] // b
         prev = memory[index]
+        zeros = x.new_zeros(1, *x.shape[1:]).contiguous(memory_format=torch.channels_last) if prev is None else None
         parts = []
         for row in range(b):
-            first = (x.new_zeros(1, *x.shape[1:]) if prev is None else prev[row:row + 1, :, 0])  # [1, C, H, W]
-            parts += [first.contiguous(memory_format=torch.channels_last), x[row * frames:(row + 1) * frames - 1]]
+            first = zeros if prev is None else prev[row:row + 1, :, 0].contiguous(memory_format=torch.channels_last)
+            parts += [first, x[row * frames:(row + 1) * frames - 1]]  # [1, C, H, W], [T'-1, C, H, W]
         memory[index] = x.view(b, frames, *x.shape[1:])[:, -1:].transpose(1, 2).contiguous()  # [B, C, 1, H, W]
         return torch.cat(parts)  # [B*T', C, H, W]
 
@@ -325,10 +327,9 @@ class TAEHVDecoder(nn.Module):
         when no gradient is taken and nothing traces; rebuilt when a weight changes)."""
         up, tgrow, conv = self.decoder[index], self.decoder[index + 1], self.decoder[index + 2]
         w_t, w_c = tgrow.conv.weight, conv.weight  # [s*C_in, C_in, 1, 1], [C_out, C_in, 3, 3]
-        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-        reuse = not tracing and not torch.is_grad_enabled()
+        reuse = not tracing() and not torch.is_grad_enabled()
         if reuse:
-            key = (w_t._version, w_c._version, w_t.data_ptr(), w_c.data_ptr(), w_c.dtype, w_c.device)
+            key = weights_key((w_t, w_c))
             cached = self._grow_weights.get(index)
             if cached is not None and cached[0] == key:
                 return cached[1]
