@@ -403,8 +403,13 @@ def time_limit(seconds: float) -> Iterator[None]:
         yield
         return
 
+    fired = False
+    message = f"over budget: still running after {seconds:.0f} s"
+
     def expire(signum: int, frame: Any) -> None:
-        raise OverBudget(f"over budget: still running after {seconds:.0f} s")
+        nonlocal fired
+        fired = True
+        raise OverBudget(message)
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -413,6 +418,8 @@ def time_limit(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+    if fired:  # the alarm went off where Python drops exceptions (a gc callback, a __del__): still over
+        raise OverBudget(message)
 
 
 def run_step(step: Step, ctx: Context, scale: float) -> dict[str, Any]:
