@@ -66,6 +66,9 @@ __all__ = [
     "reference_modulated_layer_norm",
     "reference_grouped_rms_norm",
     "reference_gelu_tanh_",
+    "reference_dit_block_step",
+    "reference_dit_block_write_kv",
+    "BLOCK_STEP_WEIGHTS",
     "loaded_libraries",
     "unavailable_reason",
     "reference_cache_write",
@@ -285,6 +288,99 @@ def _cache_write_rope_fake(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tenso
     _check_rope_tables(cos, sin, k)
 
 
+# The block's projections as ``dit_block_step`` takes them, in this order (weight, bias each).
+BLOCK_STEP_WEIGHTS: tuple[str, ...] = ("qkv_w", "qkv_b", "o_w", "o_b", "cross_q_w", "cross_q_b", "cross_o_w",
+                                       "cross_o_b", "ffn1_w", "ffn1_b", "ffn2_w", "ffn2_b")
+
+
+def _check_block_step_args(x: Tensor, e0: Tensor, modulation: Tensor, num_heads: int) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, N, dim], got shape {tuple(x.shape)}")
+    b, n, d = x.shape
+    if e0.dim() != 4 or e0.shape[0] != b or e0.shape[2:] != (6, d):
+        raise ValueError(f"e0 must be [B, F, 6, dim] = [{b}, F, 6, {d}], got {tuple(e0.shape)}")
+    if n % e0.shape[1]:
+        raise ValueError(f"x's {n} tokens are not whole frames of e0's {e0.shape[1]} frames")
+    if tuple(modulation.shape) != (1, 6, d):
+        raise ValueError(f"modulation must be [1, 6, dim] = [1, 6, {d}], got {tuple(modulation.shape)}")
+    if num_heads <= 0 or d % num_heads or (d // num_heads) % 2:
+        raise ValueError(f"num_heads = {num_heads} must divide dim = {d} into an even head dim")
+
+
+def _block_modulation(modulation: Tensor, e0: Tensor) -> tuple[Tensor, ...]:
+    shift1, scale1, gate1, shift2, scale2, gate2 = (modulation.unsqueeze(1) + e0).unsqueeze(3).unbind(2)
+    return shift1, 1 + scale1, gate1, shift2, 1 + scale2, gate2  # each [B, F, 1, dim]
+
+
+def _block_qkv(h: Tensor, w: Tensor, b: Tensor, qk_norm: Tensor | None, num_heads: int, eps: float
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    bsz, n, d = h.shape
+    heads = (bsz, n, num_heads, d // num_heads)
+    qkv = F.linear(h, w, b).view(bsz, n, 3, d)
+    qk = qkv[:, :, :2] if qk_norm is None else reference_grouped_rms_norm(qkv[:, :, :2], qk_norm, eps)
+    return qk[:, :, 0].reshape(heads), qk[:, :, 1].reshape(heads), qkv[:, :, 2].reshape(heads)
+
+
+def _block_gated_add(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    b, n, d = x.shape
+    per_frame = (b, gate.shape[1], n // gate.shape[1], d)
+    return torch.addcmul(x.view(per_frame), y.reshape(per_frame), gate).view(b, n, d)
+
+
+def reference_dit_block_step(x: Tensor, e0: Tensor, modulation: Tensor, weights: Sequence[Tensor],
+                             qk_norm: Tensor | None, norm3_weight: Tensor | None, norm3_bias: Tensor | None,
+                             cross_q_norm: Tensor | None, cross_k: Tensor, cross_v: Tensor, k_cache: Tensor,
+                             v_cache: Tensor, layer: int, rows: int, slots: Tensor, cos: Tensor, sin: Tensor,
+                             freqs: Tensor, kv_len: int, num_heads: int, eps: float) -> Tensor:
+    """One DiT block's call on a streaming chunk (``sf_sdk.models.dit.Block`` with a uniform
+    ``StepAttention``): adaLN self-attention over the cache (the chunk's keys rotated by cos / sin
+    and written into ``slots`` of rows ``[0, rows)`` of layer ``layer``; queries rotated by the
+    complex table ``freqs`` [N, 1, D/2]; slots ``[0, kv_len)`` attended), cross-attention to the
+    prompt's ``cross_k`` / ``cross_v`` [B, Lt, H, D], the FFN. ``weights``: the
+    :data:`BLOCK_STEP_WEIGHTS`. Returns the block's output [B, N, dim]."""
+    _check_block_step_args(x, e0, modulation, num_heads)
+    if len(weights) != len(BLOCK_STEP_WEIGHTS):
+        raise ValueError(f"weights must be the block's {len(BLOCK_STEP_WEIGHTS)} projection tensors "
+                         f"{BLOCK_STEP_WEIGHTS}, got {len(weights)}")
+    qkv_w, qkv_b, o_w, o_b, cq_w, cq_b, co_w, co_b, f1_w, f1_b, f2_w, f2_b = weights
+    shift1, scale1, gate1, shift2, scale2, gate2 = _block_modulation(modulation, e0)
+    q, k, v = _block_qkv(reference_modulated_layer_norm(x, shift1, scale1, eps), qkv_w, qkv_b, qk_norm,
+                         num_heads, eps)
+    kc, vc = k_cache[layer, :rows], v_cache[layer, :rows]
+    reference_cache_write_rope(kc, vc, k, v, slots, cos, sin)
+    q = torch.view_as_real(torch.view_as_complex(q.unflatten(-1, (-1, 2))) * freqs).flatten(-2)
+    y = reference_cache_attention(q, kc, vc, kv_len)
+    x = _block_gated_add(x, F.linear(y.flatten(2), o_w, o_b), gate1)
+    xn = x if norm3_weight is None else F.layer_norm(x, x.shape[-1:], norm3_weight, norm3_bias, eps)
+    cq = F.linear(xn, cq_w, cq_b)
+    if cross_q_norm is not None:
+        cq = reference_grouped_rms_norm(cq.unsqueeze(2), cross_q_norm.unsqueeze(0), eps).squeeze(2)
+    cross = reference_cache_attention(cq.unflatten(-1, (num_heads, -1)), cross_k, cross_v, cross_k.shape[1])
+    x = x + F.linear(cross.flatten(2), co_w, co_b)
+    y = F.gelu(F.linear(reference_modulated_layer_norm(x, shift2, scale2, eps), f1_w, f1_b), approximate="tanh")
+    return _block_gated_add(x, F.linear(y, f2_w, f2_b), gate2)
+
+
+def reference_dit_block_write_kv(x: Tensor, e0: Tensor, modulation: Tensor, qkv_w: Tensor, qkv_b: Tensor,
+                                 qk_norm: Tensor | None, k_cache: Tensor, v_cache: Tensor, layer: int, rows: int,
+                                 slots: Tensor, cos: Tensor, sin: Tensor, num_heads: int, eps: float) -> None:
+    """Only the cache write of :func:`reference_dit_block_step` (a cache pass's last layer)."""
+    _check_block_step_args(x, e0, modulation, num_heads)
+    shift1, scale1 = _block_modulation(modulation, e0)[:2]
+    _, k, v = _block_qkv(reference_modulated_layer_norm(x, shift1, scale1, eps), qkv_w, qkv_b, qk_norm,
+                         num_heads, eps)
+    reference_cache_write_rope(k_cache[layer, :rows], v_cache[layer, :rows], k, v, slots, cos, sin)
+
+
+def _dit_block_step_fake(x: Tensor, e0: Tensor, modulation: Tensor, weights: Sequence[Tensor], *args) -> Tensor:
+    _check_block_step_args(x, e0, modulation, args[-2])
+    return torch.empty_like(x)
+
+
+def _dit_block_write_kv_fake(x: Tensor, e0: Tensor, modulation: Tensor, *args) -> None:
+    _check_block_step_args(x, e0, modulation, args[-2])
+
+
 # --------------------------------------------------------------------------------------------
 # Schemas
 # --------------------------------------------------------------------------------------------
@@ -297,6 +393,13 @@ _SCHEMAS = {
     "modulated_layer_norm": "modulated_layer_norm(Tensor x, Tensor shift, Tensor scale1, float eps) -> Tensor",
     "grouped_rms_norm": "grouped_rms_norm(Tensor x, Tensor weight, float eps) -> Tensor",
     "gelu_tanh_": "gelu_tanh_(Tensor(a!) y) -> ()",
+    "dit_block_step": ("dit_block_step(Tensor x, Tensor e0, Tensor modulation, Tensor[] weights, Tensor? qk_norm, "
+                       "Tensor? norm3_weight, Tensor? norm3_bias, Tensor? cross_q_norm, Tensor cross_k, "
+                       "Tensor cross_v, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, int rows, Tensor slots, "
+                       "Tensor cos, Tensor sin, Tensor freqs, int kv_len, int num_heads, float eps) -> Tensor"),
+    "dit_block_write_kv": ("dit_block_write_kv(Tensor x, Tensor e0, Tensor modulation, Tensor qkv_w, Tensor qkv_b, "
+                           "Tensor? qk_norm, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, int rows, "
+                           "Tensor slots, Tensor cos, Tensor sin, int num_heads, float eps) -> ()"),
 }
 _IMPLS = {
     "cache_attention": (_cache_attention_composite, _cache_attention_fake),
@@ -305,6 +408,8 @@ _IMPLS = {
     "modulated_layer_norm": (reference_modulated_layer_norm, _modulated_layer_norm_fake),
     "grouped_rms_norm": (reference_grouped_rms_norm, _grouped_rms_norm_fake),
     "gelu_tanh_": (reference_gelu_tanh_, _gelu_tanh_fake),
+    "dit_block_step": (reference_dit_block_step, _dit_block_step_fake),
+    "dit_block_write_kv": (reference_dit_block_write_kv, _dit_block_write_kv_fake),
 }
 
 

@@ -102,7 +102,11 @@ def _stream(model, x, t, ctx, stream):
 
 def test_the_dit_streams_the_same_with_and_without_the_kernels(cpu_kernels, monkeypatch):
     """A float32 stream through the fused kernels stays within float32 rounding of the same stream on
-    PyTorch ops, and the kernels really ran (they are left out with autograd and in float64)."""
+    PyTorch ops, and the kernels really ran (they are left out with autograd and in float64). The
+    blocks run op by op here (their one-op form, which calls the same kernels: test_block_step.py)."""
+    from sf_sdk.models.dit import StepAttention
+
+    monkeypatch.setattr(StepAttention, "block_step", lambda self, x: False)
     stream = StreamingConfig(latent_height=4, latent_width=6, local_attn_size=6)
     model = random_dit(seed=1, dtype=torch.float32)
     x = torch.randn(1, 9, 16, 4, 6)
@@ -117,6 +121,7 @@ def test_the_dit_streams_the_same_with_and_without_the_kernels(cpu_kernels, monk
         plain = _stream(model, x, t, ctx, stream)
     torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
     monkeypatch.undo()
+    monkeypatch.setattr(StepAttention, "block_step", lambda self, x: False)
     for grad, dtype in ((True, torch.float32), (False, torch.float64)):
         m = random_dit(seed=1, dtype=dtype)
         seen = _OpNames()

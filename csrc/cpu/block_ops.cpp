@@ -14,6 +14,7 @@
 // accumulate in float32 with two passes per row (mean, then squared deviations). The Python
 // references (sf_sdk/ops.py) are the same functions in PyTorch ops.
 #include "../checks.h"
+#include "kernels.h"
 #include "vec_math.h"
 
 #include <ATen/Parallel.h>
@@ -101,6 +102,8 @@ void check_float32_cpu(const at::Tensor& t, const char* name) {
                     " must be contiguous in its last dimension, got strides ", t.strides(),
                     "; call .contiguous() on it first");
 }
+
+}  // namespace
 
 at::Tensor modulated_layer_norm_cpu(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale1,
                                     double eps) {
@@ -202,8 +205,6 @@ void gelu_tanh_inplace_cpu(const at::Tensor& y) {
     }
   });
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(sf_sdk, CPU, m) {
   m.impl("modulated_layer_norm", &modulated_layer_norm_cpu);

@@ -9,6 +9,7 @@
 // whose cosine / sine are cos[i, p] / sin[i, p]; it is computed in float32 (float64 when k or the
 // tables are float64) and rounded once to the cache dtype.
 #include "../checks.h"
+#include "kernels.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -105,6 +106,8 @@ void write_rope(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::
   });
 }
 
+}  // namespace
+
 void cache_write_rope_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
                           const at::Tensor& v, const at::Tensor& slots, const at::Tensor& cos, const at::Tensor& sin) {
   const WriteShape shape = check_cache_write_args(k_cache, v_cache, k, v, slots);
@@ -138,8 +141,6 @@ void cache_write_rope_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, 
       TORCH_CHECK(false, "unreachable: dtype checked above");
   }
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(sf_sdk, CPU, m) {
   m.impl("cache_write", &cache_write_cpu);

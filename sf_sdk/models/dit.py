@@ -296,6 +296,25 @@ class StepAttention:
     _freqs_q: Tensor | None = field(default=None, repr=False)
     # The chunk's timesteps (sf_sdk.sampling makes them once per chunk; None: each call embeds its own).
     timesteps: ChunkTimesteps | None = field(default=None, repr=False)
+    # Whether the chunk's block calls can each run as one op (block_step), decided on first use;
+    # and each layer's weights for it, gathered once per chunk.
+    _one_op: bool | None = field(default=None, repr=False)
+    _block_args: dict[int, tuple] = field(default_factory=dict, repr=False)
+
+    def block_step(self, x: Tensor) -> bool:
+        """Whether a block call on x runs as one op (``sf_sdk::dit_block_step``: :meth:`Block.forward`'s
+        ops in the same order from C++, so the same result without Python's per-op cost): an eager
+        float32 CPU stream with the CPU kernels loaded, one stream's plan (an int ``kv_len``, shared
+        rotary tables of absolute positions), attention by SDPA (the ``"reference"`` choice, what
+        ``"auto"`` picks there), no autograd, not traced. Anything else runs the ops one by one."""
+        if self._one_op is None:
+            cache, plan = self.cache, self.plan
+            self._one_op = (cache is not None and plan is not None and plan.uniform and not self.functional
+                            and self.cos_k is None and self.impl.kernel is None and isinstance(self.kv_len, int)
+                            and self.cos_q.dim() == 2 and self.cos_q.dtype == torch.float32
+                            and cache.dtype == torch.float32 and ops.fused_write_available(cache.device, cache.dtype)
+                            and ops.block_kernels_available(self.cos_q))
+        return self._one_op and x.dtype == torch.float32 and not torch.is_grad_enabled() and not _tracing()
 
     def freqs_q(self) -> Tensor | None:
         """The chunk's complex rotary table (:func:`rotary_freqs`), made once for all of its calls
@@ -600,9 +619,34 @@ class Block(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unsqueeze(3).unbind(2)  # 6 x [B, F, 1, dim]
         return shift1, 1 + scale1, gate1, shift2, 1 + scale2, gate2
 
+    def step_args(self) -> tuple:
+        """The block's tensors as ``sf_sdk::dit_block_step`` takes them: (the
+        :data:`~sf_sdk.ops.BLOCK_STEP_WEIGHTS`, the q/k norm weights [2, dim] or None, the
+        cross-attention layer norm's weight and bias or None, the cross q norm's weight or None)."""
+        sa, ca = self.self_attn, self.cross_attn
+        qkv_w, qkv_b, qk_norm = sa.fused_qkv()
+        ffn_in, _, ffn_out = self.ffn
+        weights = [qkv_w, qkv_b, sa.o.weight, sa.o.bias, ca.q.weight, ca.q.bias, ca.o.weight, ca.o.bias,
+                   ffn_in.weight, ffn_in.bias, ffn_out.weight, ffn_out.bias]
+        norm3 = self.norm3 if isinstance(self.norm3, LayerNorm) else None
+        return (weights, qk_norm, norm3.weight if norm3 is not None else None,
+                norm3.bias if norm3 is not None else None, ca.norm_q.weight if sa.qk_norm else None)
+
+    def _step_args(self, attend: StepAttention, layer: int) -> tuple:
+        args = attend._block_args.get(layer)
+        if args is None:
+            args = attend._block_args[layer] = self.step_args()
+        return args
+
     def forward(self, x: Tensor, e: Tensor, cross_k: Tensor, cross_v: Tensor,
                 attend: SequenceAttention | StepAttention, layer: int) -> Tensor:
         # e: [B, F, 6, dim] time projection of each frame
+        if isinstance(attend, StepAttention) and attend.block_step(x):
+            weights, qk_norm, norm3_w, norm3_b, cross_q_norm = self._step_args(attend, layer)
+            return torch.ops.sf_sdk.dit_block_step(
+                x, e, self.modulation, weights, qk_norm, norm3_w, norm3_b, cross_q_norm, cross_k, cross_v,
+                attend.k_cache, attend.v_cache, layer, attend.plan.rows, attend.write_slots, attend.cos_q,
+                attend.sin_q, attend.freqs_q(), attend.kv_len, self.self_attn.num_heads, self.self_attn.eps)
         frames = e.shape[1]
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation_of(e, x.dtype)
         y = self.self_attn(_norm_modulate(self.norm1, x, shift1, scale1, frames), attend, layer)
@@ -617,6 +661,13 @@ class Block(nn.Module):
     def write_kv(self, x: Tensor, e: Tensor, attend: StepAttention, layer: int) -> None:
         """Only the part of :meth:`forward` that leaves something in the cache: the self-attention
         keys/values of x, written through ``attend`` (the rest of the block is not computed)."""
+        if attend.block_step(x):
+            weights, qk_norm = self._step_args(attend, layer)[:2]
+            torch.ops.sf_sdk.dit_block_write_kv(
+                x, e, self.modulation, weights[0], weights[1], qk_norm, attend.k_cache, attend.v_cache, layer,
+                attend.plan.rows, attend.write_slots, attend.cos_q, attend.sin_q, self.self_attn.num_heads,
+                self.self_attn.eps)
+            return
         frames = e.shape[1]
         shift1, scale1 = self.modulation_of(e, x.dtype)[:2]
         _, k, v = self.self_attn.project(_norm_modulate(self.norm1, x, shift1, scale1, frames))
