@@ -4,6 +4,7 @@
     python benchmarks/cpu_eager.py --compare block-kernels --model shapes-tiny --threads 2
     python benchmarks/cpu_eager.py --compare layout --config mid --dtype bfloat16 --threads 2 --chunks 2 --rounds 3
     python benchmarks/cpu_eager.py --compare attention --config tiny --threads 2 --rounds 12
+    python benchmarks/cpu_eager.py --compare block-step --model shapes-tiny --threads 2
 
 ``--compare layout``: every linear weight stored as its contiguous transpose (what
 ``StreamingGenerator`` does for CPU models, ``WanDiT.use_cpu_matmul_layout``) against the
@@ -15,6 +16,9 @@ same chains in PyTorch ops (one generator; the choice switched between streams).
 SDPA on the sliced cache view (the ``"auto"`` rule's CPU choice, ``sf_sdk.ops.kernel_available``)
 against the compiled ``sf_sdk::cache_attention`` kernel (two generators with the same weights,
 each stream opened under :func:`sf_sdk.attention.default_backend` ``"reference"`` / ``"kernel"``).
+``--compare block-step``: each DiT block's call as one op (``sf_sdk::dit_block_step``, the
+``StepAttention.block_step`` rule) against the same block op by op (one generator; the rule
+switched between streams; the two sides' latents are checked equal, ``latents_max_abs_diff``).
 
 Each round streams one video on each side, alternating, so a change in machine load hits both
 alike. What a figure includes: the DiT of one chunk (its denoising steps and the cache pass; no
@@ -48,6 +52,7 @@ from sf_sdk import ops  # noqa: E402
 from sf_sdk.attention import default_backend  # noqa: E402
 from sf_sdk.config import StreamingConfig  # noqa: E402
 from sf_sdk.generator import StreamingGenerator  # noqa: E402
+from sf_sdk.models.dit import StepAttention  # noqa: E402
 from sf_sdk.results import video_frames_for_latents  # noqa: E402
 
 log = logging.getLogger("benchmarks.cpu_eager")
@@ -70,7 +75,7 @@ def _layout_of(gen: StreamingGenerator) -> str:
 
 # The sides of each comparison: (baseline, the choice the generator makes).
 SIDES = {"layout": ("standard", "transposed"), "block-kernels": ("torch ops", "fused kernels"),
-         "attention": ("kernel", "sdpa")}
+         "attention": ("kernel", "sdpa"), "block-step": ("op by op", "one op")}
 # The attention name each side's streams are opened under (--compare attention).
 ATTENTION = {"kernel": "kernel", "sdpa": "reference"}
 
@@ -98,7 +103,7 @@ def _generators(args: argparse.Namespace) -> tuple[dict[str, StreamingGenerator]
         gens = {name: make() for name in SIDES["attention"]}
     else:
         gen = make()
-        gens = dict.fromkeys(SIDES["block-kernels"], gen)
+        gens = dict.fromkeys(SIDES[args.compare], gen)
     chunk = next(iter(gens.values())).streaming.num_frame_per_block
     return gens, args.chunks * chunk, what
 
@@ -109,13 +114,19 @@ def _block_kernels(on: bool) -> None:
 
 
 _BLOCK_KERNELS_RULE = ops.block_kernels_available
+_BLOCK_STEP_RULE = StepAttention.block_step
+
+
+def _block_step(on: bool) -> None:
+    """Switch the DiT's one-op block calls (``sf_sdk::dit_block_step``) on (the library's rule) or off."""
+    StepAttention.block_step = _BLOCK_STEP_RULE if on else (lambda self, x: False)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     gens, num_latent, what = _generators(args)
     baseline, chosen = SIDES[args.compare]
-    if args.compare in ("block-kernels", "attention") and not _BLOCK_KERNELS_RULE(torch.empty(0)):
+    if args.compare in ("block-kernels", "attention", "block-step") and not _BLOCK_KERNELS_RULE(torch.empty(0)):
         raise RuntimeError(f"the CPU kernels are not loaded ({ops.unavailable_reason('cpu')}): nothing to compare")
     ref = gens[chosen]
     embeds = torch.randn(PROMPT_ROWS if args.model is None else ref.dit.config.text_len, ref.dit.config.text_dim,
@@ -124,6 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def stream(name: str, gen: StreamingGenerator) -> list[float]:
         _block_kernels(name != "torch ops")
+        _block_step(name != "op by op")
         with default_backend(ATTENTION.get(name, "auto")):
             return ours_run(gen, embeds, num_latent)[0]
 
@@ -135,6 +147,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 frames = video_frames_for_latents(num_latent, gen.temporal_stride)
                 latents.append(gen.generate(prompt_embeds=embeds, num_frames=frames, decode=False, seed=0).latents)
         parity = (latents[0] - latents[1]).abs().max().item()
+    elif args.compare == "block-step":  # the same video bit for bit
+        frames = video_frames_for_latents(num_latent, ref.temporal_stride)
+        latents = []
+        for on in (False, True):
+            _block_step(on)
+            latents.append(ref.generate(prompt_embeds=embeds, num_frames=frames, decode=False, seed=0).latents)
+        parity = (latents[0] - latents[1]).abs().max().item()
     try:
         for name, gen in gens.items():  # warm-up
             stream(name, gen)
@@ -143,6 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 chunks[name].extend(stream(name, gen)[1:])  # the first chunk of each stream is not counted
     finally:
         _block_kernels(True)
+        _block_step(True)
     sides = {name: {"median_s": statistics.median(w), "chunks": len(w), "chunk_wall_s": w} for name, w in chunks.items()}
     speedup = sides[baseline]["median_s"] / sides[chosen]["median_s"]
     return {**what, "compare": args.compare, "baseline": baseline, "chosen": chosen,

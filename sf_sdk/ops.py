@@ -12,6 +12,12 @@ machine, with or without a compiled build):
 * ``sf_sdk::cache_write_rope(..., Tensor cos, Tensor sin)``: the same with Wan's complex-pair
   rotary applied to k on the way (channels ``(2p, 2p+1)`` of token ``i`` rotated by the angle with
   cosine ``cos[i, p]`` and sine ``sin[i, p]``; tables ``[n, D/2]`` float32/float64).
+* The DiT block's elementwise chains, float32 CPU: ``modulated_layer_norm``, ``grouped_rms_norm``,
+  ``gelu_tanh_`` (:func:`block_kernels_available`).
+* ``sf_sdk::dit_block_step(...)`` / ``sf_sdk::dit_block_write_kv(...)``: one DiT block's call on a
+  streaming chunk (or its cache pass) as one op, float32 CPU (:func:`reference_dit_block_step`;
+  the CPU kernel runs the eager block's ops in the same order from C++, so an eager stream gives
+  the same bits either way, without Python's per-op cost).
 
 Each op has a fake implementation (torch.compile / torch.export), a pure-PyTorch reference
 registered as the ``CompositeExplicitAutograd`` kernel (the fallback on every device and the test
