@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from dit_util import random_dit
-from torch.utils._python_dispatch import TorchDispatchMode
+from dit_util import OpNames, random_dit
 
 from sf_sdk import ops
 from sf_sdk.config import DIT_PRESETS, StreamingConfig
@@ -83,16 +82,6 @@ def test_bad_arguments_say_what_is_wrong(cpu_kernels, call, match):
         call()
 
 
-class _OpNames(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def _stream(model, x, t, ctx, stream):
     cache, cross = model.new_cache(stream, 1, num_frames=x.shape[1]), model.encode_context(ctx)
     c = stream.num_frame_per_block
@@ -113,7 +102,7 @@ def test_the_dit_streams_the_same_with_and_without_the_kernels(cpu_kernels, monk
     t = torch.rand(1, 9) * 1000
     ctx = torch.randn(1, 5, TINY.text_dim)
     with torch.no_grad():
-        seen = _OpNames()
+        seen = OpNames()
         with seen:
             fused = _stream(model, x, t, ctx, stream)
         assert {"modulated_layer_norm", "grouped_rms_norm", "gelu_tanh_"} <= seen.names
@@ -124,7 +113,7 @@ def test_the_dit_streams_the_same_with_and_without_the_kernels(cpu_kernels, monk
     monkeypatch.setattr(StepAttention, "block_step", lambda self, x: False)
     for grad, dtype in ((True, torch.float32), (False, torch.float64)):
         m = random_dit(seed=1, dtype=dtype)
-        seen = _OpNames()
+        seen = OpNames()
         with torch.set_grad_enabled(grad), seen:
             _stream(m, x.to(dtype), t.to(dtype), ctx.to(dtype), stream)
         assert not {"modulated_layer_norm", "grouped_rms_norm", "gelu_tanh_"} & seen.names, (grad, dtype)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dit_util import random_dit
-from test_block_ops import _OpNames
+from dit_util import OpNames, random_dit
 
 from sf_sdk import ops
 from sf_sdk.config import DIT_PRESETS, StreamingConfig
@@ -115,12 +114,12 @@ def test_the_dit_streams_bit_for_bit_as_op_by_op(cpu_kernels, monkeypatch, overr
     x, t = torch.randn(1, 12, 16, 4, 6), torch.rand(1, 12) * 1000
     ctx = torch.randn(1, 5, TINY.text_dim)
     with torch.no_grad():
-        seen = _OpNames()
+        seen = OpNames()
         with seen:
             one_op = _stream(model, x, t, ctx, stream)
         assert ONE_OP <= seen.names
         monkeypatch.setattr(dit_module.StepAttention, "block_step", lambda self, x: False)
-        seen = _OpNames()
+        seen = OpNames()
         with seen:
             op_by_op = _stream(model, x, t, ctx, stream)
         assert not ONE_OP & seen.names and "modulated_layer_norm" in seen.names
@@ -139,7 +138,7 @@ def test_the_one_op_block_is_left_out_where_it_does_not_apply(cpu_kernels, monke
         torch.randn(1, 5, TINY.text_dim, dtype=dtype)
     if case == "no kernels":
         monkeypatch.setattr(ops, "block_kernels_available", lambda x: False)
-    seen = _OpNames()
+    seen = OpNames()
     with torch.set_grad_enabled(case == "autograd"), \
             default_backend("kernel" if case == "kernel attention" else "auto"), seen:
         # (the cache pass never carries gradients: with autograd on it still runs in one op each)
@@ -156,7 +155,7 @@ def test_pooled_rows_at_different_positions_run_op_by_op(cpu_kernels):
     x = torch.randn(2, 3, 16, 4, 6)
     with torch.no_grad():
         model.write_cache(x, torch.zeros(2, 3), cross, cache, cache.plan_rows([0, None], 3))
-        seen = _OpNames()
+        seen = OpNames()
         with seen:
             model.forward_chunk(x, torch.full((2, 3), 500.0), cross, cache, cache.plan_rows([3, 0], 3))
     assert not ONE_OP & seen.names and "modulated_layer_norm" in seen.names
