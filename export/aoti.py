@@ -66,6 +66,11 @@ def export_aoti(model: ExportModel, out_dir: str | os.PathLike, settings: AOTISe
     return read_manifest(out, BACKEND)
 
 
+def _children(spec) -> list:
+    """A TreeSpec's child specs (``children()`` since torch 2.10, ``children_specs`` before)."""
+    return list(spec.children()) if hasattr(spec, "children") else list(spec.children_specs)
+
+
 def _direct(package):
     """The package's call without the per-call work of ``AOTICompiledModel.__call__`` (it parses
     the call spec's JSON and flattens the arguments and outputs with pytree on every call: ~0.1 ms,
@@ -77,11 +82,8 @@ def _direct(package):
     loader = getattr(package, "loader", None)
     try:
         in_spec, out_spec = (pytree.treespec_loads(spec) for spec in loader.get_call_spec())
-        def children(spec) -> list:  # TreeSpec.children() since torch 2.10; children_specs before
-            return list(spec.children()) if hasattr(spec, "children") else list(spec.children_specs)
-
-        args_spec, kwargs_spec = children(in_spec)
-        plain = kwargs_spec.num_leaves == 0 and all(c.is_leaf() for c in children(args_spec))
+        args_spec, kwargs_spec = _children(in_spec)
+        plain = kwargs_spec.num_leaves == 0 and all(c.is_leaf() for c in _children(args_spec))
         boxed_run = loader.boxed_run
     except (AttributeError, TypeError, ValueError):
         return package
@@ -90,7 +92,7 @@ def _direct(package):
     count = args_spec.num_children
 
     def run(*args: torch.Tensor):
-        if len(args) != count or not all(isinstance(a, torch.Tensor) for a in args):
+        if len(args) != count:  # (the loader itself refuses anything but tensors)
             raise ValueError(f"the AOTInductor step takes {count} tensors, got {len(args)} arguments")
         flat = boxed_run(list(args))
         return flat[0] if out_spec.is_leaf() else pytree.tree_unflatten(flat, out_spec)

@@ -378,13 +378,19 @@ def reference_dit_block_write_kv(x: Tensor, e0: Tensor, modulation: Tensor, qkv_
     reference_cache_write_rope(k_cache[layer, :rows], v_cache[layer, :rows], k, v, slots, cos, sin)
 
 
-def _dit_block_step_fake(x: Tensor, e0: Tensor, modulation: Tensor, weights: Sequence[Tensor], *args) -> Tensor:
-    _check_block_step_args(x, e0, modulation, args[-2])
+def _dit_block_step_fake(x: Tensor, e0: Tensor, modulation: Tensor, weights: Sequence[Tensor],
+                         qk_norm: Tensor | None, norm3_weight: Tensor | None, norm3_bias: Tensor | None,
+                         cross_q_norm: Tensor | None, cross_k: Tensor, cross_v: Tensor, k_cache: Tensor,
+                         v_cache: Tensor, layer: int, rows: int, slots: Tensor, cos: Tensor, sin: Tensor,
+                         freqs: Tensor, kv_len: int, num_heads: int, eps: float) -> Tensor:
+    _check_block_step_args(x, e0, modulation, num_heads)
     return torch.empty_like(x)
 
 
-def _dit_block_write_kv_fake(x: Tensor, e0: Tensor, modulation: Tensor, *args) -> None:
-    _check_block_step_args(x, e0, modulation, args[-2])
+def _dit_block_write_kv_fake(x: Tensor, e0: Tensor, modulation: Tensor, qkv_w: Tensor, qkv_b: Tensor,
+                             qk_norm: Tensor | None, k_cache: Tensor, v_cache: Tensor, layer: int, rows: int,
+                             slots: Tensor, cos: Tensor, sin: Tensor, num_heads: int, eps: float) -> None:
+    _check_block_step_args(x, e0, modulation, num_heads)
 
 
 # --------------------------------------------------------------------------------------------

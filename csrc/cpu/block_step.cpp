@@ -80,11 +80,15 @@ at::Tensor layer_rows(const at::Tensor& cache, int64_t layer, int64_t rows, cons
   return cache.select(0, layer).slice(0, 0, rows);
 }
 
-// adaLN vectors of the block: (shift1, 1 + scale1, gate1, shift2, 1 + scale2, gate2), each [B, F, 1, dim].
-std::vector<at::Tensor> modulation_of(const at::Tensor& modulation, const at::Tensor& e0) {
+// adaLN vectors of the block: (shift1, 1 + scale1, gate1, shift2, 1 + scale2, gate2), each [B, F, 1, dim]
+// (with self_attention_only, the FFN's 1 + scale2 is left as scale2: nothing reads it).
+std::vector<at::Tensor> modulation_of(const at::Tensor& modulation, const at::Tensor& e0,
+                                      bool self_attention_only = false) {
   std::vector<at::Tensor> parts = at::add(modulation.unsqueeze(1), e0).unsqueeze(3).unbind(2);
   parts[1] = at::add(parts[1], 1);
-  parts[4] = at::add(parts[4], 1);
+  if (!self_attention_only) {
+    parts[4] = at::add(parts[4], 1);
+  }
   return parts;
 }
 
@@ -167,7 +171,7 @@ void dit_block_write_kv_cpu(const at::Tensor& x, const at::Tensor& e0, const at:
   TORCH_CHECK_VALUE(rows == g.batch, "rows = ", rows, " must equal x's batch ", g.batch);
   const at::Tensor kc = layer_rows(k_cache, layer, rows, "k_cache");
   const at::Tensor vc = layer_rows(v_cache, layer, rows, "v_cache");
-  const std::vector<at::Tensor> mod = modulation_of(modulation, e0);
+  const std::vector<at::Tensor> mod = modulation_of(modulation, e0, /*self_attention_only=*/true);
   const std::vector<at::Tensor> qkv =
       project_qkv(modulated_layer_norm_cpu(x, mod[0], mod[1], eps), qkv_w, qkv_b, qk_norm, g, eps);
   cache_write_rope_cpu(kc, vc, qkv[1], qkv[2], slots, cos, sin);

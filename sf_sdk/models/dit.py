@@ -619,23 +619,22 @@ class Block(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unsqueeze(3).unbind(2)  # 6 x [B, F, 1, dim]
         return shift1, 1 + scale1, gate1, shift2, 1 + scale2, gate2
 
-    def step_args(self) -> tuple:
-        """The block's tensors as ``sf_sdk::dit_block_step`` takes them: (the
-        :data:`~sf_sdk.ops.BLOCK_STEP_WEIGHTS`, the q/k norm weights [2, dim] or None, the
-        cross-attention layer norm's weight and bias or None, the cross q norm's weight or None)."""
-        sa, ca = self.self_attn, self.cross_attn
-        qkv_w, qkv_b, qk_norm = sa.fused_qkv()
-        ffn_in, _, ffn_out = self.ffn
-        weights = [qkv_w, qkv_b, sa.o.weight, sa.o.bias, ca.q.weight, ca.q.bias, ca.o.weight, ca.o.bias,
-                   ffn_in.weight, ffn_in.bias, ffn_out.weight, ffn_out.bias]
-        norm3 = self.norm3 if isinstance(self.norm3, LayerNorm) else None
-        return (weights, qk_norm, norm3.weight if norm3 is not None else None,
-                norm3.bias if norm3 is not None else None, ca.norm_q.weight if sa.qk_norm else None)
-
     def _step_args(self, attend: StepAttention, layer: int) -> tuple:
+        """The block's tensors as ``sf_sdk::dit_block_step`` takes them, gathered once per chunk (kept
+        on ``attend``): (the :data:`~sf_sdk.ops.BLOCK_STEP_WEIGHTS`, the q/k norm weights [2, dim] or
+        None, the cross-attention layer norm's weight and bias or None, the cross q norm's weight or
+        None)."""
         args = attend._block_args.get(layer)
         if args is None:
-            args = attend._block_args[layer] = self.step_args()
+            sa, ca = self.self_attn, self.cross_attn
+            qkv_w, qkv_b, qk_norm = sa.fused_qkv()
+            ffn_in, _, ffn_out = self.ffn
+            weights = [qkv_w, qkv_b, sa.o.weight, sa.o.bias, ca.q.weight, ca.q.bias, ca.o.weight, ca.o.bias,
+                       ffn_in.weight, ffn_in.bias, ffn_out.weight, ffn_out.bias]
+            norm3 = self.norm3 if isinstance(self.norm3, LayerNorm) else None
+            args = attend._block_args[layer] = (
+                weights, qk_norm, norm3.weight if norm3 is not None else None,
+                norm3.bias if norm3 is not None else None, ca.norm_q.weight if sa.qk_norm else None)
         return args
 
     def forward(self, x: Tensor, e: Tensor, cross_k: Tensor, cross_v: Tensor,
