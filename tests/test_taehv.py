@@ -289,3 +289,16 @@ def test_training_stage_runs_and_resumes_exactly(tmp_path: Path) -> None:
     assert load_trained_tiny_decoder(straight).config.widths == (8, 8, 4, 4)
     metrics = [json.loads(line) for line in (straight / "tiny_decoder" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 2 and np.isfinite(metrics[-1]["loss_grad"])
+
+
+def test_training_stage_starts_from_a_folders_tiny_decoder(tiny_folder: Path) -> None:
+    from training.stages.tiny_decoder import _start_from
+
+    torch.manual_seed(0)
+    fresh = TAEHVDecoder(SMALL)
+    _start_from(fresh, str(tiny_folder))
+    shipped = load_folder_tiny_decoder(tiny_folder).state_dict()
+    assert all(torch.equal(tensor, shipped[name]) for name, tensor in fresh.state_dict().items())
+    wider = TAEHVDecoder(TAEHVConfig(z_dim=16, widths=(16, 8, 4, 4), blocks_per_stage=2))
+    with pytest.raises(ValueError, match="set tiny_decoder.widths / blocks_per_stage to match"):
+        _start_from(wider, str(tiny_folder))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sf_sdk.checkpoint.taehv import TINY_DECODER_FILE, load_taehv
+from sf_sdk.checkpoint.taehv import TINY_DECODER_FILE, load_folder_tiny_decoder, load_taehv
 from sf_sdk.config import from_dict, to_dict
 from sf_sdk.models.taehv import TAEHVConfig, TAEHVDecoder
 from sf_sdk.models.vae import WanVAE
@@ -61,6 +61,19 @@ def _frozen_vae(cfg: TrainConfig, dist: DistInfo) -> WanVAE:
     return load_vae_dir(folder, dist.device)
 
 
+def _start_from(model: TAEHVDecoder, init: str) -> None:
+    """Load ``init``'s tiny decoder (a model folder or bundled name) into the fresh ``model``."""
+    start = load_folder_tiny_decoder(init)
+    if start.config != model.config:
+        raise ValueError(f"tiny_decoder.init={init!r} holds a tiny decoder of {to_dict(start.config)} but this run "
+                         f"builds {to_dict(model.config)}: set tiny_decoder.widths / blocks_per_stage to match, or "
+                         f"drop tiny_decoder.init to train from scratch")
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            tensor.copy_(start.state_dict()[name])
+    log.info("tiny_decoder: starting from the tiny decoder of %s", init)
+
+
 def _clips(ds: ShapesDataset, step: int, micro: int, batch: int, dist: DistInfo, accum: int) -> Tensor:
     """The clips of one micro-batch: a pure function of (step, micro, rank), for exact resume."""
     first = ((step * accum + micro) * dist.world_size + dist.rank) * batch
@@ -77,6 +90,8 @@ def run_tiny_decoder(cfg: TrainConfig, dist: DistInfo) -> None:
     tiny_cfg = TAEHVConfig.for_vae(vae.config, widths=st.widths, blocks_per_stage=st.blocks_per_stage)
     torch.manual_seed(cfg.seed)
     model = TAEHVDecoder(tiny_cfg).to(dist.device).train()
+    if st.init:
+        _start_from(model, st.init)
     ddp = wrap_ddp(model, cfg, dist)
     params = list(model.parameters())
     opt = make_optimizer(params, st)

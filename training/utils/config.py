@@ -169,6 +169,10 @@ class TinyDecoderStageConfig(StageConfig):
     grad_from_step: int = 300
     wan_weight: float = 0.0  # weight of the Wan decoder's frames as a second target (0: off)
     latent_noise: float = 0.1  # Gaussian noise on the posterior mean, as the vae stage's decoder sees
+    # Start from this model folder's (or bundled model's) tiny decoder instead of a fresh one, with
+    # a fresh optimizer and schedule: e.g. ``init=shapes-tiny`` to fine-tune the shipped decoder
+    # toward a new Wan decoder. Its widths must be this stage's. A checkpoint of the run wins.
+    init: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
