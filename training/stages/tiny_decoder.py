@@ -68,9 +68,7 @@ def _start_from(model: TAEHVDecoder, init: str) -> None:
         raise ValueError(f"tiny_decoder.init={init!r} holds a tiny decoder of {to_dict(start.config)} but this run "
                          f"builds {to_dict(model.config)}: set tiny_decoder.widths / blocks_per_stage to match, or "
                          f"drop tiny_decoder.init to train from scratch")
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            tensor.copy_(start.state_dict()[name])
+    model.load_state_dict(start.state_dict())
     log.info("tiny_decoder: starting from the tiny decoder of %s", init)
 
 
