@@ -509,7 +509,10 @@ class StreamPool:
                 lay = cache.layout
                 for s in batch:
                     slots = [lay.frame_slot(f) for f in range(s.next_frame, s.next_frame + c)]
-                    self._latents[s.row, slots] = x0[s.row]
+                    if slots == list(range(slots[0], slots[0] + c)):  # the usual case: one slice, no index_put
+                        self._latents[s.row, slots[0]:slots[0] + c] = x0[s.row]
+                    else:
+                        self._latents[s.row, slots] = x0[s.row]
                 t1 = clock.mark()
                 pixels = self._decode(batch, x0)
                 starting = [s for s in batch if s.chunks_done == 0]

@@ -84,6 +84,8 @@ def randn_rows(shape: Sequence[int], generator: Generators, *, device: torch.dev
         return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
     if len(generator) != shape[0]:
         raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} rows")
+    if len(generator) == 1 and generator[0] is not None:  # one row: its draw as it is (no copy)
+        return torch.randn(tuple(shape), generator=generator[0], device=device, dtype=dtype)
     row = (1, *shape[1:])
     return torch.cat([torch.randn(row, generator=g, device=device, dtype=dtype) if g is not None
                       else torch.zeros(row, device=device, dtype=dtype) for g in generator])
@@ -93,23 +95,42 @@ def _plan(cache: KVCache, start: int | ChunkPlan, frames: int) -> ChunkPlan:
     return start if isinstance(start, ChunkPlan) else cache.plan_chunk(start, frames)
 
 
-def _chunk_timesteps(attend: StepAttention, values: tuple[float, ...], like: Tensor) -> ChunkTimesteps:
-    """The timestep tensors of a chunk's calls at ``values`` (its steps, then the cache pass), made
-    once and kept on ``attend`` for the chunk's calls (an eager DiT then embeds them in one call)."""
+def _chunk_timesteps(attend: StepAttention, values: tuple[float, ...], like: Tensor,
+                     schedule: FlowMatchSchedule) -> ChunkTimesteps:
+    """The timestep tensors of a chunk's calls at ``values`` (its steps, then the cache pass), kept
+    on ``attend`` for the chunk's calls (an eager DiT then embeds them in one call), with their
+    sigmas. The tensors and sigmas of one set of values and shape are made once per schedule and
+    shared by the chunks after it (constants: no host-to-device copy, no table lookup per chunk);
+    each chunk gets its own :class:`ChunkTimesteps`, so model outputs such as the embeddings are
+    never shared."""
     table = attend.timesteps
     if table is None or table.values != values:
-        table = attend.timesteps = ChunkTimesteps.make(values, *like.shape[:2], device=like.device, dtype=like.dtype)
+        b, f = like.shape[:2]
+        key = (values, b, f, like.dim(), like.dtype, like.device)
+        made = schedule.chunk_memo.get(key)
+        if made is None:
+            stacked = ChunkTimesteps.make(values, b, f, device=like.device, dtype=like.dtype).stacked  # [S, B, F]
+            made = (stacked, _sigmas(stacked, schedule, like))
+            if len(schedule.chunk_memo) >= 64:  # bounded: batch sizes and dtypes seen by one schedule
+                schedule.chunk_memo.clear()
+            schedule.chunk_memo[key] = made
+        stacked, sigmas = made
+        table = attend.timesteps = ChunkTimesteps(values, stacked, tuple(stacked.unbind(0)), sigmas=sigmas)
     return table
 
 
+def _sigmas(stacked: Tensor, schedule: FlowMatchSchedule, like: Tensor) -> tuple[Tensor, Tensor]:
+    """sigma and 1 - sigma of each of a chunk's calls, ``[S, B, F, 1, 1, 1]`` in ``like``'s dtype:
+    one table lookup per chunk shape where ``schedule.x0_from_flow`` / ``add_noise`` would look up
+    each call's (the same values and arithmetic, so the same results)."""
+    sigma = schedule.sigma(stacked)  # [S, B, F], float64
+    sigma = sigma.reshape(*sigma.shape, *([1] * (like.dim() - 2))).to(like.dtype)  # [S, B, F, 1, 1, 1]
+    return sigma, 1 - sigma
+
+
 def _chunk_sigmas(table: ChunkTimesteps, schedule: FlowMatchSchedule, like: Tensor) -> tuple[Tensor, Tensor]:
-    """sigma and 1 - sigma of each of the chunk's calls, ``[S, B, F, 1, 1, 1]`` in ``like``'s dtype:
-    one table lookup per chunk where ``schedule.x0_from_flow`` / ``add_noise`` would look up each
-    call's (the same values and arithmetic, so the same results)."""
     if table.sigmas is None or table.sigmas[0].dtype != like.dtype:
-        sigma = schedule.sigma(table.stacked)  # [S, B, F], float64
-        sigma = sigma.reshape(*sigma.shape, *([1] * (like.dim() - 2))).to(like.dtype)  # [S, B, F, 1, 1, 1]
-        table.sigmas = (sigma, 1 - sigma)
+        table.sigmas = _sigmas(table.stacked, schedule, like)
     return table.sigmas
 
 
@@ -189,7 +210,7 @@ def denoise_chunk(
     if attend is None or attend.plan is not plan:
         with torch.no_grad():
             attend = model.step_attention(cache, plan, attention)
-    table = _chunk_timesteps(attend, (*timesteps, steps.context_noise), noise)
+    table = _chunk_timesteps(attend, (*timesteps, steps.context_noise), noise, steps.schedule)
     ts = table.rows  # ts[-1]: the cache pass
     sigma, keep = _chunk_sigmas(table, steps.schedule, noise)
     x = noise

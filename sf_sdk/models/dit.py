@@ -125,6 +125,7 @@ class RotaryEmbedding:
         self.axis_dims = cfg.rope_axis_dims
         self.theta = cfg.rope_theta
         self._hw_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._hw_trig: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
     def _inv_freq(self, axis: int, device: torch.device) -> Tensor:
         d = self.axis_dims[axis]
@@ -139,23 +140,41 @@ class RotaryEmbedding:
             self._hw_cache[key] = (ah, aw)  # [h, dh/2], [w, dw/2]
         return self._hw_cache[key]
 
+    def _hw_tables(self, grid_hw: tuple[int, int], device: torch.device, dtype: torch.dtype
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """cos, sin of the height and width angles in ``dtype``, made once per grid: only the frame
+        axis changes from chunk to chunk."""
+        key = (grid_hw, str(device), dtype)
+        if key not in self._hw_trig:
+            ah, aw = self._hw_angles(grid_hw, device)
+            self._hw_trig[key] = (torch.cos(ah).to(dtype), torch.sin(ah).to(dtype),
+                                  torch.cos(aw).to(dtype), torch.sin(aw).to(dtype))
+        return self._hw_trig[key]
+
     def table(self, frame_positions: Tensor, grid_hw: tuple[int, int], dtype: torch.dtype
               ) -> tuple[Tensor, Tensor]:
         """cos, sin for frames at ``frame_positions`` and the full grid: [F*h*w, head_dim/2] for
-        positions [F], or [R, F*h*w, head_dim/2] for positions [R, F] (one table per row)."""
+        positions [F], or [R, F*h*w, head_dim/2] for positions [R, F] (one table per row).
+
+        The channels of the three axes are concatenated, so each axis's cos/sin is taken on its own
+        angles (the same float64 values, the same results as on the concatenated angles); the
+        height and width ones are made once per grid."""
         device = frame_positions.device
         h, w = grid_hw
         rows = frame_positions.shape[:-1]  # () or (R,)
         af = frame_positions.to(torch.float64).unsqueeze(-1) * self._inv_freq(0, device)  # [..., F, df/2]
-        ah, aw = self._hw_angles(grid_hw, device)
         nf = af.shape[-2]
         lead = (1,) * len(rows)
-        angles = torch.cat([
-            af.view(*rows, nf, 1, 1, -1).expand(*rows, nf, h, w, -1),
-            ah.view(*lead, 1, h, 1, -1).expand(*rows, nf, h, w, -1),
-            aw.view(*lead, 1, 1, w, -1).expand(*rows, nf, h, w, -1),
-        ], dim=-1).reshape(*rows, nf * h * w, -1)  # [..., F*h*w, head_dim/2]
-        return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+
+        def grid(f: Tensor, hh: Tensor, ww: Tensor) -> Tensor:
+            return torch.cat([
+                f.view(*rows, nf, 1, 1, -1).expand(*rows, nf, h, w, -1),
+                hh.view(*lead, 1, h, 1, -1).expand(*rows, nf, h, w, -1),
+                ww.view(*lead, 1, 1, w, -1).expand(*rows, nf, h, w, -1),
+            ], dim=-1).reshape(*rows, nf * h * w, -1)  # [..., F*h*w, head_dim/2]
+
+        ch, sh, cw, sw = self._hw_tables(grid_hw, device, dtype)
+        return grid(torch.cos(af).to(dtype), ch, cw), grid(torch.sin(af).to(dtype), sh, sw)
 
 
 def rotary_freqs(cos: Tensor, sin: Tensor) -> Tensor:
