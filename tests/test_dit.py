@@ -178,6 +178,52 @@ def test_rope_has_no_position_limit_and_keeps_precision():
     torch.testing.assert_close(far, near, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rope_tables_equal_cos_sin_of_the_concatenated_angles(dtype: torch.dtype):
+    # The tables are built axis by axis (height / width parts made once per grid); they must be
+    # exactly cos / sin of Wan's concatenated [frame | height | width] angles, per row or shared.
+    rope = tiny_model(dtype=torch.float32).rope
+    h, w = 4, 6
+    inv = [rope.theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d) for d in rope.axis_dims]
+    for positions in (torch.tensor([0, 1, 2]), torch.tensor([[3, 4, 5], [999_997, 999_998, 999_999]])):
+        rows = positions.reshape(-1, positions.shape[-1])
+        angles = []
+        for p in rows:
+            f, y, x = torch.meshgrid(p.double(), torch.arange(h, dtype=torch.float64),
+                                     torch.arange(w, dtype=torch.float64), indexing="ij")
+            angles.append(torch.cat([f.reshape(-1, 1) * inv[0], y.reshape(-1, 1) * inv[1],
+                                     x.reshape(-1, 1) * inv[2]], dim=-1))  # [F*h*w, head_dim/2]
+        angles = torch.stack(angles).reshape(*positions.shape[:-1], -1, angles[0].shape[-1])
+        for _ in range(2):  # the second call reads the per-grid tables made by the first
+            cos, sin = rope.table(positions, (h, w), dtype)
+            assert torch.equal(cos, torch.cos(angles).to(dtype)) and torch.equal(sin, torch.sin(angles).to(dtype))
+
+
+def test_chunk_timesteps_are_made_once_but_embedded_per_chunk():
+    # The sampler keeps a chunk's timestep and sigma tensors on the schedule for the chunks after
+    # it; what the model computes from them (the time embeddings) must not carry over: after a
+    # weight change a memoised schedule gives what a fresh one gives.
+    model = tiny_model(dtype=torch.float32)
+    stream = StreamingConfig(latent_height=2, latent_width=2)
+    noise = torch.randn(1, 3, 16, 2, 2, generator=torch.Generator().manual_seed(1))
+    ctx = torch.randn(1, 4, TINY.text_dim, generator=torch.Generator().manual_seed(2))
+
+    def chunk(steps: ChunkSchedule) -> torch.Tensor:
+        cache = model.new_cache(stream, 1)
+        return denoise_chunk(model, noise, model.encode_context(ctx), cache, 0, steps,
+                             generator=torch.Generator().manual_seed(0))
+
+    steps = ChunkSchedule.from_config(stream)
+    with torch.no_grad():
+        before = chunk(steps)
+        assert len(steps.schedule.chunk_memo) == 1
+        for p in model.time_embedding.parameters():
+            p.mul_(1.5)
+        memoised, fresh = chunk(steps), chunk(ChunkSchedule.from_config(stream))
+    assert torch.equal(memoised, fresh) and not torch.equal(memoised, before)
+    assert len(steps.schedule.chunk_memo) == 1
+
+
 def test_3000_frame_stream_constant_cache_finite_output():
     model = tiny_model(dtype=torch.float32)
     # 15-frame chunks keep the call count (and the test time) low: 200 chunks, 3000 latent frames.
