@@ -22,7 +22,7 @@ cache pass.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -60,6 +60,8 @@ class ChunkSchedule:
     context_noise: float
     schedule: FlowMatchSchedule
     first_timesteps: tuple[float, ...] = ()
+    # The sampler's timestep / sigma tables per (values, shape, dtype, device) (_chunk_timesteps).
+    chunk_tables: dict[tuple, ChunkTimesteps] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_config(cls, stream) -> ChunkSchedule:
@@ -96,42 +98,28 @@ def _plan(cache: KVCache, start: int | ChunkPlan, frames: int) -> ChunkPlan:
 
 
 def _chunk_timesteps(attend: StepAttention, values: tuple[float, ...], like: Tensor,
-                     schedule: FlowMatchSchedule) -> ChunkTimesteps:
-    """The timestep tensors of a chunk's calls at ``values`` (its steps, then the cache pass), kept
-    on ``attend`` for the chunk's calls (an eager DiT then embeds them in one call), with their
-    sigmas. The tensors and sigmas of one set of values and shape are made once per schedule and
-    shared by the chunks after it (constants: no host-to-device copy, no table lookup per chunk);
-    each chunk gets its own :class:`ChunkTimesteps`, so model outputs such as the embeddings are
-    never shared."""
+                     steps: ChunkSchedule) -> ChunkTimesteps:
+    """The timestep tensors of a chunk's calls at ``values`` (its steps, then the cache pass) and
+    their sigmas, kept on ``attend`` for the chunk's calls (an eager DiT then embeds them in one
+    call). Constants of the schedule, so made once per (values, shape, dtype, device) and kept on
+    ``steps``: no host-to-device copy and no table lookup per chunk. Each chunk gets its own copy
+    of the table, so what a model computes from it (the time embeddings) is never shared."""
     table = attend.timesteps
-    if table is None or table.values != values:
-        b, f = like.shape[:2]
-        key = (values, b, f, like.dim(), like.dtype, like.device)
-        made = schedule.chunk_memo.get(key)
+    if table is None or table.values != values or table.stacked.dtype != like.dtype:
+        key = (values, *like.shape[:2], like.dim(), like.dtype, like.device)
+        made = steps.chunk_tables.get(key)
         if made is None:
-            stacked = ChunkTimesteps.make(values, b, f, device=like.device, dtype=like.dtype).stacked  # [S, B, F]
-            made = (stacked, _sigmas(stacked, schedule, like))
-            if len(schedule.chunk_memo) >= 64:  # bounded: batch sizes and dtypes seen by one schedule
-                schedule.chunk_memo.clear()
-            schedule.chunk_memo[key] = made
-        stacked, sigmas = made
-        table = attend.timesteps = ChunkTimesteps(values, stacked, tuple(stacked.unbind(0)), sigmas=sigmas)
+            made = ChunkTimesteps.make(values, *like.shape[:2], device=like.device, dtype=like.dtype)
+            # sigma and 1 - sigma of each call, [S, B, F, 1, 1, 1]: the values and arithmetic of
+            # schedule.x0_from_flow / add_noise, looked up once instead of once per call.
+            sigma = steps.schedule.sigma(made.stacked)  # [S, B, F], float64
+            sigma = sigma.reshape(*sigma.shape, *([1] * (like.dim() - 2))).to(like.dtype)
+            made.sigmas = (sigma, 1 - sigma)
+            if len(steps.chunk_tables) >= 64:  # bounded: the batch sizes and dtypes one generator sees
+                steps.chunk_tables.clear()
+            steps.chunk_tables[key] = made
+        table = attend.timesteps = replace(made)  # never embedded itself: the copy starts without
     return table
-
-
-def _sigmas(stacked: Tensor, schedule: FlowMatchSchedule, like: Tensor) -> tuple[Tensor, Tensor]:
-    """sigma and 1 - sigma of each of a chunk's calls, ``[S, B, F, 1, 1, 1]`` in ``like``'s dtype:
-    one table lookup per chunk shape where ``schedule.x0_from_flow`` / ``add_noise`` would look up
-    each call's (the same values and arithmetic, so the same results)."""
-    sigma = schedule.sigma(stacked)  # [S, B, F], float64
-    sigma = sigma.reshape(*sigma.shape, *([1] * (like.dim() - 2))).to(like.dtype)  # [S, B, F, 1, 1, 1]
-    return sigma, 1 - sigma
-
-
-def _chunk_sigmas(table: ChunkTimesteps, schedule: FlowMatchSchedule, like: Tensor) -> tuple[Tensor, Tensor]:
-    if table.sigmas is None or table.sigmas[0].dtype != like.dtype:
-        table.sigmas = _sigmas(table.stacked, schedule, like)
-    return table.sigmas
 
 
 def cache_pass(model: ChunkModel, clean: Tensor, cross: CrossAttnCache, cache: KVCache, start: int | ChunkPlan,
@@ -210,9 +198,9 @@ def denoise_chunk(
     if attend is None or attend.plan is not plan:
         with torch.no_grad():
             attend = model.step_attention(cache, plan, attention)
-    table = _chunk_timesteps(attend, (*timesteps, steps.context_noise), noise, steps.schedule)
+    table = _chunk_timesteps(attend, (*timesteps, steps.context_noise), noise, steps)
     ts = table.rows  # ts[-1]: the cache pass
-    sigma, keep = _chunk_sigmas(table, steps.schedule, noise)
+    sigma, keep = table.sigmas
     x = noise
     x0 = noise
     for i in range(exit_step + 1):

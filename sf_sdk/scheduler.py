@@ -50,9 +50,6 @@ class FlowMatchSchedule:
         bell = torch.exp(-2 * ((self.timesteps - n / 2) / n) ** 2)
         bell = bell - bell.min()
         self.weights = bell * (n / bell.sum())  # [n], float64
-        # The sampler's memo of per-chunk timestep and sigma tensors (sf_sdk.sampling), keyed on the
-        # values, shape, dtype and device: constants of this schedule.
-        self.chunk_memo: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor]]] = {}
         # Device copies of the tables, made once: a lookup on the hot path must not copy
         # (and, from pageable host memory, synchronise) every call.
         self._on_device: dict[tuple[str, torch.device], Tensor] = {}

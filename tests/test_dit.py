@@ -216,12 +216,12 @@ def test_chunk_timesteps_are_made_once_but_embedded_per_chunk():
     steps = ChunkSchedule.from_config(stream)
     with torch.no_grad():
         before = chunk(steps)
-        assert len(steps.schedule.chunk_memo) == 1
+        assert len(steps.chunk_tables) == 1
         for p in model.time_embedding.parameters():
             p.mul_(1.5)
         memoised, fresh = chunk(steps), chunk(ChunkSchedule.from_config(stream))
     assert torch.equal(memoised, fresh) and not torch.equal(memoised, before)
-    assert len(steps.schedule.chunk_memo) == 1
+    assert len(steps.chunk_tables) == 1
 
 
 def test_3000_frame_stream_constant_cache_finite_output():

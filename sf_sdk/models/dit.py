@@ -124,29 +124,25 @@ class RotaryEmbedding:
     def __init__(self, cfg: DiTConfig) -> None:
         self.axis_dims = cfg.rope_axis_dims
         self.theta = cfg.rope_theta
-        self._hw_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._inv_freqs: dict[tuple[int, str], Tensor] = {}
         self._hw_trig: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
     def _inv_freq(self, axis: int, device: torch.device) -> Tensor:
-        d = self.axis_dims[axis]
-        return self.theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)  # [d/2]
-
-    def _hw_angles(self, grid_hw: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor]:
-        key = (grid_hw, str(device))
-        if key not in self._hw_cache:
-            h, w = grid_hw
-            ah = torch.outer(torch.arange(h, dtype=torch.float64, device=device), self._inv_freq(1, device))
-            aw = torch.outer(torch.arange(w, dtype=torch.float64, device=device), self._inv_freq(2, device))
-            self._hw_cache[key] = (ah, aw)  # [h, dh/2], [w, dw/2]
-        return self._hw_cache[key]
+        key = (axis, str(device))
+        if key not in self._inv_freqs:  # the frame axis's is read every chunk: made once per device
+            d = self.axis_dims[axis]
+            self._inv_freqs[key] = self.theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
+        return self._inv_freqs[key]  # [d/2]
 
     def _hw_tables(self, grid_hw: tuple[int, int], device: torch.device, dtype: torch.dtype
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """cos, sin of the height and width angles in ``dtype``, made once per grid: only the frame
-        axis changes from chunk to chunk."""
+        """cos, sin of the height angles [h, dh/2] and of the width angles [w, dw/2] in ``dtype``,
+        made once per grid: only the frame axis changes from chunk to chunk."""
         key = (grid_hw, str(device), dtype)
         if key not in self._hw_trig:
-            ah, aw = self._hw_angles(grid_hw, device)
+            h, w = grid_hw
+            ah = torch.outer(torch.arange(h, dtype=torch.float64, device=device), self._inv_freq(1, device))
+            aw = torch.outer(torch.arange(w, dtype=torch.float64, device=device), self._inv_freq(2, device))
             self._hw_trig[key] = (torch.cos(ah).to(dtype), torch.sin(ah).to(dtype),
                                   torch.cos(aw).to(dtype), torch.sin(aw).to(dtype))
         return self._hw_trig[key]
