@@ -151,9 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fast-compile", action="store_true",
                         help="shorter compile, slower kernels (no vectorization; for tests)")
     parser.add_argument("--no-freeze", action="store_true", help="keep weights as graph inputs (no folding)")
+    parser.add_argument("--no-autotune", action="store_true",
+                        help="CPU: oneDNN for every GEMM instead of timing Inductor's C++ GEMM template against it")
     args = parser.parse_args(argv)
     return run_export(args, lambda: AOTISettings(**settings_kwargs(args), attention=args.attention,
-                                                fast_compile=args.fast_compile, freeze=not args.no_freeze), export_aoti, _verify)
+                                                fast_compile=args.fast_compile, freeze=not args.no_freeze,
+                                                autotune=not args.no_autotune), export_aoti, _verify)
 
 
 if __name__ == "__main__":

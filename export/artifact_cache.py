@@ -68,19 +68,32 @@ def default_cache_root() -> Path:
 
 
 # The layout of what the exporters write; part of every key, so a change of it rebuilds old entries
-# (2: AOTInductor folders gained the cache-pass step).
-ARTIFACT_FORMAT = "2"
+# (2: AOTInductor folders gained the cache-pass step; 3: their CPU GEMMs autotuned).
+ARTIFACT_FORMAT = "3"
+
+
+def cpu_isa() -> str:
+    """The vector ISA Inductor compiles CPU kernels for on this machine (e.g. ``avx512 avx512_vnni
+    amx_tile``): an AOTInductor package built here may use instructions another CPU lacks, so a
+    cache copied to (or shared with) another machine rebuilds rather than loads it."""
+    try:
+        from torch._inductor import cpu_vec_isa
+
+        return str(cpu_vec_isa.pick_vec_isa()) or "none"
+    except Exception:  # noqa: BLE001  (an Inductor without this helper: the key just lacks it)
+        return "unknown"
 
 
 def library_versions() -> dict[str, str]:
-    """The versions an exported artifact depends on: torch, the ONNX stack, TensorRT, sf-sdk, and the
-    exporters' own :data:`ARTIFACT_FORMAT`."""
+    """The versions an exported artifact depends on: torch, the ONNX stack, TensorRT, sf-sdk, the
+    exporters' own :data:`ARTIFACT_FORMAT` and the CPU's vector ISA (:func:`cpu_isa`)."""
     from importlib import metadata
 
     from export.manifest import versions
 
     out = versions()
     out["artifact_format"] = ARTIFACT_FORMAT
+    out["cpu_isa"] = cpu_isa()
     try:
         out["sf-sdk"] = metadata.version("sf-sdk")
     except metadata.PackageNotFoundError:

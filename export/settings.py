@@ -161,15 +161,23 @@ class ExportSettings:
 class AOTISettings(ExportSettings):
     """AOTInductor packaging. ``fast_compile`` trades run time for compile time (tests): no
     vectorized kernels, an unoptimized wrapper. ``freeze`` folds the weights into the graph
-    (constant folding, prepacked GEMM weights on the CPU)."""
+    (constant folding, prepacked GEMM weights on the CPU). ``autotune`` (CPU, not with
+    ``fast_compile``): each GEMM timed as Inductor's C++ template (AMX / AVX-512 micro-kernels for
+    this CPU) against the oneDNN call, the faster one compiled in; at the race's tiny config it
+    roughly doubles the compile time and cuts a chunk step by ~20% (docs/performance.md)."""
 
     fast_compile: bool = False
     freeze: bool = True
+    autotune: bool = True
 
     def inductor_configs(self) -> dict[str, Any]:
         configs: dict[str, Any] = {"freezing": self.freeze}
         if self.fast_compile:
             configs.update({"cpp.simdlen": 1, "aot_inductor.compile_wrapper_opt_level": "O0"})
+        elif self.autotune and torch.device(self.device).type == "cpu":
+            # (the choice tables Inductor prints to stderr for every GEMM are switched off)
+            configs.update({"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                            "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False})
         return configs
 
 

@@ -209,6 +209,19 @@ def test_changed_weights_are_not_served_from_the_cache(built: Path) -> None:
     assert _entries(built) == before
 
 
+def test_an_artifact_built_for_another_cpu_is_not_served(built: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import export.artifact_cache as artifact_cache
+
+    gen = _gen(built, "never")
+    here = component_key(gen, "onnxruntime", "dit")
+    assert here.versions["cpu_isa"] == artifact_cache.cpu_isa() != ""
+    assert ArtifactCache(built).lookup(here) is not None
+    monkeypatch.setattr(artifact_cache, "cpu_isa", lambda: "avx2")  # the same cache on an older CPU
+    elsewhere = component_key(gen, "onnxruntime", "dit")
+    assert elsewhere.digest != here.digest and ArtifactCache(built).lookup(elsewhere) is None
+    assert _gen(built, "never").backend.components["dit"] == "eager"
+
+
 _BUILD_SCRIPT = """
 import logging, sys
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

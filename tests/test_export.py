@@ -116,6 +116,19 @@ def test_weights_fingerprint_does_not_depend_on_the_thread_count():
     assert weights_fingerprint(model) not in prints
 
 
+def test_aoti_autotunes_cpu_gemms_except_for_fast_compiles_and_cuda():
+    from export.settings import AOTISettings
+
+    configs = AOTISettings().inductor_configs()
+    assert configs["max_autotune"] is True and configs["max_autotune_gemm_backends"] == "CPP,ATEN"
+    assert configs["autotune_num_choices_displayed"] == 0  # no choice tables on stderr
+    with torch._inductor.config.patch(configs):  # every key is one this Inductor has
+        pass
+    for settings in (AOTISettings(autotune=False), AOTISettings(fast_compile=True), AOTISettings(device="cuda")):
+        assert "max_autotune" not in settings.inductor_configs()
+    assert AOTISettings(autotune=False).inductor_configs() == {"freezing": True}
+
+
 def test_settings_reject_bad_values():
     with pytest.raises(ValueError, match="batch_size"):
         ExportSettings(batch_size=0)
