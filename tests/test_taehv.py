@@ -3,7 +3,9 @@ generate / stream / pool, its ONNX steps, the training stage and the errors."""
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from sf_sdk.checkpoint.taehv import (
     taehv_config_from_state,
 )
 from sf_sdk.config import StreamingConfig
-from sf_sdk.models.taehv import MemBlock, TAEHVConfig, TAEHVDecoder, TinyDecodeStep, decode_tiny_streams
+from sf_sdk.models.taehv import MemBlock, PackedConvs, TAEHVConfig, TAEHVDecoder, TinyDecodeStep, decode_tiny_streams
 from training.train import compose, run
 
 SMALL = TAEHVConfig(z_dim=16, widths=(8, 8, 4, 4), blocks_per_stage=2)
@@ -169,6 +171,46 @@ def test_batched_streams_equal_each_stream_alone() -> None:
         last = decode_tiny_streams([b], z[1:, :, 3:5])
     torch.testing.assert_close(torch.cat([first[0], rest[0]], dim=2), alone[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.cat([rest[1], last[0]], dim=2), alone[1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_convs_give_the_modules_bits_and_follow_weight_changes(dtype: torch.dtype,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    model = TAEHVDecoder(SMALL).eval().to(dtype)
+    z = torch.randn(1, 16, 6, 3, 2).to(dtype)
+
+    def stream(packed: bool) -> torch.Tensor:
+        monkeypatch.setattr(PackedConvs, "usable", staticmethod(lambda x, _u=PackedConvs.usable: packed and _u(x)))
+        s = model.streaming_decoder()
+        with torch.no_grad():
+            return torch.cat([s.decode(z[:, :, a:b]) for a, b in ((0, 1), (1, 3), (3, 6))], dim=2)
+
+    frames = torch.zeros(2, 4, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert PackedConvs.usable(frames) and not PackedConvs.usable(frames.contiguous())
+    assert not PackedConvs.usable(frames)  # autograd on: the modules run
+    def same(a: torch.Tensor, b: torch.Tensor) -> None:
+        # bfloat16: PyTorch's convs are oneDNN's too, so the same bits; float32 at these small
+        # shapes: PyTorch may pick its own kernel, which rounds differently
+        if dtype == torch.bfloat16:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+    before = stream(True)
+    assert len(model._packed._packed) == 2 + (3 * SMALL.blocks_per_stage + 1) * SMALL.stages  # every conv
+    same(before, stream(False))
+    with torch.no_grad():
+        model.decoder[1].weight.mul_(1.5)  # in place: the packed weights must be made again
+        model.decoder[4].conv[2].bias.add_(0.1)
+        model.decoder[6].conv.weight.mul_(0.5)  # a TGrow: its stage's folded growth is made again
+    changed = stream(True)
+    same(changed, stream(False))
+    assert not torch.equal(changed, before)
+    twin = copy.deepcopy(model)  # a copy (and a pickle) starts without the packed weights
+    assert not twin._packed._packed and not pickle.loads(pickle.dumps(model))._packed._packed
+    with torch.no_grad():
+        assert torch.equal(twin.streaming_decoder().decode(z), model.streaming_decoder().decode(z))
 
 
 @pytest.fixture(scope="module")

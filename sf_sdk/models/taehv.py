@@ -155,6 +155,66 @@ def _conv3x3(c_in: int, c_out: int, *, bias: bool = True) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias)
 
 
+_FUSED_CONVS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+class PackedConvs:
+    """Inference convs of one decoder through oneDNN directly: each weight reordered once into
+    oneDNN's blocked layout for its input size (kept until the weight changes or another input
+    size comes), and a ReLU that follows a conv applied inside it. oneDNN's arithmetic: the same
+    bits as ``relu(conv(x))`` where PyTorch's conv is oneDNN's too (bfloat16 here; tests), float
+    rounding apart where PyTorch picks its own kernel (small float32 shapes). PyTorch's conv
+    reorders the weight on every call and the ReLU is a pass of its own. Frames in channels-last memory, float32 or bfloat16 on the CPU, no autograd, not
+    traced; anything else runs the modules as they are (:meth:`usable`)."""
+
+    def __init__(self) -> None:
+        self._packed: dict[int, tuple[tuple[object, ...], Tensor]] = {}  # id(conv) -> (key, oneDNN weight)
+
+    # A copy or a pickle of the decoder starts without packed weights (oneDNN's opaque tensors
+    # neither copy nor pickle; the keys name the original's modules).
+    def __deepcopy__(self, memo: dict) -> PackedConvs:
+        return PackedConvs()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._packed = {}
+
+    @staticmethod
+    def usable(x: Tensor) -> bool:
+        return (_FUSED_CONVS and x.device.type == "cpu" and type(x) is Tensor and not torch.is_grad_enabled()
+                and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4
+                and x.is_contiguous(memory_format=torch.channels_last) and not tracing())
+
+    def transposed(self, index: int, weight: Tensor, sources: tuple[Tensor, ...], x: Tensor, *, stride: int,
+                   padding: int) -> Tensor:
+        """``conv_transpose2d(x, weight, stride=stride, padding=padding)`` (no bias) through oneDNN,
+        the weight [C_in, C_out, k, k] (made from the parameters ``sources``) reordered once per
+        (sources, input size); ``index`` names it."""
+        key = (*weights_key(sources), tuple(x.shape))
+        cached = self._packed.get(index)
+        if cached is None or cached[0] != key:
+            packed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
+                weight, [padding] * 2, [0, 0], [stride] * 2, [1, 1], 1, list(x.shape))
+            cached = self._packed[index] = (key, packed)
+        return torch.ops.mkldnn._convolution_transpose_pointwise(
+            x, cached[1], None, [padding] * 2, [0, 0], [stride] * 2, [1, 1], 1, "none", [None], "")
+
+    def __call__(self, conv: nn.Conv2d, x: Tensor, *, relu: bool = False) -> Tensor:
+        """``relu(conv(x))`` (or ``conv(x)``) for frames ``x`` [N, C, H, W] that :meth:`usable` accepts."""
+        weight, bias = conv.weight, conv.bias
+        key = (*weights_key((weight,) if bias is None else (weight, bias)), tuple(x.shape))
+        cached = self._packed.get(id(conv))
+        if cached is None or cached[0] != key:
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                weight.detach(), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(x.shape))
+            cached = self._packed[id(conv)] = (key, packed)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, cached[1], None if bias is None else bias.detach(), list(conv.padding), list(conv.stride),
+            list(conv.dilation), conv.groups, "relu" if relu else "none", [None], "")
+
+
 class InputClamp(nn.Module):
     """Soft-clamp the latents to (-3, 3): ``3 tanh(z / 3)``."""
 
@@ -176,12 +236,17 @@ class MemBlock(nn.Module):
                                   _conv3x3(c_out, c_out))
         self.skip = nn.Conv2d(c_in, c_out, 1, bias=False) if c_in != c_out else nn.Identity()
 
-    def forward(self, x: Tensor, past: Tensor) -> Tensor:
+    def forward(self, x: Tensor, past: Tensor, packed: PackedConvs | None = None) -> Tensor:
         # x, past: [N, C_in, H, W] (past: the same block's input one frame earlier). The ReLUs and
         # the sum write into the convs' fresh outputs (autograd allows it: a conv keeps its input).
+        # ``packed``: the decoder's PackedConvs, for frames it accepts (the same bits).
         conv = self.conv
-        y = F.relu_(conv[0](torch.cat([x, past], dim=1)))
-        y = conv[4](F.relu_(conv[2](y)))
+        if packed is not None:
+            y = packed(conv[0], torch.cat([x, past], dim=1), relu=True)
+            y = packed(conv[4], packed(conv[2], y, relu=True))
+        else:
+            y = F.relu_(conv[0](torch.cat([x, past], dim=1)))
+            y = conv[4](F.relu_(conv[2](y)))
         return F.relu_(y.add_(self.skip(x)))  # [N, C_out, H, W]
 
 
@@ -240,6 +305,7 @@ class TAEHVDecoder(nn.Module):
         # Each stage's growth (upsample, TGrow, conv) runs as one op (grow): the index of its upsample.
         self._growth_layers = tuple(i for i, m in enumerate(self.decoder) if isinstance(m, nn.Upsample))
         self._grow_weights: dict[int, tuple[tuple[object, ...], Tensor]] = {}
+        self._packed = PackedConvs()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -267,19 +333,25 @@ class TAEHVDecoder(nn.Module):
         # Frames in channels-last memory from here on: the convs take it without a reorder
         # (1.6-3x faster each on this CPU); every op below keeps it.
         x = z.transpose(1, 2).reshape(b * t, c, h, w).contiguous(memory_format=torch.channels_last)  # [B*t, z, h, w]
+        packed = self._packed if PackedConvs.usable(x) else None
+        layers = self.decoder
         index = 0
         skip = 0
-        for i, layer in enumerate(self.decoder):
-            if skip:  # the TGrow and conv that grow() ran
+        for i, layer in enumerate(layers):
+            if skip:  # the TGrow and conv that grow() ran, or the ReLU a packed conv applied
                 skip -= 1
             elif i in self._growth_layers:
                 x = self.grow(i, x)
                 skip = 2
             elif isinstance(layer, MemBlock):
-                x = layer(x, self._past(x, b, memory, index))
+                x = layer(x, self._past(x, b, memory, index), packed)
                 index += 1
             elif isinstance(layer, nn.ReLU):
                 x = F.relu_(x)  # every ReLU here follows a conv whose output nothing else holds
+            elif packed is not None and isinstance(layer, nn.Conv2d):
+                relu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
+                x = packed(layer, x, relu=relu)
+                skip = int(relu)
             else:
                 x = layer(x)
         frames = x.shape[0] // b
@@ -297,7 +369,11 @@ class TAEHVDecoder(nn.Module):
         for row in range(b):
             first = zeros if prev is None else prev[row:row + 1, :, 0].contiguous(memory_format=torch.channels_last)
             parts += [first, x[row * frames:(row + 1) * frames - 1]]  # [1, C, H, W], [T'-1, C, H, W]
-        memory[index] = x.view(b, frames, *x.shape[1:])[:, -1:].transpose(1, 2).contiguous()  # [B, C, 1, H, W]
+        last = x.view(b, frames, *x.shape[1:])[:, -1:].transpose(1, 2)  # [B, C, 1, H, W]
+        # Inference keeps a view of the block's input (nothing writes into it afterwards: the
+        # block's in-place ops touch its convs' outputs only), in its channels-last memory, so the
+        # next chunk reads it without a reorder; a copy where autograd or a graph sees it.
+        memory[index] = last if not torch.is_grad_enabled() and not tracing() else last.contiguous()
         return torch.cat(parts)  # [B*T', C, H, W]
 
     def grow(self, index: int, x: Tensor) -> Tensor:
@@ -308,8 +384,11 @@ class TAEHVDecoder(nn.Module):
         weight = self._grow_weight(index)
         n, _, h, w = x.shape
         s, c_out = tgrow.stride, conv.out_channels
-        if int(up.scale_factor) == UPSCALE:
-            y = F.conv_transpose2d(x, weight, stride=UPSCALE, padding=1)  # [N, s*C_out, 2H, 2W]
+        if int(up.scale_factor) == UPSCALE and PackedConvs.usable(x):
+            y = self._packed.transposed(index, weight, (tgrow.conv.weight, conv.weight), x, stride=UPSCALE,
+                                        padding=1)  # [N, s*C_out, 2H, 2W]
+        elif int(up.scale_factor) == UPSCALE:
+            y = F.conv_transpose2d(x, weight, stride=UPSCALE, padding=1)
         else:
             y = F.conv2d(x, weight, padding=1)  # [N, s*C_out, H, W]
         if s == 1:
