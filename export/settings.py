@@ -175,10 +175,23 @@ class AOTISettings(ExportSettings):
         if self.fast_compile:
             configs.update({"cpp.simdlen": 1, "aot_inductor.compile_wrapper_opt_level": "O0"})
         elif self.autotune and torch.device(self.device).type == "cpu":
-            # (the choice tables Inductor prints to stderr for every GEMM are switched off)
-            configs.update({"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                            "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False})
+            configs.update(_cpu_gemm_autotune())
         return configs
+
+
+def _cpu_gemm_autotune() -> dict[str, Any]:
+    """Inductor's settings for timing its C++ GEMM template against ATen's (oneDNN) GEMM, those
+    this PyTorch has (the template came in 2.5; without it: none); the choice tables Inductor
+    prints to stderr for every GEMM are switched off."""
+    import importlib.util
+
+    from torch._inductor import config
+
+    if importlib.util.find_spec("torch._inductor.codegen.cpp_gemm_template") is None:
+        return {}
+    wanted = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+              "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+    return {key: value for key, value in wanted.items() if hasattr(config, key)}
 
 
 @dataclass(frozen=True)
