@@ -159,19 +159,23 @@ _FUSED_CONVS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn
 
 
 class PackedConvs:
-    """Inference convs of one decoder through oneDNN directly: each weight reordered once into
-    oneDNN's blocked layout for its input size (kept until the weight changes or another input
-    size comes), and a ReLU that follows a conv applied inside it. oneDNN's arithmetic: the same
-    bits as ``relu(conv(x))`` where PyTorch's conv is oneDNN's too (bfloat16 here; tests), float
-    rounding apart where PyTorch picks its own kernel (small float32 shapes). PyTorch's conv
-    reorders the weight on every call and the ReLU is a pass of its own. Frames in channels-last memory, float32 or bfloat16 on the CPU, no autograd, not
-    traced; anything else runs the modules as they are (:meth:`usable`)."""
+    """A decoder's inference convs through oneDNN directly (the ops Inductor's frozen CPU graphs
+    call): each weight reordered once into oneDNN's blocked layout for its input size and kept
+    until the weight changes or another input size comes, and a ReLU that follows a conv applied
+    inside it. PyTorch's conv reorders the weight on every call, and a ReLU is a pass of its own.
+
+    oneDNN's arithmetic: the same bits as the modules where PyTorch's conv is oneDNN's too
+    (bfloat16 here; tests), float rounding apart where PyTorch picks its own kernel (small float32
+    shapes). For frames in channels-last memory, float32 or bfloat16, on the CPU, without autograd
+    and not traced (:meth:`usable`); anything else runs the modules.
+    """
 
     def __init__(self) -> None:
-        self._packed: dict[int, tuple[tuple[object, ...], Tensor]] = {}  # id(conv) -> (key, oneDNN weight)
+        # a conv module, or ("growth", index) -> (its weights' key and input size, oneDNN weight)
+        self._packed: dict[object, tuple[tuple[object, ...], Tensor]] = {}
 
     # A copy or a pickle of the decoder starts without packed weights (oneDNN's opaque tensors
-    # neither copy nor pickle; the keys name the original's modules).
+    # neither copy nor pickle, and the keys are the original's modules).
     def __deepcopy__(self, memo: dict) -> PackedConvs:
         return PackedConvs()
 
@@ -193,11 +197,11 @@ class PackedConvs:
         the weight [C_in, C_out, k, k] (made from the parameters ``sources``) reordered once per
         (sources, input size); ``index`` names it."""
         key = (*weights_key(sources), tuple(x.shape))
-        cached = self._packed.get(index)
+        cached = self._packed.get(("growth", index))
         if cached is None or cached[0] != key:
             packed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
                 weight, [padding] * 2, [0, 0], [stride] * 2, [1, 1], 1, list(x.shape))
-            cached = self._packed[index] = (key, packed)
+            cached = self._packed["growth", index] = (key, packed)
         return torch.ops.mkldnn._convolution_transpose_pointwise(
             x, cached[1], None, [padding] * 2, [0, 0], [stride] * 2, [1, 1], 1, "none", [None], "")
 
@@ -205,11 +209,11 @@ class PackedConvs:
         """``relu(conv(x))`` (or ``conv(x)``) for frames ``x`` [N, C, H, W] that :meth:`usable` accepts."""
         weight, bias = conv.weight, conv.bias
         key = (*weights_key((weight,) if bias is None else (weight, bias)), tuple(x.shape))
-        cached = self._packed.get(id(conv))
+        cached = self._packed.get(conv)
         if cached is None or cached[0] != key:
             packed = torch.ops.mkldnn._reorder_convolution_weight(
                 weight.detach(), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(x.shape))
-            cached = self._packed[id(conv)] = (key, packed)
+            cached = self._packed[conv] = (key, packed)
         return torch.ops.mkldnn._convolution_pointwise(
             x, cached[1], None if bias is None else bias.detach(), list(conv.padding), list(conv.stride),
             list(conv.dilation), conv.groups, "relu" if relu else "none", [None], "")
@@ -239,7 +243,7 @@ class MemBlock(nn.Module):
     def forward(self, x: Tensor, past: Tensor, packed: PackedConvs | None = None) -> Tensor:
         # x, past: [N, C_in, H, W] (past: the same block's input one frame earlier). The ReLUs and
         # the sum write into the convs' fresh outputs (autograd allows it: a conv keeps its input).
-        # ``packed``: the decoder's PackedConvs, for frames it accepts (the same bits).
+        # ``packed``: the decoder's PackedConvs, for frames it accepts (oneDNN's convs, ReLUs fused).
         conv = self.conv
         if packed is not None:
             y = packed(conv[0], torch.cat([x, past], dim=1), relu=True)
@@ -370,10 +374,11 @@ class TAEHVDecoder(nn.Module):
             first = zeros if prev is None else prev[row:row + 1, :, 0].contiguous(memory_format=torch.channels_last)
             parts += [first, x[row * frames:(row + 1) * frames - 1]]  # [1, C, H, W], [T'-1, C, H, W]
         last = x.view(b, frames, *x.shape[1:])[:, -1:].transpose(1, 2)  # [B, C, 1, H, W]
-        # Inference keeps a view of the block's input (nothing writes into it afterwards: the
-        # block's in-place ops touch its convs' outputs only), in its channels-last memory, so the
-        # next chunk reads it without a reorder; a copy where autograd or a graph sees it.
-        memory[index] = last if not torch.is_grad_enabled() and not tracing() else last.contiguous()
+        # Inference keeps the frame in the channels-last order it has, so the next chunk reads it
+        # without a reorder (a copy of one frame: a view would keep the whole chunk's activations
+        # alive); where autograd or a graph sees it, a contiguous copy.
+        inference = not torch.is_grad_enabled() and not tracing()
+        memory[index] = last.contiguous(memory_format=torch.channels_last_3d) if inference else last.contiguous()
         return torch.cat(parts)  # [B*T', C, H, W]
 
     def grow(self, index: int, x: Tensor) -> Tensor:
