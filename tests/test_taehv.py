@@ -24,7 +24,8 @@ from sf_sdk.checkpoint.taehv import (
     taehv_config_from_state,
 )
 from sf_sdk.config import StreamingConfig
-from sf_sdk.models.taehv import MemBlock, PackedConvs, TAEHVConfig, TAEHVDecoder, TinyDecodeStep, decode_tiny_streams
+from sf_sdk.models.onednn import PackedConvs
+from sf_sdk.models.taehv import MemBlock, TAEHVConfig, TAEHVDecoder, TinyDecodeStep, decode_tiny_streams
 from training.train import compose, run
 
 SMALL = TAEHVConfig(z_dim=16, widths=(8, 8, 4, 4), blocks_per_stage=2)
@@ -187,7 +188,7 @@ def test_packed_convs_give_the_modules_bits_and_follow_weight_changes(dtype: tor
 
     frames = torch.zeros(2, 4, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        assert PackedConvs.usable(frames) and not PackedConvs.usable(frames.contiguous())
+        assert PackedConvs.usable(frames) and not PackedConvs.usable(frames.to(torch.float16))
     assert not PackedConvs.usable(frames)  # autograd on: the modules run
     def same(a: torch.Tensor, b: torch.Tensor) -> None:
         # bfloat16: PyTorch's convs are oneDNN's too, so the same bits; float32 at these small
@@ -198,7 +199,8 @@ def test_packed_convs_give_the_modules_bits_and_follow_weight_changes(dtype: tor
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
     before = stream(True)
-    assert len(model._packed._packed) == 2 + (3 * SMALL.blocks_per_stage + 1) * SMALL.stages  # every conv
+    convs = 2 + (3 * SMALL.blocks_per_stage + 1) * SMALL.stages  # every conv, growths too
+    assert len(model._packed._packed) == convs and len(model._packed) == 3 * convs  # chunks of 1, 2, 3 frames
     same(before, stream(False))
     with torch.no_grad():
         model.decoder[1].weight.mul_(1.5)  # in place: the packed weights must be made again

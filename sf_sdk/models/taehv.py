@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from sf_sdk.config import VAEConfig
 from sf_sdk.models.graphs import tracing, weights_key
+from sf_sdk.models.onednn import PackedConvs
 from sf_sdk.models.vae import CacheSpec
 
 __all__ = [
@@ -153,70 +154,6 @@ TAEHV_PRESETS: dict[str, TAEHVConfig] = {
 
 def _conv3x3(c_in: int, c_out: int, *, bias: bool = True) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias)
-
-
-_FUSED_CONVS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-
-
-class PackedConvs:
-    """A decoder's inference convs through oneDNN directly (the ops Inductor's frozen CPU graphs
-    call): each weight reordered once into oneDNN's blocked layout for its input size and kept
-    until the weight changes or another input size comes, and a ReLU that follows a conv applied
-    inside it. PyTorch's conv reorders the weight on every call, and a ReLU is a pass of its own.
-
-    oneDNN's arithmetic: the same bits as the modules where PyTorch's conv is oneDNN's too
-    (bfloat16 here; tests), float rounding apart where PyTorch picks its own kernel (small float32
-    shapes). For frames in channels-last memory, float32 or bfloat16, on the CPU, without autograd
-    and not traced (:meth:`usable`); anything else runs the modules.
-    """
-
-    def __init__(self) -> None:
-        # a conv module, or ("growth", index) -> (its weights' key and input size, oneDNN weight)
-        self._packed: dict[object, tuple[tuple[object, ...], Tensor]] = {}
-
-    # A copy or a pickle of the decoder starts without packed weights (oneDNN's opaque tensors
-    # neither copy nor pickle, and the keys are the original's modules).
-    def __deepcopy__(self, memo: dict) -> PackedConvs:
-        return PackedConvs()
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self._packed = {}
-
-    @staticmethod
-    def usable(x: Tensor) -> bool:
-        return (_FUSED_CONVS and x.device.type == "cpu" and type(x) is Tensor and not torch.is_grad_enabled()
-                and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4
-                and x.is_contiguous(memory_format=torch.channels_last) and not tracing())
-
-    def transposed(self, index: int, weight: Tensor, sources: tuple[Tensor, ...], x: Tensor, *, stride: int,
-                   padding: int) -> Tensor:
-        """``conv_transpose2d(x, weight, stride=stride, padding=padding)`` (no bias) through oneDNN,
-        the weight [C_in, C_out, k, k] (made from the parameters ``sources``) reordered once per
-        (sources, input size); ``index`` names it."""
-        key = (*weights_key(sources), tuple(x.shape))
-        cached = self._packed.get(("growth", index))
-        if cached is None or cached[0] != key:
-            packed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
-                weight, [padding] * 2, [0, 0], [stride] * 2, [1, 1], 1, list(x.shape))
-            cached = self._packed["growth", index] = (key, packed)
-        return torch.ops.mkldnn._convolution_transpose_pointwise(
-            x, cached[1], None, [padding] * 2, [0, 0], [stride] * 2, [1, 1], 1, "none", [None], "")
-
-    def __call__(self, conv: nn.Conv2d, x: Tensor, *, relu: bool = False) -> Tensor:
-        """``relu(conv(x))`` (or ``conv(x)``) for frames ``x`` [N, C, H, W] that :meth:`usable` accepts."""
-        weight, bias = conv.weight, conv.bias
-        key = (*weights_key((weight,) if bias is None else (weight, bias)), tuple(x.shape))
-        cached = self._packed.get(conv)
-        if cached is None or cached[0] != key:
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                weight.detach(), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(x.shape))
-            cached = self._packed[conv] = (key, packed)
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, cached[1], None if bias is None else bias.detach(), list(conv.padding), list(conv.stride),
-            list(conv.dilation), conv.groups, "relu" if relu else "none", [None], "")
 
 
 class InputClamp(nn.Module):
