@@ -126,14 +126,14 @@ def test_teacher_of_a_run_generates_through_the_bench(smoke_run: Path) -> None:
         generate("a red circle moving left", 8, 0)
 
 
-def test_long_rollout_scores_a_window_of_a_longer_rollout(smoke_run: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """``self_forcing.long_rollout=K``: rollouts of up to K x num_latent_frames through the rolling
-    window, the loss on one num_latent_frames window (the frames before it without gradients)."""
+def _long_rollout_calls(smoke_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str
+                        ) -> tuple[list[tuple[int, int | None, int]], list[float], Path]:
+    """A 3-step self_forcing stage of the smoke run with ``overrides``: each rollout's (frames,
+    grad_frames, frames returned), the generator updates' window starts, and the run folder."""
     import training.stages.self_forcing as sf_stage
     from training.train import compose, run
 
-    calls: list[tuple[int, int | None, int]] = []  # (rollout frames, grad_frames, returned frames)
+    calls: list[tuple[int, int | None, int]] = []
     real_rollout = sf_stage.rollout
 
     def recording_rollout(*args, **kwargs):
@@ -144,14 +144,34 @@ def test_long_rollout_scores_a_window_of_a_longer_rollout(smoke_run: Path, tmp_p
     monkeypatch.setattr(sf_stage, "rollout", recording_rollout)
     run_dir = tmp_path / "run"
     shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("self_forcing", "export"))
-    run(compose("smoke", [f"run_dir={run_dir}", "stages=[self_forcing]", "self_forcing.steps=3",
-                          "self_forcing.long_rollout=4"]))
+    run(compose("smoke", [f"run_dir={run_dir}", "stages=[self_forcing]", "self_forcing.steps=3", *overrides]))
+    return calls, [r["window_start"] for r in _metrics(run_dir, "self_forcing")], run_dir
+
+
+def test_long_rollout_plain_keeps_a_share_of_rollouts_at_the_training_length(
+        smoke_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    frames = 3  # smoke: num_latent_frames 3
+    calls, starts, _ = _long_rollout_calls(smoke_run, tmp_path, monkeypatch, "self_forcing.long_rollout=4",
+                                           "self_forcing.long_rollout_plain=1")
+    assert len(calls) == 6 and all(c == (frames, None, frames) for c in calls) and starts == [0, 0, 0]
+    from training.train import compose
+
+    for share, message in (("1.5", "share of rollouts in \\[0, 1\\]"), ("0.5", "needs long_rollout > 1")):
+        with pytest.raises(Exception, match=message):
+            compose("smoke", ["run_dir=/tmp/unused", f"self_forcing.long_rollout_plain={share}",
+                              *(["self_forcing.long_rollout=2"] if share == "1.5" else [])])
+
+
+def test_long_rollout_scores_a_window_of_a_longer_rollout(smoke_run: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``self_forcing.long_rollout=K``: rollouts of up to K x num_latent_frames through the rolling
+    window, the loss on one num_latent_frames window (the frames before it without gradients)."""
+    calls, starts, run_dir = _long_rollout_calls(smoke_run, tmp_path, monkeypatch, "self_forcing.long_rollout=4")
     frames = 3  # smoke: num_latent_frames 3, chunks of 1, a rolling window of 2
     assert len(calls) == 6  # 3 steps x (1 generator + 1 critic rollout)
     assert all(frames <= n <= 4 * frames and full == n for n, _, full in calls)
     assert any(n > frames for n, _, _ in calls), calls
     assert all(grad == (frames if n > frames else None) for n, grad, _ in calls)
-    starts = [r["window_start"] for r in _metrics(run_dir, "self_forcing")]
     assert starts == [n - frames for (n, _, _), i in zip(calls, range(6)) if i % 2 == 0]
     assert (run_dir / "self_forcing" / "final" / "dit.safetensors").is_file()
 

@@ -22,6 +22,8 @@ training length through the stream's rolling window and steps 4-5 see one random
 ``num_latent_frames`` of it (the teacher and the critic score a window as a clip): the student
 learns what its own long videos look like at the frames where they go wrong, while the frames
 before the window run without gradients, so the cost grows only by their forward passes.
+``long_rollout_plain`` keeps a share of the rollouts at the training length (window at frame 0),
+the short-window loss beside the long one.
 
 With ``image_conditioning`` (the image-to-video fine-tune) step 1 draws clips of the teacher's
 latent cache instead: a clip's latent frame 0 is the given image and its caption the prompt. The
@@ -234,8 +236,11 @@ def run_self_forcing(cfg: TrainConfig, dist: DistInfo) -> None:
 
     def window_start(gen: torch.Generator) -> int:
         """Where this rollout's loss window starts (latent frames): a random chunk of the long
-        rollout (0 without ``long_rollout``, and then nothing is drawn)."""
+        rollout, or 0 for the ``long_rollout_plain`` share of rollouts (0 without ``long_rollout``,
+        and then nothing is drawn; nor is the share's draw without a share)."""
         if st.long_rollout == 1:
+            return 0
+        if st.long_rollout_plain > 0 and float(torch.rand((), generator=gen)) < st.long_rollout_plain:
             return 0
         return int(torch.randint((st.long_rollout - 1) * frames // k + 1, (1,), generator=gen)) * k
 

@@ -233,6 +233,11 @@ class SelfForcingStageConfig(StageConfig):
     # the loss to one random num_latent_frames window of it (the frames before it without
     # gradients, the rollout stops at the window's end); 1 = the plain rollout.
     long_rollout: int = 1
+    # With long_rollout > 1: the share of rollouts that stay at the training length (their window
+    # starts at frame 0), so the short-window loss trains beside the long one (LongLive keeps both);
+    # 0 = every window drawn over the whole long rollout (where a window at frame 0 is one in
+    # (long_rollout - 1) * num_latent_frames / chunk + 1).
+    long_rollout_plain: float = 0.0
     # The critic (fake score) starts from a trained one instead of the teacher: a self_forcing
     # checkpoint file (ckpt-*.safetensors) or a self_forcing stage folder (its newest checkpoint).
     # A continuation then keeps the critic that tracked its student (Self-Forcing++, LongLive);
@@ -249,6 +254,12 @@ class SelfForcingStageConfig(StageConfig):
         super().__post_init__()
         if self.long_rollout < 1:
             raise ValueError(f"self_forcing.long_rollout must be >= 1 (1: off), got {self.long_rollout}")
+        if not 0 <= self.long_rollout_plain <= 1:
+            raise ValueError(f"self_forcing.long_rollout_plain is a share of rollouts in [0, 1], got "
+                             f"{self.long_rollout_plain}")
+        if self.long_rollout_plain > 0 and self.long_rollout == 1:
+            raise ValueError(f"self_forcing.long_rollout_plain={self.long_rollout_plain} needs long_rollout > 1 "
+                             f"(with long_rollout=1 every rollout is plain already)")
         if self.long_rollout > 1 and self.rollout_mode != "self_forcing":
             raise ValueError(f"self_forcing.long_rollout={self.long_rollout} needs rollout_mode=self_forcing "
                              f"(the forcing modes need ground truth as long as the rollout)")
