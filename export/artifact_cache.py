@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -72,16 +73,31 @@ def default_cache_root() -> Path:
 ARTIFACT_FORMAT = "3"
 
 
-def cpu_isa() -> str:
-    """The vector ISA Inductor compiles CPU kernels for on this machine (e.g. ``avx512 avx512_vnni
-    amx_tile``): an AOTInductor package built here may use instructions another CPU lacks, so a
-    cache copied to (or shared with) another machine rebuilds rather than loads it."""
-    try:
-        from torch._inductor import cpu_vec_isa
+# The CPU flags whose presence changes what Inductor compiles for (its vector ISA picks).
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
+              "amx_tile", "amx_bf16", "amx_int8")
 
-        return str(cpu_vec_isa.pick_vec_isa()) or "none"
-    except Exception:  # noqa: BLE001  (an Inductor without this helper: the key just lacks it)
-        return "unknown"
+
+@functools.cache
+def cpu_isa() -> str:
+    """The vector extensions of this CPU that compiled CPU kernels may use (e.g. ``avx2 fma avx512f
+    ... amx_tile amx_bf16``): an AOTInductor package built here may use instructions another CPU
+    lacks, so a cache copied to (or shared with) another machine rebuilds rather than loads it.
+    Read from the kernel's CPU flags (Linux), else ATen's CPU capability and the AMX query; not
+    Inductor's own ISA pick, which compiles probe programs (1.5 s in a process that has not made it)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return " ".join(f for f in _ISA_FLAGS if f in flags) or "none"
+    except OSError:
+        pass
+    import torch
+
+    from sf_sdk.precision import cpu_has_amx_bf16
+
+    return torch.backends.cpu.get_cpu_capability().lower() + (" amx" if cpu_has_amx_bf16() else "")
 
 
 def library_versions() -> dict[str, str]:
