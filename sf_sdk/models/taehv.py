@@ -282,10 +282,10 @@ class TAEHVDecoder(nn.Module):
             if skip:  # the TGrow and conv that grow() ran, or the ReLU a packed conv applied
                 skip -= 1
             elif i in self._growth_layers:
-                x = self.grow(i, x)
+                x = self.grow(i, x, packed)
                 skip = 2
             elif isinstance(layer, MemBlock):
-                x = layer(x, self._past(x, b, memory, index), packed)
+                x = layer(x, self._past(x, b, memory, index, keep_layout=packed is not None), packed)
                 index += 1
             elif isinstance(layer, nn.ReLU):
                 x = F.relu_(x)  # every ReLU here follows a conv whose output nothing else holds
@@ -299,7 +299,7 @@ class TAEHVDecoder(nn.Module):
         return x.reshape(b, frames, *x.shape[1:]).transpose(1, 2)  # [B, 3, 4t, 8h, 8w]
 
     @staticmethod
-    def _past(x: Tensor, b: int, memory: list[Tensor | None], index: int) -> Tensor:
+    def _past(x: Tensor, b: int, memory: list[Tensor | None], index: int, *, keep_layout: bool = False) -> Tensor:
         """A MemBlock's memory input for frames ``x`` ``[B*T', C, H, W]`` (streams' frames
         consecutive): each frame's predecessor, the stored frame before a stream's first; stores
         the last frames as the new memory ``[B, C, 1, H, W]``."""
@@ -311,14 +311,14 @@ class TAEHVDecoder(nn.Module):
             first = zeros if prev is None else prev[row:row + 1, :, 0].contiguous(memory_format=torch.channels_last)
             parts += [first, x[row * frames:(row + 1) * frames - 1]]  # [1, C, H, W], [T'-1, C, H, W]
         last = x.view(b, frames, *x.shape[1:])[:, -1:].transpose(1, 2)  # [B, C, 1, H, W]
-        # Inference keeps the frame in the channels-last order it has, so the next chunk reads it
-        # without a reorder (a copy of one frame: a view would keep the whole chunk's activations
-        # alive); where autograd or a graph sees it, a contiguous copy.
-        inference = not torch.is_grad_enabled() and not tracing()
-        memory[index] = last.contiguous(memory_format=torch.channels_last_3d) if inference else last.contiguous()
+        # ``keep_layout`` (inference: the packed convs run) keeps the frame in the channels-last
+        # order it has, so the next chunk reads it without a reorder (a copy of one frame: a view
+        # would keep the whole chunk's activations alive); where autograd or a graph sees it, a
+        # contiguous copy.
+        memory[index] = last.contiguous(memory_format=torch.channels_last_3d) if keep_layout else last.contiguous()
         return torch.cat(parts)  # [B*T', C, H, W]
 
-    def grow(self, index: int, x: Tensor) -> Tensor:
+    def grow(self, index: int, x: Tensor, packed: PackedConvs | None = None) -> Tensor:
         """The stage growth at ``decoder[index]`` (upsample, TGrow, conv 3x3) in one conv:
         ``[N, C_in, H, W]`` -> ``[N * s, C_out, 2H, 2W]`` (``[N * s, C_out, H, W]`` for a stage
         without spatial upsampling), ``s`` the TGrow stride."""
@@ -326,9 +326,9 @@ class TAEHVDecoder(nn.Module):
         weight = self._grow_weight(index)
         n, _, h, w = x.shape
         s, c_out = tgrow.stride, conv.out_channels
-        if int(up.scale_factor) == UPSCALE and PackedConvs.usable(x):
-            y = self._packed.transposed(index, weight, (tgrow.conv.weight, conv.weight), x, stride=UPSCALE,
-                                        padding=1)  # [N, s*C_out, 2H, 2W]
+        if int(up.scale_factor) == UPSCALE and packed is not None:
+            y = packed.transposed(index, weight, (tgrow.conv.weight, conv.weight), x, stride=UPSCALE,
+                                  padding=1)  # [N, s*C_out, 2H, 2W]
         elif int(up.scale_factor) == UPSCALE:
             y = F.conv_transpose2d(x, weight, stride=UPSCALE, padding=1)
         else:
