@@ -146,6 +146,43 @@ def test_caption_pinning_keeps_the_rest_of_the_draw() -> None:
     assert pinned.attributes.speed == free.attributes.speed
 
 
+def test_mid_video_clips_are_later_windows_of_the_same_trajectory() -> None:
+    mixed = ShapesConfig(mid_video_share=0.3, mid_video_max_start=96)
+    starts = []
+    for index in range(400):
+        plain, later = make_clip(3, index), make_clip(3, index, mixed)
+        a, b = plain.attributes, later.attributes
+        # share 0 draws nothing more: every other attribute is the plain clip's, caption included
+        assert (a.shape, a.colour, a.direction, a.size, a.speed, a.x0, a.y0, a.start_frame) == (
+            b.shape, b.colour, b.direction, b.size, b.speed, b.x0, b.y0, 0) or b.start_frame > 0
+        assert a.start_frame == 0 and later.caption == plain.caption
+        starts.append(b.start_frame)
+        if b.start_frame:
+            assert 1 <= b.start_frame <= 96
+            long = render_clip(a, CFG, num_frames=b.start_frame + CFG.num_frames)
+            np.testing.assert_array_equal(later.frames, long[b.start_frame:])
+        else:
+            np.testing.assert_array_equal(later.frames, plain.frames)
+    share = np.mean(np.array(starts) > 0)
+    assert 0.22 < share < 0.38, share
+    # some windows move against their caption with no bounce in view: what a rolling window sees
+    against = 0
+    for index in np.nonzero(starts)[0]:
+        b = make_clip(3, int(index), mixed).attributes
+        x, y = trajectory(b, CFG)
+        dx, dy = DIRECTIONS[b.direction]
+        along = np.diff(x) * dx + np.diff(y) * dy
+        against += bool((along < 0).all())
+    assert against >= 5  # 10 of the ~120 windows here
+    with pytest.raises(ValueError, match="mid_video_share"):
+        ShapesConfig(mid_video_share=1.5)
+    with pytest.raises(ValueError, match="mid_video_max_start"):
+        ShapesConfig(mid_video_max_start=0)
+    with pytest.raises(ValueError, match="start_frame"):
+        ShapeAttributes(shape="circle", colour="red", direction="up", size=12, speed=1, x0=30, y0=30,
+                        start_frame=-1)
+
+
 def test_tensor_round_trip() -> None:
     frames = make_clip(0, 0).frames
     video = frames_to_tensor(frames)

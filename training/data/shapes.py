@@ -9,7 +9,12 @@ end on a CPU. Every clip shows exactly one object:
 * moving left, right, up or down at 1 to 2 px per frame, bouncing off the borders;
 * starting at least ``start_margin`` (16) px from the border it moves toward, so the stated
   direction holds for the first ``straight_frames`` (8) frames whatever the speed;
-* caption ``"a {colour} {shape} moving {direction}"`` (the initial direction).
+* caption ``"a {colour} {shape} moving {direction}"`` (the initial direction);
+* optionally (``mid_video_share``) a share of clips that are a window later in a long video:
+  frames ``s .. s + T - 1`` of the same bouncing trajectory, ``s`` drawn from
+  ``1 .. mid_video_max_start``, the caption still the direction at frame 0 of the trajectory. Such
+  a clip can show the object moving against its caption with no bounce in view, which is what a
+  rolling window sees once a stream's bounce has left it.
 
 Clips are deterministic: clip ``index`` of ``seed`` depends on nothing else (not on the worker or
 rank that draws it). Clip lengths follow the causal VAE framing, ``1 + 4k`` frames (33 by
@@ -96,6 +101,10 @@ class ShapesConfig:
     # 1 + frame_stride * k frames.
     frame_stride: int = 4
     antialias: bool = True
+    # Share of clips that start later in the video (frame s of the trajectory, s uniform in
+    # 1 .. mid_video_max_start); 0: every clip starts at frame 0.
+    mid_video_share: float = 0.0
+    mid_video_max_start: int = 128
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -116,10 +125,15 @@ class ShapesConfig:
             raise ValueError(
                 f"max_size ({self.max_size}) + start_margin ({self.start_margin}) must fit in the frame "
                 f"({self.height}x{self.width}): lower them or enlarge the frame")
+        if not 0.0 <= self.mid_video_share <= 1.0:
+            raise ValueError(f"mid_video_share is a share of clips in [0, 1], got {self.mid_video_share}")
+        if self.mid_video_max_start < 1:
+            raise ValueError(f"mid_video_max_start must be >= 1 (frames), got {self.mid_video_max_start}")
 
     @property
     def straight_frames(self) -> int:
-        """Leading frames over which every clip moves in its stated direction (no bounce yet)."""
+        """Leading frames over which every clip starting at frame 0 moves in its stated direction
+        (no bounce yet)."""
         return int(self.start_margin // self.max_speed)
 
 
@@ -150,13 +164,16 @@ class ShapeAttributes:
     direction: str
     size: float  # px across: circle diameter, square side, triangle base (= height)
     speed: float  # px per frame
-    x0: float  # object centre at frame 0, px
+    x0: float  # object centre at frame 0 of the trajectory, px
     y0: float
+    start_frame: int = 0  # the trajectory's frame the clip starts at (> 0: a window later in the video)
 
     def __post_init__(self) -> None:
         ShapePrompt(self.colour, self.shape, self.direction)  # validates the three words
         if self.size <= 0 or self.speed < 0:
             raise ValueError(f"size must be > 0 and speed >= 0, got {self.size} and {self.speed}")
+        if self.start_frame < 0:
+            raise ValueError(f"start_frame must be >= 0, got {self.start_frame}")
 
     @property
     def prompt(self) -> ShapePrompt:
@@ -260,8 +277,12 @@ def sample_attributes(rng: np.random.Generator, cfg: ShapesConfig, *, shape: str
         y_lo += cfg.start_margin
     x0 = float(rng.uniform(x_lo, x_hi))
     y0 = float(rng.uniform(y_lo, y_hi))
+    start_frame = 0
+    # Drawn last and only when asked for, so that share 0 leaves every earlier clip as it was.
+    if cfg.mid_video_share > 0 and rng.random() < cfg.mid_video_share:
+        start_frame = int(rng.integers(1, cfg.mid_video_max_start + 1))
     return ShapeAttributes(shape=shape, colour=colour, direction=direction, size=size, speed=speed,
-                           x0=x0, y0=y0)
+                           x0=x0, y0=y0, start_frame=start_frame)
 
 
 def _bounce(position: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -275,9 +296,10 @@ def _bounce(position: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 def trajectory(attrs: ShapeAttributes, cfg: ShapesConfig, num_frames: int | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-    """Object centre (x [T], y [T]) per frame, bouncing off the borders."""
+    """Object centre (x [T], y [T]) per frame of the clip (from ``attrs.start_frame`` of the
+    trajectory on), bouncing off the borders."""
     frames = cfg.num_frames if num_frames is None else num_frames
-    t = np.arange(frames, dtype=np.float64)
+    t = attrs.start_frame + np.arange(frames, dtype=np.float64)
     dx, dy = DIRECTIONS[attrs.direction]
     half = attrs.size / 2
     x = _bounce(attrs.x0 + dx * attrs.speed * t, half, cfg.width - half)
