@@ -239,6 +239,22 @@ def test_motion_over_the_whole_video_follows_the_bounce_rule() -> None:
     assert r.details["stuck_rate"] == 0.0 and r.checks["speed"] == 0.0 and r.checks["bounce"] == 1.0
 
 
+def test_far_half_share_tells_bouncing_from_hovering_at_the_captions_border() -> None:
+    caption = "a green circle moving right"
+    clip = make_clip(0, 5, ShapesConfig(num_frames=333), caption=caption)
+    r = score_video(clip.frames, caption)
+    assert 0.4 <= r.details["far_half_share"] <= 0.6
+    # what the long streams do: bounce at the right border, come back 12-20 px, turn right again
+    attrs = replace(clip.attributes, speed=1.5)
+    t = np.arange(333, dtype=np.float64)
+    right = 64 - attrs.size / 2
+    hover = right - np.abs(((t * attrs.speed) % 32) - 16)  # 16 px back from the border and again
+    r = score_video(_render_track(attrs, hover, np.full_like(t, attrs.y0)), caption)
+    assert r.details["far_half_share"] < 0.05
+    result = run_benchmark(lambda prompt, n, seed: clip.frames, [caption], num_frames=333, seeds=[0])
+    assert 0.4 <= result["far_half_share"] <= 0.6
+
+
 def test_robust_to_blur_and_colour_drift(real_clips: list[tuple[str, np.ndarray]]) -> None:
     """A mild blur (sigma 1 px, the VAE's softness), colour crosstalk and a dim noisy background pass;
     a sigma 1.5 px blur is the ``blurred`` failure case."""

@@ -43,7 +43,10 @@ The video's ``score`` is the **product** of the checks: a video counts only when
 object of the right colour and shape, crisp, moving the right way at the right speed and bouncing
 at the borders over its whole length, steadily, on a clean background. ``mean_check`` (the plain
 mean of the checks) is reported beside it; ``details["stuck_rate"]`` is the fraction of frame
-steps in which the object does not move.
+steps in which the object does not move, and ``details["far_half_share"]`` (reported, not
+scored) the share of frames with the object in the half of the frame away from the caption's
+border: about 0.5 for a long video that bounces between the borders, near 0 for an object that
+turns back before reaching the far one.
 
 ``strict=False`` (CLI ``--old``) gives the first, lenient scoring (:data:`OLD_CHECKS`), kept for
 one side-by-side comparison (docs/training.md, "Strict evaluator"): a fill-ratio shape test, a
@@ -688,6 +691,21 @@ def _motion(frames: list[_Frame], direction: str, cfg: BenchConfig) -> _Motion:
                    wrong_way=moving - right_way, median_speed=float(np.median(speeds)) if speeds else None)
 
 
+def _far_half_share(present: list[_Frame], direction: str, cfg: BenchConfig) -> float | None:
+    """Share of the frames showing the object whose centre lies in the half of the frame away from
+    the caption's border. An object that bounces between the borders spends about half of a long
+    video there; one that turns back toward the caption's border before reaching the far one,
+    almost none. Reported, not scored."""
+    if not present:
+        return None
+    dx, dy = DIRECTIONS[direction]
+    axis = 0 if dx else 1
+    sign = dx or dy
+    half = (cfg.domain.width, cfg.domain.height)[axis] / 2
+    far = sum((f.centroid[axis] - half) * sign < 0 for f in present)
+    return round(far / len(present), 4)
+
+
 def score_video(frames: Any, caption: str, cfg: BenchConfig | None = None, *, strict: bool = True) -> VideoScore:
     """Score uint8 frames [T, H, W, 3] (numpy or torch) against a shapes caption: the strict checks
     (:data:`CHECKS`, the default) or, with ``strict=False``, the old lenient ones (:data:`OLD_CHECKS`)."""
@@ -769,6 +787,7 @@ def score_video(frames: Any, caption: str, cfg: BenchConfig | None = None, *, st
         "bounces": motion.bounces,
         "wrong_way_steps": motion.wrong_way,
         "median_speed": None if motion.median_speed is None else round(motion.median_speed, 4),
+        "far_half_share": _far_half_share(present, prompt.direction, cfg),
     })
     return VideoScore(score=float(np.prod(list(checks.values()))), checks=checks, details=details)
 
@@ -789,6 +808,8 @@ def _summarise(scores: Sequence[VideoScore]) -> dict[str, Any]:
     }
     if "stuck_rate" in scores[0].details:
         summary["stuck_rate"] = float(np.mean([s.details["stuck_rate"] for s in scores]))
+        far = [s.details["far_half_share"] for s in scores if s.details["far_half_share"] is not None]
+        summary["far_half_share"] = float(np.mean(far)) if far else None
     return summary
 
 
@@ -1165,6 +1186,8 @@ def _teacher_generate(run_dir: Path, config_name: str, device: str, steps: int, 
 
 def _print_table(result: dict[str, Any]) -> None:
     stuck = f", stuck rate {result['stuck_rate']:.4f}" if "stuck_rate" in result else ""
+    if result.get("far_half_share") is not None:
+        stuck += f", far-half share {result['far_half_share']:.3f}"
     lines = [f"mean score {result['mean_score']:.4f}  (mean check {result['mean_check']:.4f}, "
              f"{result['num_videos']} videos{stuck})"]
     lines += [f"  {name:<14} {value:.4f}" for name, value in result["checks"].items()]
