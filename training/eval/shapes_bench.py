@@ -116,6 +116,7 @@ __all__ = [
     "FAILURE_CASES",
     "VideoScore",
     "score_video",
+    "track",
     "as_uint8_frames",
     "run_benchmark",
     "run_benchmark_parallel",
@@ -704,6 +705,22 @@ def _far_half_share(present: list[_Frame], direction: str, cfg: BenchConfig) -> 
     half = (cfg.domain.width, cfg.domain.height)[axis] / 2
     far = sum((f.centroid[axis] - half) * sign < 0 for f in present)
     return round(far / len(present), 4)
+
+
+def track(frames: Any, cfg: BenchConfig | None = None) -> np.ndarray:
+    """The object's centroid per frame as the strict checks see it: float64 ``[T, 2]`` (x, y) in
+    px, NaN where a frame shows no plausible object."""
+    cfg = cfg or BenchConfig()
+    video = as_uint8_frames(frames)
+    rgb = video.astype(np.float64) / 255.0
+    value = rgb.max(axis=-1)
+    labels = _label_components(value >= cfg.fg_threshold)
+    out = np.full((video.shape[0], 2), np.nan)
+    for t in range(video.shape[0]):
+        f = _measure_frame(rgb[t], value[t], labels[t], cfg, True)
+        if f.present:
+            out[t] = f.centroid
+    return out
 
 
 def score_video(frames: Any, caption: str, cfg: BenchConfig | None = None, *, strict: bool = True) -> VideoScore:
