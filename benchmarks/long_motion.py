@@ -1,7 +1,7 @@
 """Where the object goes in a long stream: its position along the caption's axis, frame by frame,
 for one or more models against the rendered clip of the same caption.
 
-    python benchmarks/long_motion.py --models shapes-tiny RUN/model [--frames 333]
+    python benchmarks/long_motion.py --models shapes-tiny RUN/model [--labels shipped new] [--frames 333]
         [--prompts "a green circle moving up" ...] [--plot OUT.png] [--json OUT.json]
 
 Per model and caption (seed 0, streamed through the model's rolling window, float32 eager so
@@ -59,6 +59,7 @@ def generate(model: str, caption: str, frames: int) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", required=True, help="model names or folders")
+    p.add_argument("--labels", nargs="+", help="a name per model for the table and the plot (default: the models)")
     p.add_argument("--frames", type=int, default=333)
     p.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS)
     p.add_argument("--threads", type=int, default=1)
@@ -67,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     for caption in args.prompts:
         parse_caption(caption)  # a bad caption fails before any model loads
+    labels = args.labels or args.models
+    if len(labels) != len(args.models) or len(set(labels) | {"rendered clip"}) != len(labels) + 1:
+        p.error(f"--labels needs one distinct name per model ({len(args.models)}), none 'rendered clip'; "
+                f"got {labels}")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -74,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, caption in enumerate(args.prompts):
         clip = make_clip(0, i, ShapesConfig(num_frames=args.frames), caption=caption)
         rows["rendered clip"][caption] = axis_position(track(clip.frames), caption)
-    for model in args.models:
-        rows[model] = {c: axis_position(track(generate(model, c, args.frames)), c) for c in args.prompts}
+    for label, model in zip(labels, args.models):
+        rows[label] = {c: axis_position(track(generate(model, c, args.frames)), c) for c in args.prompts}
     summary = {name: {c: summarise(pos) for c, pos in per.items()} for name, per in rows.items()}
     for name, per in summary.items():
         far = np.mean([v["far_half_share"] for v in per.values()])

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from training.data.shapes import ShapesConfig, make_clip, trajectory
 from training.eval.shapes_bench import track
@@ -38,11 +39,17 @@ def test_axis_position_is_zero_at_the_captions_border() -> None:
 
 def test_the_benchmark_runs_the_bundled_model(tmp_path: Path) -> None:
     out, png = tmp_path / "m.json", tmp_path / "m.png"
-    assert long_motion.main(["--models", "shapes-tiny", "--frames", "33", "--prompts", "a green circle moving up",
+    assert long_motion.main(["--models", "shapes-tiny", "--labels", "shipped", "--frames", "33", "--prompts", "a green circle moving up",
                              "--json", str(out), "--plot", str(png)]) == 0
     summary = json.loads(out.read_text())["summary"]
-    assert set(summary) == {"rendered clip", "shapes-tiny"}
+    assert set(summary) == {"rendered clip", "shipped"}
     for per in summary.values():
         entry = per["a green circle moving up"]
         assert 0.0 <= entry["far_half_share"] <= 1.0 and entry["middle_crossings"] >= 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_labels_must_name_each_model_once() -> None:
+    for labels in (["a", "b"], ["rendered clip"]):
+        with pytest.raises(SystemExit):
+            long_motion.main(["--models", "shapes-tiny", "--labels", *labels])
