@@ -25,20 +25,17 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from training.data.shapes import DIRECTIONS, ShapesConfig, make_clip, parse_caption  # noqa: E402
-from training.eval.shapes_bench import BenchConfig, track  # noqa: E402
+from training.data.shapes import ShapesConfig, make_clip, parse_caption  # noqa: E402
+from training.eval import shapes_bench  # noqa: E402
+from training.eval.shapes_bench import track  # noqa: E402
 
 DEFAULT_PROMPTS = ["a green circle moving up", "a red square moving left", "a yellow triangle moving left"]
 
 
 def axis_position(centroids: np.ndarray, caption: str) -> np.ndarray:
     """Position along the caption's axis, 0 at the caption's border, 1 at the far one (NaN where
-    no object)."""
-    dx, dy = DIRECTIONS[parse_caption(caption).direction]
-    axis = 0 if dx else 1
-    size = (BenchConfig().domain.width, BenchConfig().domain.height)[axis]
-    pos = centroids[:, axis] / size
-    return 1.0 - pos if (dx or dy) > 0 else pos
+    no object): the evaluator's, for a caption."""
+    return shapes_bench.axis_position(centroids, parse_caption(caption).direction)
 
 
 def summarise(position: np.ndarray) -> dict[str, float | int]:
@@ -48,12 +45,13 @@ def summarise(position: np.ndarray) -> dict[str, float | int]:
             "middle_crossings": int(np.count_nonzero(side[1:] != side[:-1]))}
 
 
-def generate(model: str, caption: str, frames: int) -> np.ndarray:
+def positions(model: str, captions: list[str], frames: int) -> dict[str, np.ndarray]:
+    """The model loaded once, each caption streamed (seed 0) and tracked."""
     os.environ.setdefault("SF_SDK_AUTO_BUILD", "never")
     from sf_sdk import StreamingGenerator
 
     gen = StreamingGenerator.from_pretrained(model, dtype="float32", backend="eager")
-    return gen.generate(caption, num_frames=frames, seed=0).frames
+    return {c: axis_position(track(gen.generate(c, num_frames=frames, seed=0).frames), c) for c in captions}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         clip = make_clip(0, i, ShapesConfig(num_frames=args.frames), caption=caption)
         rows["rendered clip"][caption] = axis_position(track(clip.frames), caption)
     for label, model in zip(labels, args.models):
-        rows[label] = {c: axis_position(track(generate(model, c, args.frames)), c) for c in args.prompts}
+        rows[label] = positions(model, args.prompts, args.frames)
     summary = {name: {c: summarise(pos) for c, pos in per.items()} for name, per in rows.items()}
     for name, per in summary.items():
         far = np.mean([v["far_half_share"] for v in per.values()])

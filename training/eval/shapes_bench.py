@@ -117,6 +117,7 @@ __all__ = [
     "VideoScore",
     "score_video",
     "track",
+    "axis_position",
     "as_uint8_frames",
     "run_benchmark",
     "run_benchmark_parallel",
@@ -692,6 +693,16 @@ def _motion(frames: list[_Frame], direction: str, cfg: BenchConfig) -> _Motion:
                    wrong_way=moving - right_way, median_speed=float(np.median(speeds)) if speeds else None)
 
 
+def axis_position(centroids: np.ndarray, direction: str, cfg: BenchConfig | None = None) -> np.ndarray:
+    """Centroids ``[T, 2]`` (x, y) px -> position along the direction's axis ``[T]``: 0 at the border
+    the direction points to, 1 at the far one (NaN stays NaN)."""
+    cfg = cfg or BenchConfig()
+    dx, dy = DIRECTIONS[direction]
+    axis = 0 if dx else 1
+    pos = np.asarray(centroids, dtype=np.float64)[:, axis] / (cfg.domain.width, cfg.domain.height)[axis]
+    return 1.0 - pos if (dx or dy) > 0 else pos
+
+
 def _far_half_share(present: list[_Frame], direction: str, cfg: BenchConfig) -> float | None:
     """Share of the frames showing the object whose centre lies in the half of the frame away from
     the caption's border. An object that bounces between the borders spends about half of a long
@@ -699,28 +710,23 @@ def _far_half_share(present: list[_Frame], direction: str, cfg: BenchConfig) -> 
     almost none. Reported, not scored."""
     if not present:
         return None
-    dx, dy = DIRECTIONS[direction]
-    axis = 0 if dx else 1
-    sign = dx or dy
-    half = (cfg.domain.width, cfg.domain.height)[axis] / 2
-    far = sum((f.centroid[axis] - half) * sign < 0 for f in present)
-    return round(far / len(present), 4)
+    position = axis_position(np.array([f.centroid for f in present]), direction, cfg)
+    return round(float(np.mean(position > 0.5)), 4)
+
+
+def _measure_video(video: np.ndarray, cfg: BenchConfig, strict: bool) -> list[_Frame]:
+    """Every frame of uint8 ``[T, H, W, 3]`` measured (objects, silhouettes, background)."""
+    rgb = video.astype(np.float64) / 255.0  # [T, H, W, 3]
+    value = rgb.max(axis=-1)  # [T, H, W]
+    labels = _label_components(value >= cfg.fg_threshold)
+    return [_measure_frame(rgb[t], value[t], labels[t], cfg, strict) for t in range(video.shape[0])]
 
 
 def track(frames: Any, cfg: BenchConfig | None = None) -> np.ndarray:
     """The object's centroid per frame as the strict checks see it: float64 ``[T, 2]`` (x, y) in
     px, NaN where a frame shows no plausible object."""
-    cfg = cfg or BenchConfig()
-    video = as_uint8_frames(frames)
-    rgb = video.astype(np.float64) / 255.0
-    value = rgb.max(axis=-1)
-    labels = _label_components(value >= cfg.fg_threshold)
-    out = np.full((video.shape[0], 2), np.nan)
-    for t in range(video.shape[0]):
-        f = _measure_frame(rgb[t], value[t], labels[t], cfg, True)
-        if f.present:
-            out[t] = f.centroid
-    return out
+    per_frame = _measure_video(as_uint8_frames(frames), cfg or BenchConfig(), True)
+    return np.array([f.centroid if f.present else (np.nan, np.nan) for f in per_frame], dtype=np.float64)
 
 
 def score_video(frames: Any, caption: str, cfg: BenchConfig | None = None, *, strict: bool = True) -> VideoScore:
@@ -732,10 +738,7 @@ def score_video(frames: Any, caption: str, cfg: BenchConfig | None = None, *, st
     if video.shape[1:3] != (cfg.domain.height, cfg.domain.width):
         raise ValueError(f"the shapes benchmark scores {cfg.domain.height}x{cfg.domain.width} videos, got "
                          f"{video.shape[1]}x{video.shape[2]}: generate at the domain's size")
-    rgb = video.astype(np.float64) / 255.0  # [T, H, W, 3]
-    value = rgb.max(axis=-1)  # [T, H, W]
-    labels = _label_components(value >= cfg.fg_threshold)
-    per_frame = [_measure_frame(rgb[t], value[t], labels[t], cfg, strict) for t in range(video.shape[0])]
+    per_frame = _measure_video(video, cfg, strict)
     present = [f for f in per_frame if f.present]
     num = len(per_frame)
 
