@@ -257,3 +257,61 @@ def test_init_vae_with_a_wider_decoder_widens_the_models_decoder(tmp_path: Path)
     z = torch.randn(1, 16, 2, 8, 8)
     with torch.no_grad():
         assert (wide.decode(z) - shipped.decode(z)).abs().max() < 0.1
+
+
+def _encoder_state(vae) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "conv1."))}
+
+
+def _latent_shift(run_dir: Path, start) -> float:
+    """RMS change of the posterior mean of one fixed clip, in units of the starting statistics."""
+    from training.stages.vae import load_vae_dir
+
+    trained = load_vae_dir(run_dir / "vae_decoder" / "final", torch.device("cpu"))
+    video = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        return (start.normalize(trained.encode(video)) - start.normalize(start.encode(video))).square().mean().sqrt().item()
+
+
+def test_vae_decoder_can_train_the_encoder_with_or_without_the_anchor(tmp_path: Path) -> None:
+    """``vae_decoder.train_encoder``: the encoder trains too. Free, the latent statistics are
+    measured again and the run's DiT stages refuse the moved latents; anchored, the statistics
+    stay and the latents move less than free ones (the anchor's pull)."""
+    import json
+
+    from training.stages.vae import load_trained_vae
+
+    common = ("stages=[vae,vae_decoder]", "vae.steps=1", "vae_decoder.steps=4", "vae_decoder.lr=3e-3",
+              "vae_decoder.train_encoder=true")
+    free, anchored = tmp_path / "free", tmp_path / "anchored"
+    _run(free, *common)
+    _run(anchored, *common, "vae_decoder.anchor_weight=1000")
+    start = load_trained_vae(free, torch.device("cpu"))
+    from training.stages.vae import load_vae_dir
+
+    moved = load_vae_dir(free / "vae_decoder" / "final", torch.device("cpu"))
+    held = load_vae_dir(anchored / "vae_decoder" / "final", torch.device("cpu"))
+    assert any(not torch.equal(v, _encoder_state(moved)[k]) for k, v in _encoder_state(start).items())
+    assert any(not torch.equal(v, _encoder_state(held)[k]) for k, v in _encoder_state(start).items())
+    assert moved.config.latents_std != start.config.latents_std
+    assert held.config.latents_std == start.config.latents_std
+    assert _latent_shift(anchored, start) < 0.5 * _latent_shift(free, start)
+    lines = [json.loads(line) for line in (anchored / "vae_decoder" / "metrics.jsonl").read_text().splitlines()]
+    assert all("latent_drift" in line for line in lines)
+    assert json.loads((free / "vae_decoder" / "final" / "DONE").read_text())["train_encoder"] is True
+    # The free run's own teacher would encode with vae/final's encoder: it stops and says what to do.
+    with pytest.raises(ValueError, match="init_vae="):
+        _run(free, "stages=[teacher]", "teacher.steps=1")
+    # Its VAE, latents and statistics, is what a new run takes with init_vae.
+    _run(tmp_path / "next", f"init_vae={free}", "stages=[vae]")
+    taken = load_trained_vae(tmp_path / "next", torch.device("cpu"))
+    assert taken.config.latents_std == moved.config.latents_std
+
+
+def test_train_encoder_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="needs train_encoder=true"):
+        VAEStageConfig(anchor_weight=1.0)
+    with pytest.raises(ValueError, match="anchor_weight must be >= 0"):
+        VAEStageConfig(train_encoder=True, anchor_weight=-1.0)
+    with pytest.raises(ValueError, match="vae_decoder.train_encoder=true"):
+        compose("smoke", ["run_dir=/tmp/unused", "vae.train_encoder=true"])

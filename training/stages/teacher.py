@@ -34,7 +34,7 @@ from training.algorithms import (
 )
 from training.data.shapes import ShapesDataset, tensor_to_frames
 from training.stages.common import PromptTable, load_dit, prepare_text_encoder, prompt_table, save_dit
-from training.stages.vae import load_trained_vae
+from training.stages.vae import check_latents_unmoved, load_trained_vae
 from training.utils.checkpoint import TrainState, atomic_save_file
 from training.utils.config import TrainConfig
 from training.utils.dist import DistInfo, barrier
@@ -144,6 +144,7 @@ def run_teacher(cfg: TrainConfig, dist: DistInfo) -> None:
     if run.done:
         log.info("stage teacher already done (%s)", run.final_dir)
         return
+    check_latents_unmoved(cfg.run_dir)
     prepare_text_encoder(cfg, dist)
     prompts = prompt_table(cfg, dist.device)
     vae = load_trained_vae(cfg.run_dir, dist.device)

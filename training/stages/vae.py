@@ -12,6 +12,7 @@ into the VAEConfig of ``final/`` so that normalized latents are ~N(0, 1) for the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -44,7 +45,7 @@ from training.utils.loop import (
     wrap_ddp,
 )
 
-__all__ = ["run_vae", "run_vae_decoder", "load_trained_vae", "load_vae_dir", "finished_vae_dir", "VAE_FILE",
+__all__ = ["run_vae", "run_vae_decoder", "load_trained_vae", "check_latents_unmoved", "load_vae_dir", "finished_vae_dir", "VAE_FILE",
            "VAE_CONFIG_FILE"]
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,8 @@ def run_vae_decoder(cfg: TrainConfig, dist: DistInfo) -> None:
 
     The latents (and their statistics) stay exactly those the teacher and the student were
     trained on, so this stage can run at the same time as the later stages; ``export`` ships
-    its decoder when it is done.
+    its decoder when it is done. With ``train_encoder`` the encoder trains too (its latents move:
+    held near the old ones by ``anchor_weight``, else with new statistics for new DiT stages).
     """
     st = cfg.vae_decoder
     run = StageRun(cfg, "vae_decoder", st, dist)
@@ -223,14 +225,22 @@ def run_vae_decoder(cfg: TrainConfig, dist: DistInfo) -> None:
         log.info("stage vae_decoder already done (%s)", run.final_dir)
         return
     vae = load_trained_vae(cfg.run_dir, dist.device).train()
-    for module in (vae.conv2, vae.decoder):
+    # The starting encoder, frozen: what the anchor term pulls the trained encoder's latents toward.
+    anchor = copy.deepcopy(vae).eval() if st.anchor_weight else None
+    trained = (vae.conv2, vae.decoder) + ((vae.conv1, vae.encoder) if st.train_encoder else ())
+    for module in trained:
         module.requires_grad_(True)
     short, long = _datasets(cfg, st, cfg.seed + 1)
-    _train_autoencoder(cfg, st, run, vae, short, long, dist)
+    _train_autoencoder(cfg, st, run, vae, short, long, dist, anchor=anchor)
+    final_cfg = vae.config
+    if st.train_encoder and not st.anchor_weight:
+        # The latents moved freely: the DiT stages need their new statistics.
+        final_cfg = measure_latent_stats(vae, long or short, st.stats_clips, dist.device, vae.config)
     if dist.is_main:
         write_reconstruction(vae, long or short, run.samples_dir / "recon-final.mp4", cfg.data.fps)
-        save_trained_vae(run.final_dir, vae, vae.config)
-    run.mark_done({"steps": run.stage.steps})
+        save_trained_vae(run.final_dir, vae, final_cfg)
+    run.mark_done({"steps": run.stage.steps, "train_encoder": st.train_encoder, "anchored": st.anchor_weight > 0,
+                   "latents_mean": list(final_cfg.latents_mean), "latents_std": list(final_cfg.latents_std)})
 
 
 def _datasets(cfg: TrainConfig, st: VAEStageConfig, seed: int) -> tuple[ShapesDataset, ShapesDataset | None]:
@@ -242,9 +252,11 @@ def _datasets(cfg: TrainConfig, st: VAEStageConfig, seed: int) -> tuple[ShapesDa
 
 
 def _train_autoencoder(cfg: TrainConfig, st: VAEStageConfig, run: StageRun, vae: WanVAE, short: ShapesDataset,
-                       long: ShapesDataset | None, dist: DistInfo) -> None:
+                       long: ShapesDataset | None, dist: DistInfo, anchor: WanVAE | None = None) -> None:
     """The reconstruction loop of the VAE stages (trainable parameters: those requiring grad):
-    clips from ``short``, then from ``long`` from step ``st.long_from_step`` on."""
+    clips from ``short``, then from ``long`` from step ``st.long_from_step`` on. With ``anchor``
+    (a frozen VAE), ``st.anchor_weight`` times the MSE of the normalized posterior means of the
+    two encoders is added."""
     z = vae.config.z_dim
     aux = AuxDecoder(vae.config, st.aux_decoder_dim).to(dist.device) if st.aux_decoder_dim else None
     if not st.decoder_weight:
@@ -305,6 +317,12 @@ def _train_autoencoder(cfg: TrainConfig, st: VAEStageConfig, run: StageRun, vae:
                         loss = loss + st.aux_weight * part
                         metrics.update({f"aux_{k}": v for k, v in aux_metrics.items()})
                     reg = mu.float().square().mean()
+                    if anchor is not None:
+                        with torch.no_grad():
+                            mu0 = anchor.encode(video)  # [B, z, t, h, w]
+                        drift = (vae.normalize(mu.float()) - anchor.normalize(mu0.float())).square().mean()
+                        loss = loss + st.anchor_weight * drift
+                        metrics["latent_drift"] = drift.detach().sqrt()
                 metrics["mu_rms"] = reg.detach().sqrt()
                 return loss + st.latent_l2 * reg, metrics
             return fn
@@ -383,6 +401,19 @@ def load_vae_dir(folder: Path, device: torch.device) -> WanVAE:
     vae = WanVAE(vae_cfg)
     load_into(vae, load_state_dict(folder / VAE_FILE), what=f"VAE ({folder})", config=vae_cfg)
     return vae.to(device).eval().requires_grad_(False)
+
+
+def check_latents_unmoved(run_dir: str | Path) -> None:
+    """Raise when the run's ``vae_decoder`` stage trained its encoder without the anchor: its
+    latents are no longer ``vae/final``'s, so DiT stages of this run would train on latents its
+    decoder no longer reads. New DiT stages belong in a new run with ``init_vae`` set to this one."""
+    done = Path(run_dir) / "vae_decoder" / "final" / "DONE"
+    if not done.is_file():
+        return
+    info = json.loads(done.read_text() or "{}")
+    if info.get("train_encoder") and not info.get("anchored"):
+        raise ValueError(f"{run_dir}: its vae_decoder stage trained the encoder freely (new latents); train DiT "
+                         f"stages on them in a new run with init_vae={run_dir}")
 
 
 def load_trained_vae(run_dir: str | Path, device: torch.device) -> WanVAE:

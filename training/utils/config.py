@@ -119,9 +119,22 @@ class VAEStageConfig(StageConfig):
     long_num_frames: int = 33
     long_batch_size: int = 2
     long_lr: float = 0.0  # learning rate of the long-clip steps (0: ``lr``)
+    # vae_decoder stage only: train the encoder (``conv1`` and ``encoder``) beside the decoder,
+    # from the run's VAE (docs/vae.md, "Is the encoder the limit?"). The latents then move: with
+    # ``anchor_weight`` > 0 an MSE (in units of the latent std) pulls the encoder's posterior mean
+    # toward the starting encoder's, so a DiT trained on the old latents still fits, and the old
+    # latent statistics are kept; without it the statistics are measured again at the end, and a
+    # DiT has to be trained on the new latents.
+    train_encoder: bool = False
+    anchor_weight: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.anchor_weight < 0:
+            raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
+        if self.anchor_weight and not self.train_encoder:
+            raise ValueError("anchor_weight > 0 needs train_encoder=true: it pulls the trained encoder's latents "
+                             "toward the starting encoder's")
         if self.long_from_step < 0 or self.long_from_step >= self.steps:
             raise ValueError(f"long_from_step must be in [0, steps={self.steps}) (0: off), got {self.long_from_step}")
         if self.long_lr < 0:
@@ -325,6 +338,9 @@ class TrainConfig:
             raise ValueError(f"unknown stages {unknown}; valid stages are {list(STAGES)}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
+        if self.vae.train_encoder:
+            raise ValueError("vae.train_encoder is an option of the vae_decoder stage (the vae stage always trains "
+                             "the encoder): set vae_decoder.train_encoder=true")
 
 
 # --------------------------------------------------------------------------------------------
