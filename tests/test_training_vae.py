@@ -302,6 +302,10 @@ def test_vae_decoder_can_train_the_encoder_with_or_without_the_anchor(tmp_path: 
     # The free run's own teacher would encode with vae/final's encoder: it stops and says what to do.
     with pytest.raises(ValueError, match="init_vae="):
         _run(free, "stages=[teacher]", "teacher.steps=1")
+    from training.stages.export import export_model
+
+    with pytest.raises(ValueError, match="init_vae="):  # nor does export pair a DiT with the moved latents
+        export_model(_config(free), tmp_path / "model", "self_forcing")
     # Its VAE, latents and statistics, is what a new run takes with init_vae.
     _run(tmp_path / "next", f"init_vae={free}", "stages=[vae]")
     taken = load_trained_vae(tmp_path / "next", torch.device("cpu"))

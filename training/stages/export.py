@@ -18,7 +18,7 @@ import torch
 from sf_sdk.checkpoint import load_state_dict, save_pretrained
 from sf_sdk.config import VAEConfig, from_dict, to_dict
 from training.stages.common import DIT_CONFIG_FILE, DIT_FILE, TEXT_FILE, text_dir
-from training.stages.vae import VAE_CONFIG_FILE, VAE_FILE, finished_vae_dir
+from training.stages.vae import VAE_CONFIG_FILE, VAE_FILE, check_latents_unmoved, finished_vae_dir
 from training.utils.config import TrainConfig
 from training.utils.dist import DistInfo, barrier
 
@@ -31,6 +31,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def export_model(cfg: TrainConfig, out_dir: str | os.PathLike, source: str) -> Path:
     run = Path(cfg.run_dir)
+    check_latents_unmoved(run)  # a VAE whose encoder moved the latents this run's DiT was trained on
     dit_dir = run / source / "final"
     if not (dit_dir / DIT_FILE).is_file():
         raise ValueError(f"{dit_dir} holds no student: run the {source} stage first, or export "
