@@ -269,3 +269,37 @@ def test_long_rollout_needs_self_forcing_rollouts() -> None:
     with pytest.raises(Exception, match="long_rollout=2 needs rollout_mode=self_forcing"):
         compose("smoke", ["run_dir=/tmp/unused", "self_forcing.long_rollout=2",
                           "self_forcing.rollout_mode=teacher_forcing"])
+
+
+def test_teacher_can_start_from_a_models_dit(smoke_run: Path, tmp_path: Path) -> None:
+    """``teacher.init``: the teacher starts from a model folder's DiT (here the smoke export's
+    student); a DiT of another config is refused with what to set."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from sf_sdk.checkpoint import load_pretrained
+    from sf_sdk.models.dit import WanDiT
+    from training.train import compose, run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("teacher", "ode_init", "self_forcing", "export"))
+    # The smoke export's student moved its weights off the seeded initialisation: a model whose DiT
+    # is that student plus noise, so starting from it is told apart from starting fresh.
+    model = tmp_path / "model"
+    shutil.copytree(smoke_run / "export" / "shapes-tiny", model)
+    weights = load_file(model / "dit.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    save_file({k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in weights.items()},
+              model / "dit.safetensors", {"format": "sf-sdk"})
+    run(compose("smoke", [f"run_dir={run_dir}", "stages=[teacher]", "teacher.steps=1", "teacher.lr=1e-12",
+                          "teacher.sample_every=0", f"teacher.init={model}"]))
+    start = load_pretrained(model, load_vae=False, load_text_encoder=False).dit.state_dict()
+    teacher = load_file(run_dir / "teacher" / "final" / "dit.safetensors")
+    assert all(torch.allclose(teacher[k], v, atol=1e-6) for k, v in start.items())
+    cfg = compose("smoke", [f"run_dir={run_dir}"])
+    torch.manual_seed(cfg.seed)
+    fresh = WanDiT(cfg.dit).state_dict()  # what the stage starts from without teacher.init
+    assert all(not torch.allclose(fresh[k], v, atol=1e-2) for k, v in start.items())
+    with pytest.raises(ValueError, match="set the run's dit"):
+        run(compose("smoke", [f"run_dir={tmp_path / 'other'}", "stages=[vae,teacher]", "vae.steps=1",
+                              "teacher.steps=1", "dit.num_layers=1", f"teacher.init={model}"]))

@@ -21,6 +21,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from sf_sdk.checkpoint import load_pretrained
+from sf_sdk.config import to_dict
 from sf_sdk.models.dit import WanDiT
 from sf_sdk.models.vae import WanVAE
 from sf_sdk.scheduler import FlowMatchSchedule
@@ -152,7 +154,10 @@ def run_teacher(cfg: TrainConfig, dist: DistInfo) -> None:
     cond_all = prompts.lookup(cache.captions)  # [N, text_len, text_dim]
 
     torch.manual_seed(cfg.seed)
-    model = WanDiT(cfg.dit).to(dist.device)
+    model = WanDiT(cfg.dit)
+    if st.init:
+        _start_from(model, st.init)
+    model = model.to(dist.device)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     ddp = wrap_ddp(model, cfg, dist)
     opt = make_optimizer(model.parameters(), st)
@@ -195,6 +200,16 @@ def run_teacher(cfg: TrainConfig, dist: DistInfo) -> None:
         save_dit(run.final_dir, final.state_dict(), cfg.dit)
         _sample(cfg, ema, model, prompts, vae, run.samples_dir / "sample-final.mp4")
     run.mark_done({"steps": state.step})
+
+
+def _start_from(model: WanDiT, init: str) -> None:
+    """Load the DiT of ``init`` (a model folder or bundled name) into the fresh ``model``."""
+    start = load_pretrained(init, load_vae=False, load_text_encoder=False)
+    if to_dict(start.dit_config) != to_dict(model.config):
+        raise ValueError(f"teacher.init={init!r} holds a DiT of {to_dict(start.dit_config)} but this run's is "
+                         f"{to_dict(model.config)}: set the run's dit.* fields to the model's, or drop teacher.init")
+    model.load_state_dict(start.dit.state_dict())
+    log.info("teacher: starting from the DiT of %s", start.source or init)
 
 
 def load_teacher(cfg: TrainConfig, device: torch.device) -> WanDiT:

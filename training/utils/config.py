@@ -215,6 +215,10 @@ class TeacherStageConfig(StageConfig):
     text_seed: int = 1234  # seed of the frozen random text encoder
     sample_steps: int = 24
     sample_guidance: float = 4.0
+    # A model folder or bundled name whose DiT (the same DiT config) starts the teacher instead of
+    # a fresh one, e.g. a shipped student when the teacher it was distilled from is gone; a
+    # checkpoint of the run still wins, so the run resumes as usual.
+    init: str = ""
 
 
 @dataclass(frozen=True)
