@@ -1,9 +1,11 @@
 """How well a causal VAE reconstructs each latent frame of long shapes clips.
 
-    python benchmarks/vae_frames.py --model shapes-tiny [--frames 33] [--clips 24] [--json]
+    python benchmarks/vae_frames.py --model shapes-tiny|VAE_DIR|RUN_DIR [--frames 33] [--clips 24] [--json]
     python benchmarks/vae_frames.py --run RUN_DIR [--frames 129]
 
-``--model`` passes clips through a model's VAE (encode, decode); ``--run`` through the newest
+``--model`` passes clips through a VAE (encode, decode): a model's, a VAE folder's (a stage's
+``final/``) or a run directory's newest (its latest ``vae_decoder`` checkpoint on ``vae/final``,
+as ``benchmarks/vae_training.py --roundtrip`` reads it); ``--run`` through the newest
 checkpoint of a run's ``vae`` stage and its auxiliary decoder (the encoder phase of the recipe,
 before the Wan decoder is trained). Prints the mean squared error per channel on the object's
 pixels (2.0 = the object drawn black, lower is better) of frame 0 and of each later group of
@@ -33,12 +35,18 @@ Roundtrip = Callable[[Tensor], Tensor]
 
 
 def model_roundtrip(model: str) -> tuple[Roundtrip, int]:
-    """encode -> decode through a model's VAE; also the VAE's temporal stride."""
-    from sf_sdk import StreamingGenerator
+    """encode -> decode through the VAE ``model`` names (a model name or folder, a VAE folder such
+    as a stage's ``final/``, or a run directory's newest VAE: its latest ``vae_decoder``
+    checkpoint, so a run can be measured while it trains); also the VAE's temporal stride."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: the sibling vae_training.py
+    from vae_training import load_any_vae
 
-    vae = StreamingGenerator.from_pretrained(model, device="cpu").vae
-    if vae is None:
-        raise SystemExit(f"model {model!r} has no VAE")
+    try:
+        vae, what = load_any_vae(model)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    print(f"{what}: encoder + Wan decoder", file=sys.stderr)
+    vae = vae.eval()
     return (lambda video: vae.decode(vae.normalize(vae.encode(video)))), vae.config.temporal_stride
 
 
@@ -87,7 +95,7 @@ def per_latent_frame_error(roundtrip: Roundtrip, stride: int, frames: int, clips
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="model name or folder (its VAE)")
+    source.add_argument("--model", help="model name or folder, VAE folder or run directory (its newest VAE)")
     source.add_argument("--run", type=Path, help="training run folder (its vae stage's newest checkpoint)")
     parser.add_argument("--frames", type=int, default=33, help="frames per clip: 1 + 4k")
     parser.add_argument("--clips", type=int, default=24)

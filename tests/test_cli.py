@@ -293,6 +293,10 @@ def test_vae_frames_benchmark(capsys, tmp_path: Path) -> None:
                           "vae.aux_decoder_dim=4"]))
     assert bench.main(["--run", str(tmp_path), "--frames", "5", "--clips", "1", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["error_per_latent_frame"]) == 2
+    # A run's newest VAE through the Wan decoder: its vae_decoder stage's latest checkpoint.
+    run(compose("smoke", [f"run_dir={tmp_path}", "stages=[vae_decoder]", "vae_decoder.steps=1"]))
+    assert bench.main(["--model", str(tmp_path), "--frames", "5", "--clips", "1", "--json"]) == 0
+    assert "vae_decoder/checkpoints step 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main(["--model", "shapes-tiny", "--frames", "8"])
 
