@@ -30,6 +30,8 @@ from training.data.shapes import ShapesConfig, ShapesDataset
 from training.stages.vae import FOREGROUND_LEVEL, AuxDecoder
 from training.utils.checkpoint import latest_step
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: the sibling vae_training.py
+
 SEED = 777  # clips far from any training seed's stream
 Roundtrip = Callable[[Tensor], Tensor]
 
@@ -38,7 +40,6 @@ def model_roundtrip(model: str) -> tuple[Roundtrip, int]:
     """encode -> decode through the VAE ``model`` names (a model name or folder, a VAE folder such
     as a stage's ``final/``, or a run directory's newest VAE: its latest ``vae_decoder``
     checkpoint, so a run can be measured while it trains); also the VAE's temporal stride."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: the sibling vae_training.py
     from vae_training import load_any_vae
 
     try:

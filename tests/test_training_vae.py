@@ -279,7 +279,8 @@ def test_vae_decoder_can_train_the_encoder_with_or_without_the_anchor(tmp_path: 
     stay and the latents move less than free ones (the anchor's pull)."""
     import json
 
-    from training.stages.vae import load_trained_vae
+    from training.stages.export import export_model
+    from training.stages.vae import load_trained_vae, load_vae_dir
 
     common = ("stages=[vae,vae_decoder]", "vae.steps=1", "vae_decoder.steps=4", "vae_decoder.lr=3e-3",
               "vae_decoder.train_encoder=true")
@@ -287,8 +288,6 @@ def test_vae_decoder_can_train_the_encoder_with_or_without_the_anchor(tmp_path: 
     _run(free, *common)
     _run(anchored, *common, "vae_decoder.anchor_weight=1000")
     start = load_trained_vae(free, torch.device("cpu"))
-    from training.stages.vae import load_vae_dir
-
     moved = load_vae_dir(free / "vae_decoder" / "final", torch.device("cpu"))
     held = load_vae_dir(anchored / "vae_decoder" / "final", torch.device("cpu"))
     assert any(not torch.equal(v, _encoder_state(moved)[k]) for k, v in _encoder_state(start).items())
@@ -302,8 +301,6 @@ def test_vae_decoder_can_train_the_encoder_with_or_without_the_anchor(tmp_path: 
     # The free run's own teacher would encode with vae/final's encoder: it stops and says what to do.
     with pytest.raises(ValueError, match="init_vae="):
         _run(free, "stages=[teacher]", "teacher.steps=1")
-    from training.stages.export import export_model
-
     with pytest.raises(ValueError, match="init_vae="):  # nor does export pair a DiT with the moved latents
         export_model(_config(free), tmp_path / "model", "self_forcing")
     # Its VAE, latents and statistics, is what a new run takes with init_vae.

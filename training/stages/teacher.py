@@ -37,7 +37,7 @@ from training.algorithms import (
 from training.data.shapes import ShapesDataset, tensor_to_frames
 from training.stages.common import PromptTable, load_dit, prepare_text_encoder, prompt_table, save_dit
 from training.stages.vae import check_latents_unmoved, load_trained_vae
-from training.utils.checkpoint import TrainState, atomic_save_file
+from training.utils.checkpoint import TrainState, atomic_save_file, latest_step
 from training.utils.config import TrainConfig
 from training.utils.dist import DistInfo, barrier
 from training.utils.loop import (
@@ -155,7 +155,7 @@ def run_teacher(cfg: TrainConfig, dist: DistInfo) -> None:
 
     torch.manual_seed(cfg.seed)
     model = WanDiT(cfg.dit)
-    if st.init:
+    if st.init and latest_step(run.ckpt_dir) is None:  # a checkpoint of the run overwrites it anyway
         _start_from(model, st.init)
     model = model.to(dist.device)
     model.gradient_checkpointing = cfg.gradient_checkpointing

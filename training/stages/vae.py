@@ -45,8 +45,8 @@ from training.utils.loop import (
     wrap_ddp,
 )
 
-__all__ = ["run_vae", "run_vae_decoder", "load_trained_vae", "check_latents_unmoved", "load_vae_dir", "finished_vae_dir", "VAE_FILE",
-           "VAE_CONFIG_FILE"]
+__all__ = ["run_vae", "run_vae_decoder", "load_trained_vae", "check_latents_unmoved", "load_vae_dir",
+           "finished_vae_dir", "VAE_FILE", "VAE_CONFIG_FILE"]
 
 log = logging.getLogger(__name__)
 

@@ -120,7 +120,7 @@ class VAEStageConfig(StageConfig):
     long_batch_size: int = 2
     long_lr: float = 0.0  # learning rate of the long-clip steps (0: ``lr``)
     # vae_decoder stage only: train the encoder (``conv1`` and ``encoder``) beside the decoder,
-    # from the run's VAE (docs/vae.md, "Is the encoder the limit?"). The latents then move: with
+    # from the run's VAE (docs/vae.md, "Clips as long as the evaluator's"). The latents then move: with
     # ``anchor_weight`` > 0 an MSE (in units of the latent std) pulls the encoder's posterior mean
     # toward the starting encoder's, so a DiT trained on the old latents still fits, and the old
     # latent statistics are kept; without it the statistics are measured again at the end, and a
